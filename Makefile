@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SEEDS ?= 60
+
+.PHONY: install test lint typecheck contracts pytest demo bench sim clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+contracts: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+pytest: $(STAMP)
+	PYTHONHASHSEED=0 $(VENV)/bin/pytest
+
+test: lint typecheck contracts pytest
+
+sim: $(STAMP)
+	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults all
+
+demo: $(STAMP)
+	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 20 --faults all --verbose
+
+bench: $(STAMP)
+	PYTHONHASHSEED=0 $(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -1,0 +1,1 @@
+"""Shared vocabulary: ids, time, limits, errors, stable hashing. Pure, no IO."""

@@ -1,0 +1,59 @@
+"""The error hierarchy clients see. Named after what happened; each carries a retry hint.
+
+Inside the cores, expected outcomes are return values; these exceptions are raised
+only at the client boundary (STYLE rule 6).
+"""
+
+from __future__ import annotations
+
+
+class LoomError(Exception):
+    """Base of every error loom raises on purpose. `retryable` says whether trying again can help."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class InvalidArgument(LoomError):
+    """The request is malformed or over a limit; the same request will fail again."""
+
+
+class NotFound(LoomError):
+    """A named thing (keyspace, call, tenant) does not exist."""
+
+
+class PermissionDenied(LoomError):
+    """The token does not reach this resource."""
+
+
+class ConditionFailed(LoomError):
+    """A conditional write's condition did not hold; nothing was written."""
+
+
+class TransactionConflict(LoomError):
+    """A key read by the transaction changed after its snapshot; nothing was written."""
+
+    retryable = True
+
+
+class Throttled(LoomError):
+    """Over a quota or overloaded; try again after `retry_after_ms`."""
+
+    retryable = True
+
+
+class Unavailable(LoomError):
+    """No replica could serve the request in time (failover, partition)."""
+
+    retryable = True
+
+
+class WriteLost(LoomError):
+    """A FAST_ACK write was acknowledged by a primary that lost it in a failover."""
+
+
+class OutcomeUnknown(LoomError):
+    """A commit may or may not have happened; the caller must not blindly re-run it."""

@@ -1,0 +1,1 @@
+"""The only place that touches RocksDB. `api` and `memory` are pure; `rocks` does IO."""
