@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class LoomError(Exception):
-    """Base of every error loom raises on purpose. `retryable` says whether trying again can help."""
+    """Base of every error loom raises on purpose; `retryable`: may trying again help."""
 
     retryable = False
 

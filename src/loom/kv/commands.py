@@ -106,8 +106,9 @@ class Rejected(Struct, frozen=True, tag="no", kw_only=True):
 Result = Applied | Rejected
 
 _command_encoder = msgspec.msgpack.Encoder()
-_command_decoder = msgspec.msgpack.Decoder(Command)
-_result_decoder = msgspec.msgpack.Decoder(Result)
+# Annotated: mypy cannot infer a union's Decoder type from the call.
+_command_decoder: msgspec.msgpack.Decoder[Command] = msgspec.msgpack.Decoder(Command)
+_result_decoder: msgspec.msgpack.Decoder[Result] = msgspec.msgpack.Decoder(Result)
 
 
 def encode_command(command: Command) -> bytes:

@@ -1,0 +1,389 @@
+"""Linearizability of client histories, one key at a time (Wing & Gong / Lowe, as in Porcupine).
+
+Rules of this module:
+- Linearizability is P-compositional, so a history is split by key and each key is searched
+  alone against a register model whose state is `bytes | int | None` (None = absent; an
+  increment treats absent as 0 and cannot apply to a bytes value).
+- The search walks call/return entries depth first and memoises every visited
+  (linearized-set bitmask, model state) pair. A key whose search exceeds its step budget is
+  reported *unchecked* and is never counted as passing.
+- Intervals are closed: an op completing at t and one invoked at t count as concurrent, since
+  the simulator may order two events inside the same virtual millisecond either way.
+- Deterministic: entries are ordered by (time, call-before-return, invocation order) and no
+  decision depends on set or dict iteration order.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from loom.sim.history import ANY, Operation
+
+State: TypeAlias = bytes | int | None
+
+_DESCRIBED_OPS_MAX = 6  # ops listed per violation: enough to debug, short enough to read
+
+
+class KeyStatus(enum.Enum):
+    LINEARIZABLE = "linearizable"
+    VIOLATION = "violation"
+    UNCHECKED = "unchecked"  # the search ran out of budget: neither pass nor fail
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Violation:
+    key: bytes
+    explanation: str
+    op_ids: tuple[int, ...]  # the operations the explanation names, ascending
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyVerdict:
+    key: bytes
+    status: KeyStatus
+    operations: int  # as given, before irrelevant ones were dropped
+    operations_searched: int
+    steps: int
+    violation: Violation | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinearizabilityReport:
+    keys_checked: int  # keys with a verdict: linearizable or violated
+    operations_checked: int  # operations on those keys
+    violations: tuple[Violation, ...]
+    keys_unchecked: tuple[bytes, ...]  # budget exhausted: NOT a pass
+    verdicts: tuple[KeyVerdict, ...]
+
+    @property
+    def is_linearizable(self) -> bool:
+        """True only when every key was searched to the end and none was violated."""
+        return not self.violations and not self.keys_unchecked
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.keys_checked} keys / {self.operations_checked} ops checked, "
+            f"{len(self.violations)} violations, {len(self.keys_unchecked)} keys unchecked"
+        ]
+        lines += [f"  key {v.key!r}: {v.explanation}" for v in self.violations]
+        lines += [f"  key {k!r}: search budget exhausted" for k in self.keys_unchecked]
+        return "\n".join(lines)
+
+
+def check_history(ops: Iterable[Operation], budget_per_key: int = 200_000) -> LinearizabilityReport:
+    """Check every key of a history independently; keys are visited in sorted order."""
+    by_key: dict[bytes, list[Operation]] = {}
+    for op in ops:
+        by_key.setdefault(op.key, []).append(op)
+    verdicts = tuple(check_linearizable(by_key[k], budget=budget_per_key) for k in sorted(by_key))
+    decided = [v for v in verdicts if v.status is not KeyStatus.UNCHECKED]
+    return LinearizabilityReport(
+        keys_checked=len(decided),
+        operations_checked=sum(v.operations for v in decided),
+        violations=tuple(v.violation for v in decided if v.violation is not None),
+        keys_unchecked=tuple(v.key for v in verdicts if v.status is KeyStatus.UNCHECKED),
+        verdicts=verdicts,
+    )
+
+
+def check_linearizable(ops: Sequence[Operation], *, budget: int = 200_000) -> KeyVerdict:
+    """Search for a linearization of the operations on ONE key.
+
+    `budget` caps search steps (entries visited); past it the key is UNCHECKED.
+    Raises ValueError on histories the model cannot interpret (mixed keys, a "failed"
+    operation without a precondition, a write without a value, ...).
+    """
+    if not ops:
+        raise ValueError("check_linearizable needs at least one operation")
+    key = ops[0].key
+    for op in ops:
+        _validate(op, key)
+    searched, returns, prereqs = _searchable(ops)
+    result = _Search(searched, returns, prereqs).run(budget)
+    violation = None
+    if result.status is KeyStatus.VIOLATION:
+        assert result.dead_end is not None
+        violation = _explain(key, searched, result.dead_end)
+    return KeyVerdict(
+        key=key,
+        status=result.status,
+        operations=len(ops),
+        operations_searched=len(searched),
+        steps=result.steps,
+        violation=violation,
+    )
+
+
+def _validate(op: Operation, key: bytes) -> None:
+    if op.key != key:
+        raise ValueError(f"op #{op.op_id} is on key {op.key!r}, expected only {key!r}")
+    if op.outcome == "failed" and op.expect is ANY:
+        raise ValueError(f"op #{op.op_id} failed without a precondition; failure is undefined")
+    if op.kind in ("read", "increment") and op.expect is not ANY:
+        raise ValueError(f"op #{op.op_id}: a {op.kind} cannot carry a precondition")
+    if op.kind == "write" and not isinstance(op.value, bytes):
+        raise ValueError(f"op #{op.op_id}: a write needs a bytes value")
+    if op.kind == "delete" and op.value is not None:
+        raise ValueError(f"op #{op.op_id}: a delete carries no value")
+    if op.kind == "increment" and op.outcome == "ok" and not isinstance(op.output, int):
+        raise ValueError(f"op #{op.op_id}: an ok increment must return an int")
+
+
+def _apply(op: Operation, state: State) -> tuple[bool, State]:
+    """One model transition: (is it legal here?, next state).
+
+    Unknown operations are only ever placed as having taken effect; "did not take effect" is
+    expressed by leaving them out, which is why an unknown conditional op requires its
+    condition to hold.
+    """
+    if op.kind == "read":
+        return state == op.output, state
+    if op.kind == "increment":
+        if isinstance(state, bytes):
+            return False, state
+        new = (state or 0) + op.delta
+        return op.outcome == "unknown" or new == op.output, new
+    holds = op.expect is ANY or state == op.expect
+    if op.outcome == "failed":
+        return not holds, state
+    return holds, op.value
+
+
+def _searchable(ops: Sequence[Operation]) -> tuple[list[Operation], list[float], list[int]]:
+    """The ops worth searching, in invocation order, with return times and symmetry prereqs.
+
+    Unknown ops are what make the search explode (each stays open forever), so:
+    - unknown reads carry no information and are dropped;
+    - an unknown write whose unique value an ok op observed must have taken effect before
+      the earliest such observer completed, so it becomes a definite op ending there;
+    - an unknown write/delete nobody could have noticed is dropped (see `_is_unnoticeable`);
+    - identical unknown deletes/increments are interchangeable, so each may only be placed
+      after the previously invoked one of its kind (`prereqs`), removing permutations.
+    """
+    observed_ms: dict[State, float] = {}  # value -> earliest completion of an ok observer
+    for op in ops:
+        if op.completed_ms is None or op.outcome != "ok":
+            continue
+        seen: State
+        if op.kind == "read":
+            seen = op.output
+        elif op.kind in ("write", "delete") and isinstance(op.expect, bytes | None):
+            seen = op.expect  # a conditional success saw its precondition
+        else:
+            continue
+        observed_ms[seen] = min(observed_ms.get(seen, math.inf), op.completed_ms)
+    searched: list[Operation] = []
+    returns: list[float] = []
+    for op in sorted(ops, key=lambda o: (o.invoked_ms, o.op_id)):
+        if op.completed_ms is not None:
+            searched.append(op)
+            returns.append(op.completed_ms)
+        elif op.kind in ("write", "delete"):
+            if isinstance(op.value, bytes) and op.value in observed_ms:
+                searched.append(op)
+                returns.append(max(op.invoked_ms, observed_ms[op.value]))
+            elif not _is_unnoticeable(op, ops, observed_ms):
+                searched.append(op)
+                returns.append(math.inf)
+        elif op.kind == "increment":
+            searched.append(op)
+            returns.append(math.inf)
+    return searched, returns, _symmetry_prereqs(searched, returns)
+
+
+def _is_unnoticeable(op: Operation, ops: Sequence[Operation], observed: dict[State, float]) -> bool:
+    """Can dropping this unknown write/delete never turn a valid linearization invalid?
+
+    Removing it changes only the state seen until the next mutation. Nothing can see its
+    value if no ok read returned it, no non-failed op expects it, and no failed op needed
+    the state to differ from something else. Increments can follow an absent value, so an
+    unknown delete on a key with increments always stays.
+    """
+    value = op.value
+    if value in observed:
+        return False
+    for other in ops:
+        if other.expect is ANY:
+            if value is None and other.kind == "increment":
+                return False
+            continue
+        if other.outcome == "failed":
+            if other.expect != value:
+                return False  # it may have failed only because this op changed the state
+        elif other.expect == value:
+            return False  # it may have succeeded only because of this op
+    return True
+
+
+def _symmetry_prereqs(searched: list[Operation], returns: list[float]) -> list[int]:
+    prereqs = [-1] * len(searched)
+    last_of_class: dict[tuple[str, object], int] = {}
+    for i, op in enumerate(searched):
+        if returns[i] != math.inf or op.kind == "write":
+            continue  # definite ops and unique-valued writes have no twins
+        cls = (op.kind, op.delta if op.kind == "increment" else op.expect)
+        prereqs[i] = last_of_class.get(cls, -1)
+        last_of_class[cls] = i
+    return prereqs
+
+
+@dataclass(frozen=True, slots=True)
+class _DeadEnd:
+    """The furthest point the search reached before an op's return could not be honoured."""
+
+    entry: int  # the blocked return entry; later entries mean further along in time
+    blocked: int  # index of the op that had to be placed but could not be
+    depth: int
+    state: State
+    recent: tuple[int, ...]  # last few ops placed on the way there, oldest first
+    open_ops: tuple[int, ...]  # ops invoked but not yet placed at that point
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    status: KeyStatus
+    steps: int
+    dead_end: _DeadEnd | None
+
+
+class _Search:
+    """Porcupine's just-in-time linearization search over a doubly linked entry list."""
+
+    def __init__(self, ops: list[Operation], returns: list[float], prereqs: list[int]) -> None:
+        n = len(ops)
+        events = sorted(
+            [(op.invoked_ms, 0, i) for i, op in enumerate(ops)]
+            + [(returns[i], 1, i) for i in range(n)]
+        )
+        self.ops = ops
+        self.prereqs = prereqs
+        self.head = 2 * n
+        self.entry_op = [i for _, _, i in events]
+        self.is_call = [kind == 0 for _, kind, _ in events]
+        self.is_unknown_return = [kind == 1 and t == math.inf for t, kind, _ in events]
+        return_entry = [0] * n
+        for e, (_, kind, i) in enumerate(events):
+            if kind == 1:
+                return_entry[i] = e
+        self.match = [return_entry[i] if kind == 0 else -1 for _, kind, i in events]
+        # Index 2n is the head sentinel; -1 terminates the list.
+        self.nxt = [*range(1, 2 * n), -1, 0 if n else -1]
+        self.prv = [self.head, *range(2 * n - 1), -1]
+
+    def lift(self, call: int) -> None:
+        nxt, prv = self.nxt, self.prv
+        for e in (call, self.match[call]):
+            nxt[prv[e]] = nxt[e]
+            if nxt[e] != -1:
+                prv[nxt[e]] = prv[e]
+
+    def unlift(self, call: int) -> None:
+        nxt, prv = self.nxt, self.prv
+        for e in (self.match[call], call):
+            nxt[prv[e]] = e
+            if nxt[e] != -1:
+                prv[nxt[e]] = e
+
+    def run(self, budget: int) -> _Result:
+        ops, prereqs, nxt = self.ops, self.prereqs, self.nxt
+        state: State = None
+        linearized = 0
+        stack: list[tuple[int, State]] = []
+        visited: set[tuple[int, State]] = set()
+        dead_end: _DeadEnd | None = None
+        entry = nxt[self.head]
+        steps = 0
+        while entry != -1:
+            steps += 1
+            if steps > budget:
+                return _Result(KeyStatus.UNCHECKED, budget, None)
+            if self.is_call[entry]:
+                i = self.entry_op[entry]
+                p = prereqs[i]
+                if p < 0 or (linearized >> p) & 1:
+                    legal, new_state = _apply(ops[i], state)
+                    if legal and (linearized | (1 << i), new_state) not in visited:
+                        linearized |= 1 << i
+                        visited.add((linearized, new_state))
+                        stack.append((entry, state))
+                        state = new_state
+                        self.lift(entry)
+                        entry = nxt[self.head]
+                        continue
+                entry = nxt[entry]
+                continue
+            # A return entry: every definite op before it is placed once we reach an
+            # infinite (unknown) return, and the leftover unknown ops simply never happened.
+            if self.is_unknown_return[entry]:
+                return _Result(KeyStatus.LINEARIZABLE, steps, None)
+            # Report the dead end furthest along in time: any blocked op later than the
+            # real culprit would need the culprit placed first, so it cannot outrank it.
+            if dead_end is None or (entry, len(stack)) > (dead_end.entry, dead_end.depth):
+                dead_end = self._dead_end(entry, state, stack)
+            if not stack:
+                return _Result(KeyStatus.VIOLATION, steps, dead_end)
+            entry, state = stack.pop()
+            linearized &= ~(1 << self.entry_op[entry])
+            self.unlift(entry)
+            entry = nxt[entry]
+        return _Result(KeyStatus.LINEARIZABLE, steps, None)
+
+    def _dead_end(
+        self, blocked_return: int, state: State, stack: list[tuple[int, State]]
+    ) -> _DeadEnd:
+        open_ops = []
+        e = self.nxt[self.head]
+        while e != blocked_return:
+            if self.is_call[e]:
+                open_ops.append(self.entry_op[e])
+            e = self.nxt[e]
+        blocked = self.entry_op[blocked_return]
+        return _DeadEnd(
+            entry=blocked_return,
+            blocked=blocked,
+            depth=len(stack),
+            state=state,
+            recent=tuple(self.entry_op[c] for c, _ in stack[-3:]),
+            open_ops=tuple(i for i in open_ops if i != blocked),
+        )
+
+
+def _explain(key: bytes, ops: list[Operation], dead: _DeadEnd) -> Violation:
+    blocked = ops[dead.blocked]
+    recent = ", ".join(_describe(ops[i]) for i in dead.recent) or "nothing"
+    shown_open = dead.open_ops[:_DESCRIBED_OPS_MAX]
+    open_text = ", ".join(_describe(ops[i]) for i in shown_open) or "none"
+    if len(dead.open_ops) > len(shown_open):
+        open_text += f" (+{len(dead.open_ops) - len(shown_open)} more)"
+    explanation = (
+        f"no linearization: {_describe(blocked)} could not take effect in its interval. "
+        f"Furthest attempt placed {dead.depth}/{len(ops)} ops, last {recent}, "
+        f"leaving state {_show(dead.state)}; also open then: {open_text}"
+    )
+    involved = {ops[i].op_id for i in (dead.blocked, *dead.recent, *shown_open)}
+    return Violation(key=key, explanation=explanation, op_ids=tuple(sorted(involved)))
+
+
+def _describe(op: Operation) -> str:
+    text = f"#{op.op_id} {op.client} {op.kind}"
+    if op.kind == "write":
+        text += f" {_show(op.value)}"
+    if op.kind == "increment":
+        text += f" +{op.delta}"
+    if op.expect is not ANY:
+        text += f" if={_show(op.expect)}"
+    if op.outcome == "ok" and op.kind in ("read", "increment"):
+        text += f" -> {_show(op.output)}"
+    end = "?" if op.completed_ms is None else f"{op.completed_ms:g}"
+    return f"{text} [{op.invoked_ms:g}, {end}] {op.outcome}"
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "absent"
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
