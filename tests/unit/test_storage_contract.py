@@ -22,24 +22,10 @@ from loom.storage.api import KVStore, WriteBatch
 from loom.storage.memory import MemoryStore
 from loom.storage.rocks import RocksStore
 
-# Raw-byte edge cases: empty key, NUL bytes, 0x7f/0x80 (signedness), 0xff, prefixes.
-EDGE_KEYS = [
-    b"",
-    b"\x00",
-    b"\x00\x00",
-    b"\x00\xff",
-    b"\x01",
-    b"a",
-    b"a\x00",
-    b"ab",
-    b"a\xff",
-    b"b",
-    b"\x7f",
-    b"\x80",
-    b"\xff",
-    b"\xff\x00",
-    b"\xff\xff",
-]
+# Raw-byte edge cases in sorted order: the empty key, NUL bytes, 0x7f < 0x80 (bytes are
+# unsigned), 0xff, and prefixes (b"a" < b"a\x00" < b"ab" < b"a\xff").
+EDGE_KEYS = [b"", b"\x00", b"\x00\x00", b"\x00\xff", b"\x01", b"a", b"a\x00", b"ab", b"a\xff"]
+EDGE_KEYS += [b"b", b"\x7f", b"\x80", b"\xff", b"\xff\x00", b"\xff\xff"]
 # Greater than every key in EDGE_KEYS, so [b"", END) covers them all.
 END = b"\xff\xff\xff"
 
@@ -60,11 +46,8 @@ def everything(store: KVStore) -> list[tuple[bytes, bytes]]:
 
 @pytest.fixture(params=["memory", "rocks"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KVStore]:
-    backend: KVStore
-    if request.param == "memory":
-        backend = MemoryStore()
-    else:
-        backend = RocksStore(str(tmp_path / "db"))
+    path = str(tmp_path / "db")
+    backend: KVStore = MemoryStore() if request.param == "memory" else RocksStore(path)
     yield backend
     backend.close()
 
@@ -126,47 +109,30 @@ def test_scan_returns_keys_in_raw_byte_order(store: KVStore) -> None:
     assert sorted(EDGE_KEYS) == EDGE_KEYS
 
 
-def test_scan_includes_start_and_excludes_end(store: KVStore) -> None:
-    store.write(batch_of([(key, key) for key in EDGE_KEYS]), sync=False)
-    keys = [key for key, _ in store.scan(b"\x00", b"a\xff")]
-    assert keys == [b"\x00", b"\x00\x00", b"\x00\xff", b"\x01", b"a", b"a\x00", b"ab"]
+SCAN_CASES = [
+    # start is included, end is excluded
+    (b"\x00", b"a\xff", None, [b"\x00", b"\x00\x00", b"\x00\xff", b"\x01", b"a", b"a\x00", b"ab"]),
+    # bounds need not be stored keys
+    (b"\x00\x01", b"a\x01", None, [b"\x00\xff", b"\x01", b"a", b"a\x00"]),
+    # a prefix range holds exactly the keys with that prefix
+    (b"a", b"b", None, [b"a", b"a\x00", b"ab", b"a\xff"]),
+    # limit takes the first keys of the range
+    (b"\x01", END, 3, [b"\x01", b"a", b"a\x00"]),
+    (b"\xff", END, 100, [b"\xff", b"\xff\x00", b"\xff\xff"]),
+    (b"", END, 0, []),
+    # empty and reversed ranges
+    (b"a", b"a", None, []),
+    (b"b", b"a", None, []),
+    (b"", b"", None, []),
+]
 
 
-def test_scan_bounds_need_not_be_stored_keys(store: KVStore) -> None:
-    store.write(batch_of([(key, key) for key in EDGE_KEYS]), sync=False)
-    keys = [key for key, _ in store.scan(b"\x00\x01", b"a\x01")]
-    assert keys == [b"\x00\xff", b"\x01", b"a", b"a\x00"]
-
-
-def test_scan_of_a_prefix_range_returns_only_that_prefix(store: KVStore) -> None:
-    store.write(batch_of([(key, key) for key in EDGE_KEYS]), sync=False)
-    keys = [key for key, _ in store.scan(b"a", b"b")]
-    assert keys == [b"a", b"a\x00", b"ab", b"a\xff"]
-
-
-def test_scan_with_limit_returns_the_first_keys_in_range(store: KVStore) -> None:
-    store.write(batch_of([(key, key) for key in EDGE_KEYS]), sync=False)
-    keys = [key for key, _ in store.scan(b"\x01", END, limit=3)]
-    assert keys == [b"\x01", b"a", b"a\x00"]
-
-
-def test_scan_with_limit_larger_than_the_range_returns_the_whole_range(store: KVStore) -> None:
-    store.write(batch_of([(key, key) for key in EDGE_KEYS]), sync=False)
-    keys = [key for key, _ in store.scan(b"\xff", END, limit=100)]
-    assert keys == [b"\xff", b"\xff\x00", b"\xff\xff"]
-
-
-def test_scan_with_limit_zero_returns_nothing(store: KVStore) -> None:
-    put(store, b"a", b"1")
-    assert list(store.scan(b"", END, limit=0)) == []
-
-
-@pytest.mark.parametrize(("start", "end"), [(b"a", b"a"), (b"b", b"a"), (b"", b"")])
-def test_scan_of_an_empty_or_reversed_range_returns_nothing(
-    store: KVStore, start: bytes, end: bytes
+@pytest.mark.parametrize(("start", "end", "limit", "expected"), SCAN_CASES)
+def test_scan_returns_keys_from_start_up_to_end_within_limit(
+    store: KVStore, start: bytes, end: bytes, limit: int | None, expected: list[bytes]
 ) -> None:
     store.write(batch_of([(key, key) for key in EDGE_KEYS]), sync=False)
-    assert list(store.scan(start, end)) == []
+    assert list(store.scan(start, end, limit=limit)) == [(key, key) for key in expected]
 
 
 def test_scan_shows_the_store_as_it_was_when_called(store: KVStore) -> None:
@@ -456,8 +422,6 @@ def test_rocks_store_and_memory_store_agree_on_any_batches(
                 twin.write(batch, sync=sync)
             assert everything(rocks) == everything(twin)
             for start, end in [(b"", b"\x01"), (b"\x00", b"\x80"), (b"a", END)]:
-                assert list(rocks.scan(start, end, limit=2)) == list(
-                    twin.scan(start, end, limit=2)
-                )
+                assert list(rocks.scan(start, end, limit=2)) == list(twin.scan(start, end, limit=2))
         finally:
             rocks.close()

@@ -15,6 +15,8 @@ Rules:
 - Every write is exactly-once (PITFALLS 5): a remembered request returns its first
   result and changes nothing; a fresh one is applied and its result remembered, a
   rejection included (see `loom.kv.dedupe`).
+- A transaction's snapshot names a whole applied entry: a record is newer than the
+  snapshot iff its (generation, seq) is greater; the snapshot's index is ignored.
 - An expired value counts as absent for conditions and counters, but keeps its
   version for transaction checks; a tombstone is a record with a version until a Gc
   horizon passes it.
@@ -253,7 +255,7 @@ def _read_conflict(
     current = _stored_record(view, cmd.ushard, read.key)
     current_version = None if current is None else current.version
     changed = (
-        (current_version is not None and current_version > cmd.snapshot)
+        (current_version is not None and _is_after_snapshot(current_version, cmd.snapshot))
         or (read.version is not None and current_version != read.version)
         or (read.version is None and current is not None and current.is_live(ctx.wall_ms))
     )
@@ -262,6 +264,12 @@ def _read_conflict(
     return Rejected(
         reason="conflict", message="a key read changed after the snapshot", current=current_version
     )
+
+
+def _is_after_snapshot(version: Version, snapshot: Version) -> bool:
+    """A snapshot names a whole applied entry (replicas apply entries atomically), so
+    every command of entry `snapshot.seq` is in it whatever `snapshot.index` says."""
+    return (version.generation, version.seq) > (snapshot.generation, snapshot.seq)
 
 
 def _collect_garbage(view: Overlay, ctx: EntryContext, version: Version, cmd: Gc) -> Result:

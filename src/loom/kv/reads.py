@@ -78,6 +78,8 @@ def scan_ushard(
     start = span.start
     if start_after is not None:
         start = max(start, keys.data_key(ushard, start_after + b"\x00"))
+    if start >= span.end:
+        return [], None  # the cursor is past the prefix: nothing is left
     items: list[Item] = []
     last_key: bytes | None = None
     scanned = state.scan(start, span.end, limit=examine_max + 1)

@@ -92,7 +92,9 @@ def _fill(
         if value is None:
             if slot <= highest_commit and not noop_below_commit_bug:
                 return None
-            chosen.append(Entry(candidacy.ballot, slot, 0, ()))
+            chosen.append(Entry(candidacy.ballot, slot, 0, candidacy.ballot.epoch, ()))
         else:
-            chosen.append(Entry(candidacy.ballot, slot, value.wall_ms, value.commands))
+            chosen.append(
+                Entry(candidacy.ballot, slot, value.wall_ms, value.epoch, value.commands)
+            )
     return chosen

@@ -12,15 +12,25 @@ from loom.core.ids import Ballot, Epoch, Incarnation, NodeId, Seq, ShardId
 
 
 class Entry(Struct, frozen=True, array_like=True):
-    """One log slot: the ballot that accepted it, the primary's wall-clock stamp, commands.
+    """One log slot: the ballot that accepted it, and the slot's value: what the primary
+    stamped when it sequenced the entry (wall clock, its epoch) and the commands.
 
-    An entry with no commands is a no-op (holes filled during activation).
+    Re-proposals change `ballot` only; `wall_ms`, `epoch` and `commands` are the value,
+    so apply (which reads them) is identical on every replica. No commands = no-op.
     """
 
     ballot: Ballot
     seq: Seq
     wall_ms: int
+    epoch: Epoch
     commands: tuple[bytes, ...]
+
+    def same_value(self, other: Entry) -> bool:
+        return (self.wall_ms, self.epoch, self.commands) == (
+            other.wall_ms,
+            other.epoch,
+            other.commands,
+        )
 
 
 class Config(Struct, frozen=True, array_like=True):

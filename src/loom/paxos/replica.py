@@ -197,7 +197,7 @@ class Replica:
             return Refused(reason=RefusalReason.OVERLOADED, retry_after_ms=20)
         assert len(commands) <= self.p.limits.commands_per_entry_max
         seq = Seq(self.last_seq + 1)
-        self._append(Entry(lead.ballot, seq, wall_ms, commands))
+        self._append(Entry(lead.ballot, seq, wall_ms, lead.ballot.epoch, commands))
         self._replicate(lead, now)
         return Sequenced(seq=seq, ballot=lead.ballot)
 
@@ -453,7 +453,7 @@ class Replica:
         self.last_seq = Seq(max([self.truncated_seq, self.commit_seq, *self.log]))
         # A no-op in our own ballot: committing it commits everything before it.
         seq = Seq(self.last_seq + 1)
-        self._append(Entry(lead.ballot, seq, 0, ()))
+        self._append(Entry(lead.ballot, seq, 0, lead.ballot.epoch, ()))
         lead.activation_target = seq
         self.role = Role.PRIMARY
         self.primary_hint = self.node

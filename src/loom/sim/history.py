@@ -47,7 +47,7 @@ class Operation:
     completed_ms: float | None
     outcome: Outcome
     value: bytes | None = None
-    expect: bytes | None | _Any = ANY
+    expect: bytes | _Any | None = ANY
     delta: int = 0
     output: bytes | int | None = None
 

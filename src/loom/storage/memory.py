@@ -118,7 +118,7 @@ class MemoryStore:
         The store is usable (open) afterwards, as after a restart; the batches that
         survived were read back from disk, so they are durable now.
         """
-        assert 0 <= unsynced_batches_kept
+        assert unsynced_batches_kept >= 0
         kept = min(unsynced_batches_kept, len(self._unsynced))
         lost = self._unsynced[kept:]
         for undo in reversed(lost):

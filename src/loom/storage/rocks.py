@@ -60,7 +60,7 @@ def _options() -> Options:
 class RocksStore:
     """A `KVStore` in a RocksDB directory at `path` (created if missing)."""
 
-    __slots__ = ("_db", "_is_closed", "_write_unsynced", "_write_synced", "path", "stats")
+    __slots__ = ("_db", "_is_closed", "_write_synced", "_write_unsynced", "path", "stats")
 
     def __init__(self, path: str) -> None:
         self.path = path

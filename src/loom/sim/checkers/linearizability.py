@@ -23,7 +23,16 @@ from typing import TypeAlias
 
 from loom.sim.history import ANY, Operation
 
-State: TypeAlias = bytes | int | None
+
+class _Unseen:
+    """The state after writing a value that no operation reads or expects."""
+
+    def __repr__(self) -> str:
+        return "UNSEEN"
+
+
+_UNSEEN = _Unseen()
+State: TypeAlias = bytes | int | _Unseen | None
 
 _DESCRIBED_OPS_MAX = 6  # ops listed per violation: enough to debug, short enough to read
 
@@ -102,17 +111,17 @@ def check_linearizable(ops: Sequence[Operation], *, budget: int = 200_000) -> Ke
     key = ops[0].key
     for op in ops:
         _validate(op, key)
-    searched, returns, prereqs = _searchable(ops)
-    result = _Search(searched, returns, prereqs).run(budget)
+    plan = _plan(ops)
+    result = _Search(plan).run(budget)
     violation = None
     if result.status is KeyStatus.VIOLATION:
         assert result.dead_end is not None
-        violation = _explain(key, searched, result.dead_end)
+        violation = _explain(key, plan.ops, result.dead_end)
     return KeyVerdict(
         key=key,
         status=result.status,
         operations=len(ops),
-        operations_searched=len(searched),
+        operations_searched=len(plan.ops),
         steps=result.steps,
         violation=violation,
     )
@@ -133,7 +142,7 @@ def _validate(op: Operation, key: bytes) -> None:
         raise ValueError(f"op #{op.op_id}: an ok increment must return an int")
 
 
-def _apply(op: Operation, state: State) -> tuple[bool, State]:
+def _apply(op: Operation, effect: State, state: State) -> tuple[bool, State]:
     """One model transition: (is it legal here?, next state).
 
     Unknown operations are only ever placed as having taken effect; "did not take effect" is
@@ -143,56 +152,69 @@ def _apply(op: Operation, state: State) -> tuple[bool, State]:
     if op.kind == "read":
         return state == op.output, state
     if op.kind == "increment":
-        if isinstance(state, bytes):
+        if state is not None and not isinstance(state, int):
             return False, state
         new = (state or 0) + op.delta
         return op.outcome == "unknown" or new == op.output, new
     holds = op.expect is ANY or state == op.expect
     if op.outcome == "failed":
         return not holds, state
-    return holds, op.value
+    return holds, effect
 
 
-def _searchable(ops: Sequence[Operation]) -> tuple[list[Operation], list[float], list[int]]:
-    """The ops worth searching, in invocation order, with return times and symmetry prereqs.
+@dataclass(slots=True)
+class _Plan:
+    """What the search needs, per op in invocation order (see `_plan`)."""
 
-    Unknown ops are what make the search explode (each stays open forever), so:
+    ops: list[Operation]
+    returns: list[float]  # completion, or the latest it can have happened; inf = maybe never
+    effects: list[State]  # the state a write or delete leaves behind
+    prereqs: list[int]  # the interchangeable unknown op that must be placed first, or -1
+    counter_ranks: list[int] | None  # pure counter keys: position of each ok increment ...
+    counter_limits: list[float]  # ... and the most the count may be before the k-th one
+
+
+def _plan(ops: Sequence[Operation]) -> _Plan:
+    """Shape a key's history for the search; unknown ops are what make it explode, so:
+
     - unknown reads carry no information and are dropped;
     - an unknown write whose unique value an ok op observed must have taken effect before
       the earliest such observer completed, so it becomes a definite op ending there;
-    - an unknown write/delete nobody could have noticed is dropped (see `_is_unnoticeable`);
-    - identical unknown deletes/increments are interchangeable, so each may only be placed
-      after the previously invoked one of its kind (`prereqs`), removing permutations.
+    - an unknown write/delete nobody could have noticed is dropped (`_is_unnoticeable`);
+    - a value no op reads or expects is indistinguishable from any other such value, so all
+      of them become one state `_UNSEEN`, which lets the memo merge their branches;
+    - identical unknown ops are interchangeable, so each may only be placed after the
+      previously invoked one of its kind, which removes permutations.
     """
     observed_ms: dict[State, float] = {}  # value -> earliest completion of an ok observer
+    distinguishable: set[State] = set()  # only ever used for membership
     for op in ops:
-        if op.completed_ms is None or op.outcome != "ok":
-            continue
         seen: State
-        if op.kind == "read":
+        if op.kind == "read" and op.outcome == "ok":
             seen = op.output
-        elif op.kind in ("write", "delete") and isinstance(op.expect, bytes | None):
-            seen = op.expect  # a conditional success saw its precondition
+        elif isinstance(op.expect, bytes | None):
+            seen = op.expect
         else:
             continue
-        observed_ms[seen] = min(observed_ms.get(seen, math.inf), op.completed_ms)
-    searched: list[Operation] = []
-    returns: list[float] = []
+        distinguishable.add(seen)
+        if op.completed_ms is not None and op.outcome == "ok":
+            observed_ms[seen] = min(observed_ms.get(seen, math.inf), op.completed_ms)
+    plan = _Plan([], [], [], [], None, [math.inf])
     for op in sorted(ops, key=lambda o: (o.invoked_ms, o.op_id)):
-        if op.completed_ms is not None:
-            searched.append(op)
-            returns.append(op.completed_ms)
-        elif op.kind in ("write", "delete"):
+        returns_ms = op.completed_ms
+        if returns_ms is None:
+            if op.kind == "read" or _is_unnoticeable(op, ops, observed_ms):
+                continue
+            returns_ms = math.inf
             if isinstance(op.value, bytes) and op.value in observed_ms:
-                searched.append(op)
-                returns.append(max(op.invoked_ms, observed_ms[op.value]))
-            elif not _is_unnoticeable(op, ops, observed_ms):
-                searched.append(op)
-                returns.append(math.inf)
-        elif op.kind == "increment":
-            searched.append(op)
-            returns.append(math.inf)
-    return searched, returns, _symmetry_prereqs(searched, returns)
+                returns_ms = max(op.invoked_ms, observed_ms[op.value])
+        plan.ops.append(op)
+        plan.returns.append(returns_ms)
+        is_seen = op.value is None or op.value in distinguishable
+        plan.effects.append(op.value if is_seen else _UNSEEN)
+    _add_symmetry_prereqs(plan)
+    _add_counter_limits(plan)
+    return plan
 
 
 def _is_unnoticeable(op: Operation, ops: Sequence[Operation], observed: dict[State, float]) -> bool:
@@ -204,14 +226,13 @@ def _is_unnoticeable(op: Operation, ops: Sequence[Operation], observed: dict[Sta
     unknown delete on a key with increments always stays.
     """
     value = op.value
-    if value in observed:
+    if op.kind == "increment" or value in observed:
         return False
     for other in ops:
         if other.expect is ANY:
             if value is None and other.kind == "increment":
                 return False
-            continue
-        if other.outcome == "failed":
+        elif other.outcome == "failed":
             if other.expect != value:
                 return False  # it may have failed only because this op changed the state
         elif other.expect == value:
@@ -219,16 +240,33 @@ def _is_unnoticeable(op: Operation, ops: Sequence[Operation], observed: dict[Sta
     return True
 
 
-def _symmetry_prereqs(searched: list[Operation], returns: list[float]) -> list[int]:
-    prereqs = [-1] * len(searched)
-    last_of_class: dict[tuple[str, object], int] = {}
-    for i, op in enumerate(searched):
-        if returns[i] != math.inf or op.kind == "write":
-            continue  # definite ops and unique-valued writes have no twins
-        cls = (op.kind, op.delta if op.kind == "increment" else op.expect)
-        prereqs[i] = last_of_class.get(cls, -1)
-        last_of_class[cls] = i
-    return prereqs
+def _add_symmetry_prereqs(plan: _Plan) -> None:
+    last_of_class: dict[tuple[object, ...], int] = {}
+    for i, op in enumerate(plan.ops):
+        plan.prereqs.append(-1)
+        if plan.returns[i] == math.inf:
+            cls = (op.kind, op.expect, op.delta, plan.effects[i])
+            plan.prereqs[i] = last_of_class.get(cls, -1)
+            last_of_class[cls] = i
+
+
+def _add_counter_limits(plan: _Plan) -> None:
+    """With only positive increments the count never decreases, so ok increments take effect
+    in the order of their outputs, and no state may exceed what the next one starts from."""
+    if any(op.kind != "increment" or op.delta <= 0 for op in plan.ops):
+        return
+    acked = [i for i, op in enumerate(plan.ops) if op.outcome == "ok"]
+    acked.sort(key=lambda i: (_int(plan.ops[i].output), i))
+    plan.counter_ranks = [-1] * len(plan.ops)
+    for rank, i in enumerate(acked):
+        plan.counter_ranks[i] = rank
+    plan.counter_limits = [_int(plan.ops[i].output) - plan.ops[i].delta for i in acked]
+    plan.counter_limits.append(math.inf)
+
+
+def _int(value: State) -> int:
+    assert isinstance(value, int)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +277,7 @@ class _DeadEnd:
     blocked: int  # index of the op that had to be placed but could not be
     depth: int
     state: State
+    writer: int  # the placed op that produced `state`, or -1 for the initial absent value
     recent: tuple[int, ...]  # last few ops placed on the way there, oldest first
     open_ops: tuple[int, ...]  # ops invoked but not yet placed at that point
 
@@ -247,20 +286,26 @@ class _DeadEnd:
 class _Result:
     status: KeyStatus
     steps: int
-    dead_end: _DeadEnd | None
+    dead_end: _DeadEnd | None = None
+
+
+@dataclass(slots=True)
+class _Placed:
+    entry: int
+    state_before: State
+    is_forced: bool  # a read-only op placed as soon as it was legal; see `_try_place`
 
 
 class _Search:
     """Porcupine's just-in-time linearization search over a doubly linked entry list."""
 
-    def __init__(self, ops: list[Operation], returns: list[float], prereqs: list[int]) -> None:
-        n = len(ops)
+    def __init__(self, plan: _Plan) -> None:
+        n = len(plan.ops)
         events = sorted(
-            [(op.invoked_ms, 0, i) for i, op in enumerate(ops)]
-            + [(returns[i], 1, i) for i in range(n)]
+            [(op.invoked_ms, 0, i) for i, op in enumerate(plan.ops)]
+            + [(plan.returns[i], 1, i) for i in range(n)]
         )
-        self.ops = ops
-        self.prereqs = prereqs
+        self.plan = plan
         self.head = 2 * n
         self.entry_op = [i for _, _, i in events]
         self.is_call = [kind == 0 for _, kind, _ in events]
@@ -273,6 +318,81 @@ class _Search:
         # Index 2n is the head sentinel; -1 terminates the list.
         self.nxt = [*range(1, 2 * n), -1, 0 if n else -1]
         self.prv = [self.head, *range(2 * n - 1), -1]
+        self.is_read_only = [op.kind == "read" or op.outcome == "failed" for op in plan.ops]
+        self.state: State = None
+        self.linearized = 0  # bit i set = plan.ops[i] placed
+        self.acked = 0  # ok increments placed, on pure counter keys
+        self.stack: list[_Placed] = []
+        self.visited: set[tuple[int, State]] = set()
+
+    def run(self, budget: int) -> _Result:
+        nxt, is_call, head = self.nxt, self.is_call, self.head
+        dead_end: _DeadEnd | None = None
+        entry = nxt[head]
+        steps = 0
+        while entry != -1:
+            steps += 1
+            if steps > budget:
+                return _Result(KeyStatus.UNCHECKED, budget)
+            if is_call[entry]:
+                entry = nxt[head] if self._try_place(entry) else nxt[entry]
+                continue
+            # A return entry: every definite op before it is placed once we reach an
+            # infinite (unknown) return, and the leftover unknown ops simply never happened.
+            if self.is_unknown_return[entry]:
+                return _Result(KeyStatus.LINEARIZABLE, steps)
+            # Report the dead end furthest along in time: any blocked op later than the
+            # real culprit would need the culprit placed first, so it cannot outrank it.
+            if dead_end is None or (entry, len(self.stack)) > (dead_end.entry, dead_end.depth):
+                dead_end = self._dead_end(entry)
+            resume = self._backtrack()
+            if resume is None:
+                return _Result(KeyStatus.VIOLATION, steps, dead_end)
+            entry = nxt[resume]
+        return _Result(KeyStatus.LINEARIZABLE, steps)
+
+    def _try_place(self, entry: int) -> bool:
+        """Place the op whose call this is, if the model allows it and the result is new.
+
+        A read-only op legal right now can always be placed now: every op that returned
+        before it was invoked is already placed, and it changes nothing for those after.
+        So if the search fails past it, it fails here too, and `_backtrack` skips the
+        alternatives (`is_forced`).
+        """
+        plan, i = self.plan, self.entry_op[entry]
+        p = plan.prereqs[i]
+        if p >= 0 and not (self.linearized >> p) & 1:
+            return False
+        legal, new_state = _apply(plan.ops[i], plan.effects[i], self.state)
+        ranks = plan.counter_ranks
+        is_acked = ranks is not None and ranks[i] >= 0
+        if legal and ranks is not None:
+            next_acked = self.acked + is_acked
+            in_order = not is_acked or ranks[i] == self.acked
+            legal = in_order and _int(new_state) <= plan.counter_limits[next_acked]
+        linearized = self.linearized | (1 << i)
+        if not legal or (linearized, new_state) in self.visited:
+            return False
+        self.visited.add((linearized, new_state))
+        self.stack.append(_Placed(entry, self.state, self.is_read_only[i]))
+        self.linearized, self.state = linearized, new_state
+        self.acked += is_acked
+        self.lift(entry)
+        return True
+
+    def _backtrack(self) -> int | None:
+        """Undo placements up to the last one with untried alternatives; its entry, or None."""
+        while self.stack:
+            placed = self.stack.pop()
+            i = self.entry_op[placed.entry]
+            self.linearized &= ~(1 << i)
+            self.state = placed.state_before
+            ranks = self.plan.counter_ranks
+            self.acked -= ranks is not None and ranks[i] >= 0
+            self.unlift(placed.entry)
+            if not placed.is_forced:
+                return placed.entry
+        return None
 
     def lift(self, call: int) -> None:
         nxt, prv = self.nxt, self.prv
@@ -288,66 +408,23 @@ class _Search:
             if nxt[e] != -1:
                 prv[nxt[e]] = e
 
-    def run(self, budget: int) -> _Result:
-        ops, prereqs, nxt = self.ops, self.prereqs, self.nxt
-        state: State = None
-        linearized = 0
-        stack: list[tuple[int, State]] = []
-        visited: set[tuple[int, State]] = set()
-        dead_end: _DeadEnd | None = None
-        entry = nxt[self.head]
-        steps = 0
-        while entry != -1:
-            steps += 1
-            if steps > budget:
-                return _Result(KeyStatus.UNCHECKED, budget, None)
-            if self.is_call[entry]:
-                i = self.entry_op[entry]
-                p = prereqs[i]
-                if p < 0 or (linearized >> p) & 1:
-                    legal, new_state = _apply(ops[i], state)
-                    if legal and (linearized | (1 << i), new_state) not in visited:
-                        linearized |= 1 << i
-                        visited.add((linearized, new_state))
-                        stack.append((entry, state))
-                        state = new_state
-                        self.lift(entry)
-                        entry = nxt[self.head]
-                        continue
-                entry = nxt[entry]
-                continue
-            # A return entry: every definite op before it is placed once we reach an
-            # infinite (unknown) return, and the leftover unknown ops simply never happened.
-            if self.is_unknown_return[entry]:
-                return _Result(KeyStatus.LINEARIZABLE, steps, None)
-            # Report the dead end furthest along in time: any blocked op later than the
-            # real culprit would need the culprit placed first, so it cannot outrank it.
-            if dead_end is None or (entry, len(stack)) > (dead_end.entry, dead_end.depth):
-                dead_end = self._dead_end(entry, state, stack)
-            if not stack:
-                return _Result(KeyStatus.VIOLATION, steps, dead_end)
-            entry, state = stack.pop()
-            linearized &= ~(1 << self.entry_op[entry])
-            self.unlift(entry)
-            entry = nxt[entry]
-        return _Result(KeyStatus.LINEARIZABLE, steps, None)
-
-    def _dead_end(
-        self, blocked_return: int, state: State, stack: list[tuple[int, State]]
-    ) -> _DeadEnd:
+    def _dead_end(self, blocked_return: int) -> _DeadEnd:
         open_ops = []
         e = self.nxt[self.head]
         while e != blocked_return:
             if self.is_call[e]:
                 open_ops.append(self.entry_op[e])
             e = self.nxt[e]
+        placed = [self.entry_op[p.entry] for p in self.stack]
+        writers = [i for i in placed if not self.is_read_only[i]]
         blocked = self.entry_op[blocked_return]
         return _DeadEnd(
             entry=blocked_return,
             blocked=blocked,
-            depth=len(stack),
-            state=state,
-            recent=tuple(self.entry_op[c] for c, _ in stack[-3:]),
+            depth=len(placed),
+            state=self.state,
+            writer=writers[-1] if writers else -1,
+            recent=tuple(placed[-3:]),
             open_ops=tuple(i for i in open_ops if i != blocked),
         )
 
@@ -359,12 +436,19 @@ def _explain(key: bytes, ops: list[Operation], dead: _DeadEnd) -> Violation:
     open_text = ", ".join(_describe(ops[i]) for i in shown_open) or "none"
     if len(dead.open_ops) > len(shown_open):
         open_text += f" (+{len(dead.open_ops) - len(shown_open)} more)"
+    if dead.writer < 0:
+        state = "absent (initial)"
+    else:
+        writer = ops[dead.writer]
+        shown = writer.value if dead.state is _UNSEEN else dead.state
+        state = f"{_show(shown)} (set by #{writer.op_id})"
     explanation = (
         f"no linearization: {_describe(blocked)} could not take effect in its interval. "
         f"Furthest attempt placed {dead.depth}/{len(ops)} ops, last {recent}, "
-        f"leaving state {_show(dead.state)}; also open then: {open_text}"
+        f"leaving state {state}; also open then: {open_text}"
     )
-    involved = {ops[i].op_id for i in (dead.blocked, *dead.recent, *shown_open)}
+    writer_ids = (dead.writer,) if dead.writer >= 0 else ()
+    involved = {ops[i].op_id for i in (dead.blocked, *dead.recent, *writer_ids, *shown_open)}
     return Violation(key=key, explanation=explanation, op_ids=tuple(sorted(involved)))
 
 

@@ -1,0 +1,80 @@
+"""Client ↔ replica requests and replies for one p-shard. Wire format v1 (msgspec).
+
+`token` is the caller's id for the request, echoed in the reply.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from msgspec import Struct
+
+from loom.core.ids import Ballot, Epoch, NodeId, Seq, UShard, Version
+from loom.kv.commands import Result
+from loom.kv.reads import Item
+
+
+class Durability(enum.Enum):
+    QUORUM = "quorum"
+    FAST_ACK = "fast_ack"
+
+
+class Consistency(enum.Enum):
+    STRONG = "strong"
+    BOUNDED = "bounded"
+    READ_YOUR_WRITES = "ryw"
+    EVENTUAL = "eventual"
+
+
+class WriteRequest(Struct, frozen=True, tag="write", kw_only=True):
+    token: int
+    command: bytes  # an encoded loom.kv.commands write command
+    durability: Durability = Durability.QUORUM
+
+
+class ReadRequest(Struct, frozen=True, tag="read", kw_only=True):
+    token: int
+    ushard: UShard
+    key: bytes
+    consistency: Consistency = Consistency.STRONG
+    bound_ms: float | None = None
+    min_version: Version | None = None
+
+
+class WriteReply(Struct, frozen=True, tag="wrote", kw_only=True):
+    token: int
+    result: Result
+    # FAST_ACK: acknowledged when sequenced; the ballot lets a lost write be named.
+    fast_ack_ballot: Ballot | None = None
+
+
+class ReadReply(Struct, frozen=True, tag="readreply", kw_only=True):
+    token: int
+    item: Item | None
+    # The record's version including tombstones, for transactions' read sets.
+    record_version: Version | None
+    applied_seq: Seq
+    epoch: Epoch
+
+
+class ErrorCode(enum.Enum):
+    NOT_PRIMARY = "not_primary"
+    NOT_READY = "not_ready"
+    OVERLOADED = "overloaded"
+    TOO_STALE = "too_stale"
+    TIMEOUT = "timeout"
+    # The slot this write was sequenced in holds another command: it never applied.
+    NOT_APPLIED = "not_applied"
+    INVALID = "invalid"
+
+
+class ErrorReply(Struct, frozen=True, tag="error", kw_only=True):
+    token: int
+    code: ErrorCode
+    message: str = ""
+    primary_hint: NodeId | None = None
+    retry_after_ms: int = 0
+
+
+ClientRequest = WriteRequest | ReadRequest
+ClientReply = WriteReply | ReadReply | ErrorReply

@@ -1,0 +1,381 @@
+"""One replica of one p-shard on a node: replica core + kv state machine + storage.
+
+Per call (`submit`, `on_message`, `tick`), the host queues work; `flush` proposes the
+queued writes as one entry (group commit), executes every Ready against the store
+with unsynced writes, and returns what must be sent. The driver then makes the store
+durable (`sync`) and only afterwards sends messages and replies (PITFALLS 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from loom.core.ids import Epoch, Generation, Incarnation, NodeId, RequestId, Seq, ShardId, Version
+from loom.core.time import Instant, WallMs
+from loom.host import layout
+from loom.host.requests import (
+    ClientReply,
+    Consistency,
+    Durability,
+    ErrorCode,
+    ErrorReply,
+    ReadReply,
+    ReadRequest,
+    WriteReply,
+    WriteRequest,
+)
+from loom.host.snapshots import SnapshotTransfers
+from loom.kv.apply import EntryContext, apply_entry
+from loom.kv.commands import (
+    Applied,
+    Command,
+    Delete,
+    Increment,
+    Put,
+    TxnCommit,
+    WriteCommand,
+    decode_command,
+    encode_command,
+)
+from loom.kv.reads import read_item, read_version
+from loom.paxos.messages import Entry, Envelope, SnapshotAck, SnapshotChunk
+from loom.paxos.params import ReplicaParams
+from loom.paxos.ready import Ready, RefusalReason, Refused, Sequenced, ServeNow, SmEvent
+from loom.paxos.replica import Assignment, Replica
+from loom.storage.api import KVStore, WriteBatch
+from loom.storage.prefixed import PrefixedStore
+
+GENERATION_ZERO = Generation(0)
+Origin = Hashable  # where a reply goes (a client connection); opaque to the host
+
+_REFUSAL_CODES = {
+    RefusalReason.NOT_PRIMARY: ErrorCode.NOT_PRIMARY,
+    RefusalReason.NOT_READY: ErrorCode.NOT_READY,
+    RefusalReason.OVERLOADED: ErrorCode.OVERLOADED,
+    RefusalReason.TOO_STALE: ErrorCode.TOO_STALE,
+    RefusalReason.TIMEOUT: ErrorCode.TIMEOUT,
+}
+
+
+def shard_prefix(shard: ShardId) -> bytes:
+    return b"s" + shard.to_bytes(8, "big")
+
+
+@dataclass(slots=True)
+class HostOutput:
+    messages: list[Envelope] = field(default_factory=list)
+    replies: list[tuple[Origin, ClientReply]] = field(default_factory=list)
+    sm_events: list[SmEvent] = field(default_factory=list)
+    # Entries applied by this flush, for observers (the simulator's checkers).
+    applied: list[Entry] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Queued:
+    origin: Origin
+    token: int
+    command: bytes
+    durability: Durability
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Awaiting:
+    origin: Origin
+    token: int
+    command: bytes
+    index: int
+    durability: Durability
+
+
+class ShardHost:
+    def __init__(
+        self,
+        *,
+        shard: ShardId,
+        node: NodeId,
+        incarnation: Incarnation,
+        store: KVStore,
+        params: ReplicaParams,
+        now: Instant,
+        generation: Generation = GENERATION_ZERO,
+    ) -> None:
+        self.shard = shard
+        self.node = node
+        self.p = params
+        self.generation = generation
+        self.store = store
+        self.view = PrefixedStore(store, shard_prefix(shard))
+        self.state = PrefixedStore(store, shard_prefix(shard) + layout.STATE)
+        durable = layout.load(self.view)
+        self.replica = Replica(
+            shard=shard,
+            node=node,
+            incarnation=incarnation,
+            durable=durable,
+            now=now,
+            params=params,
+        )
+        self.applied_epoch = Epoch(0)
+        self.queue: list[_Queued] = []
+        self.awaiting: dict[Seq, list[_Awaiting]] = {}
+        self.reads: dict[int, tuple[Origin, ReadRequest]] = {}
+        self.snapshots = SnapshotTransfers(node=node, shard=shard)
+        self.out = HostOutput()
+        self.renamed_requests = 0
+
+    # ------------------------------------------------------------------ inputs
+
+    def assign(self, assignment: Assignment, now: Instant) -> None:
+        self.replica.assign(assignment, now)
+
+    def on_message(self, env: Envelope, now: Instant) -> None:
+        msg = env.message
+        if isinstance(msg, SnapshotChunk | SnapshotAck):
+            self.snapshots.on_message(env, self, now)
+            return
+        self.replica.step(env, now)
+
+    def tick(self, now: Instant) -> None:
+        self.replica.tick(now)
+        self.snapshots.tick(self, now)
+
+    def submit(
+        self, origin: Origin, request: WriteRequest | ReadRequest, now: Instant, wall_ms: WallMs
+    ) -> None:
+        if isinstance(request, WriteRequest):
+            self._submit_write(origin, request)
+        else:
+            self._submit_read(origin, request, now, wall_ms)
+
+    def _submit_write(self, origin: Origin, request: WriteRequest) -> None:
+        try:
+            command = decode_command(request.command)
+        except msgspec.DecodeError:
+            self._error(origin, request.token, ErrorCode.INVALID, "undecodable command")
+            return
+        problem = _write_problem(command, request.durability)
+        if problem is not None:
+            self._error(origin, request.token, ErrorCode.INVALID, problem)
+            return
+        assert isinstance(command, Put | Delete | Increment | TxnCommit)
+        if len(self.queue) >= self.p.limits.pending_proposals_max:
+            self._error(
+                origin, request.token, ErrorCode.OVERLOADED, "write queue full", retry_after_ms=20
+            )
+            return
+        data = request.command
+        if self.p.has_bug("no-dedupe"):
+            data = self._rename_request(command)
+        self.queue.append(
+            _Queued(origin=origin, token=request.token, command=data, durability=request.durability)
+        )
+
+    def _rename_request(self, command: WriteCommand) -> bytes:
+        """Deliberate bug `no-dedupe`: every attempt looks new to apply's dedupe table."""
+        self.renamed_requests += 1
+        client = f"{command.request.client}#{self.node}#{self.renamed_requests}"
+        request = RequestId(client=client, seq=command.request.seq)  # type: ignore[arg-type]
+        return encode_command(msgspec.structs.replace(command, request=request))
+
+    def _submit_read(
+        self, origin: Origin, request: ReadRequest, now: Instant, wall_ms: WallMs
+    ) -> None:
+        consistency = request.consistency
+        min_seq = request.min_version.seq if request.min_version is not None else None
+        decision = self.replica.read(
+            strong=consistency is Consistency.STRONG,
+            now=now,
+            bound_ms=request.bound_ms if consistency is Consistency.BOUNDED else None,
+            min_seq=min_seq if consistency is Consistency.READ_YOUR_WRITES else None,
+        )
+        match decision:
+            case ServeNow():
+                self._serve_read(origin, request, decision, now, wall_ms)
+            case Refused():
+                self._refuse(origin, request.token, decision)
+            case _:
+                self.reads[decision.token] = (origin, request)
+
+    # ------------------------------------------------------------------ flush
+
+    def flush(self, now: Instant, wall_ms: WallMs) -> HostOutput:
+        """Propose queued writes, execute every Ready; the caller syncs, then sends."""
+        self._propose_queued(now, wall_ms)
+        while True:
+            ready = self.replica.ready()
+            if ready.is_empty():
+                break
+            self._execute(ready, now, wall_ms)
+        out, self.out = self.out, HostOutput()
+        return out
+
+    def _propose_queued(self, now: Instant, wall_ms: WallMs) -> None:
+        per_entry = self.p.limits.commands_per_entry_max
+        while self.queue:
+            batch, self.queue = self.queue[:per_entry], self.queue[per_entry:]
+            outcome = self.replica.propose(tuple(q.command for q in batch), wall_ms, now)
+            if isinstance(outcome, Refused):
+                for queued in batch:
+                    self._refuse(queued.origin, queued.token, outcome)
+                continue
+            self._await(outcome, batch)
+
+    def _await(self, outcome: Sequenced, batch: list[_Queued]) -> None:
+        waiting = self.awaiting.setdefault(outcome.seq, [])
+        for index, queued in enumerate(batch):
+            if queued.durability is Durability.FAST_ACK:
+                version = Version(self.generation, outcome.seq, index)
+                reply = WriteReply(
+                    token=queued.token,
+                    result=Applied(version=version),
+                    fast_ack_ballot=outcome.ballot,
+                )
+                self.out.replies.append((queued.origin, reply))
+                continue
+            waiting.append(
+                _Awaiting(
+                    origin=queued.origin,
+                    token=queued.token,
+                    command=queued.command,
+                    index=index,
+                    durability=queued.durability,
+                )
+            )
+
+    def _execute(self, ready: Ready, now: Instant, wall_ms: WallMs) -> None:
+        batch = WriteBatch()
+        if ready.promise is not None:
+            layout.put_promise(batch, ready.promise)
+        for entry in ready.entries:
+            layout.put_entry(batch, entry)
+        if ready.commit_seq is not None:
+            layout.put_commit(batch, ready.commit_seq)
+        if ready.truncate_through is not None:
+            layout.truncate(batch, ready.truncate_through)
+        if len(batch):
+            self._write(batch)
+        self.out.messages.extend(ready.messages)
+        for entry in ready.committed:
+            self._apply(entry)
+        for token, decision in ready.reads_done:
+            origin, request = self.reads.pop(token)
+            if isinstance(decision, ServeNow):
+                self._serve_read(origin, request, decision, now, wall_ms)
+            else:
+                self._refuse(origin, request.token, decision)
+        for peer in sorted(set(ready.snapshot_needed)):
+            self.snapshots.start(peer, self, now)
+        self.out.sm_events.extend(ready.sm_events)
+        self.replica.advance(ready, now)
+
+    def _write(self, batch: WriteBatch) -> None:
+        absolute = WriteBatch()
+        self.view.add_to(absolute, batch)
+        self.store.write(absolute, sync=False)
+
+    def _apply(self, entry: Entry) -> None:
+        ctx = EntryContext(
+            seq=entry.seq,
+            epoch=entry.epoch,
+            wall_ms=WallMs(entry.wall_ms),
+            generation=self.generation,
+        )
+        state_batch = WriteBatch()
+        results = apply_entry(self.state, ctx, entry.commands, state_batch, self.p.limits)
+        batch = WriteBatch()
+        self.state_batch_into(batch, state_batch)
+        layout.put_applied(batch, entry.seq)
+        self._write(batch)
+        self.applied_epoch = entry.epoch
+        self.out.applied.append(entry)
+        for waiting in self.awaiting.pop(entry.seq, []):
+            index = waiting.index
+            if index < len(entry.commands) and entry.commands[index] == waiting.command:
+                reply: ClientReply = WriteReply(token=waiting.token, result=results[index])
+            else:
+                reply = ErrorReply(
+                    token=waiting.token,
+                    code=ErrorCode.NOT_APPLIED,
+                    message="the primary lost this write in a failover; it was not applied",
+                    retry_after_ms=10,
+                )
+            self.out.replies.append((waiting.origin, reply))
+
+    def state_batch_into(self, batch: WriteBatch, state_batch: WriteBatch) -> None:
+        """Moves a batch relative to the kv namespace into one relative to the shard."""
+        for start, end in state_batch.ranges_deleted:
+            batch.delete_range(
+                layout.STATE + start, layout.STATE + end if end else layout.STATE_END
+            )
+        for key, value in state_batch.ops:
+            batch.ops.append((layout.STATE + key, value))
+
+    # ------------------------------------------------------------------ reads
+
+    def _serve_read(
+        self,
+        origin: Origin,
+        request: ReadRequest,
+        decision: ServeNow,
+        now: Instant,
+        wall_ms: WallMs,
+    ) -> None:
+        item = read_item(self.state, request.ushard, request.key, wall_ms)
+        version = read_version(self.state, request.ushard, request.key)
+        # A lease read reads first and checks the lease after (PITFALLS 16).
+        if decision.lease_read and not self.replica.lease_valid(now):
+            self._error(
+                origin, request.token, ErrorCode.NOT_PRIMARY, "lease expired", retry_after_ms=10
+            )
+            return
+        reply = ReadReply(
+            token=request.token,
+            item=item,
+            record_version=version,
+            applied_seq=self.replica.applied_seq,
+            epoch=self.applied_epoch,
+        )
+        self.out.replies.append((origin, reply))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _refuse(self, origin: Origin, token: int, refused: Refused) -> None:
+        self.out.replies.append(
+            (
+                origin,
+                ErrorReply(
+                    token=token,
+                    code=_REFUSAL_CODES[refused.reason],
+                    primary_hint=refused.primary_hint,
+                    retry_after_ms=refused.retry_after_ms,
+                ),
+            )
+        )
+
+    def _error(
+        self, origin: Origin, token: int, code: ErrorCode, message: str, retry_after_ms: int = 0
+    ) -> None:
+        reply = ErrorReply(token=token, code=code, message=message, retry_after_ms=retry_after_ms)
+        self.out.replies.append((origin, reply))
+
+    def send(self, env: Envelope) -> None:
+        self.out.messages.append(env)
+
+
+def _write_problem(command: Command, durability: Durability) -> str | None:
+    """Why a client may not send this command, or None. FAST_ACK is allowed only for
+    unconditional put/delete (DESIGN §3): nothing conditional is answered unapplied."""
+    if not isinstance(command, Put | Delete | Increment | TxnCommit):
+        return "not a client write command"
+    if durability is not Durability.FAST_ACK:
+        return None
+    unconditional = (
+        isinstance(command, Put)
+        and not command.if_absent
+        and command.if_version is None
+        and command.if_value is None
+    ) or (isinstance(command, Delete) and not command.if_exists and command.if_version is None)
+    return None if unconditional else "FAST_ACK is for unconditional put and delete only"

@@ -1,0 +1,274 @@
+"""The shard manager's decisions for a set of p-shards.
+
+Protocol with its driver:
+- the driver feeds `on_report` (node heartbeats with per-shard progress), `on_event`
+  (activation / step-down news from primaries) and `tick(now)`;
+- the core answers with `outputs()`: `PersistEpoch` first (the driver does the
+  compare-and-swap in the metastore and calls `epoch_persisted`), then `Announce`
+  only for epochs that are durably allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loom.core.ids import Epoch, Incarnation, NodeId, Seq, ShardId
+from loom.core.rng import Rng
+from loom.core.time import Instant
+from loom.paxos.messages import Config
+from loom.paxos.ready import SmEvent, SmEventKind
+from loom.paxos.replica import Assignment
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardProgress:
+    shard: ShardId
+    last_seq: Seq
+    commit_seq: Seq
+    applied_seq: Seq
+    is_primary: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeReport:
+    node: NodeId
+    incarnation: Incarnation
+    shards: tuple[ShardProgress, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PersistEpoch:
+    """Compare-and-swap the shard's record from `expected` to `assignment.epoch`."""
+
+    shard: ShardId
+    expected: Epoch
+    assignment: Assignment
+    chaos: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Announce:
+    shard: ShardId
+    assignment: Assignment
+    to: tuple[NodeId, ...]
+
+
+SmOutput = PersistEpoch | Announce
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmParams:
+    failure_timeout_ms: float = 600.0
+    # A primary not activated this long after its announcement is replaced.
+    activation_timeout_ms: float = 4000.0
+    announce_interval_ms: float = 500.0
+    # A follower this close to the primary's commit point may become an acceptor.
+    catchup_slack_entries: int = 64
+
+
+@dataclass(slots=True, kw_only=True)
+class _NodeState:
+    incarnation: Incarnation
+    last_report_at: Instant
+    progress: dict[ShardId, ShardProgress] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class _ShardState:
+    shard: ShardId
+    current: Assignment
+    announced_at: Instant
+    activated: bool = False
+    # The last activated config and every config allocated since (a new primary must
+    # reach a majority of each: PITFALLS 15).
+    since_activated: list[Config] = field(default_factory=list)
+    activated_epoch: Epoch = Epoch(0)
+    persisting: bool = False
+    # Membership change in progress: (node to add, node to remove).
+    change: tuple[NodeId, NodeId | None] | None = None
+
+
+class ShardManagerCore:
+    def __init__(self, *, params: SmParams, rng: Rng) -> None:
+        self.p = params
+        self.rng = rng
+        self.nodes: dict[NodeId, _NodeState] = {}
+        self.shards: dict[ShardId, _ShardState] = {}
+        self.out: list[SmOutput] = []
+        # Fault injection for the simulator: wrong but "legal-looking" decisions.
+        self.chaos_promote_probability = 0.0
+        self.chaos_duplicate_epoch_probability = 0.0
+
+    # ---------------------------------------------------------------- inputs
+
+    def create_shard(self, shard: ShardId, acceptors: tuple[NodeId, ...], now: Instant) -> None:
+        assert shard not in self.shards
+        config = Config(Epoch(1), acceptors, ())
+        primary = acceptors[0]
+        node = self.nodes.get(primary)
+        incarnation = node.incarnation if node else Incarnation(0)
+        assignment = Assignment(
+            epoch=Epoch(1), primary=primary, primary_incarnation=incarnation, config=config
+        )
+        state = _ShardState(
+            shard=shard,
+            current=assignment,
+            announced_at=now,
+            persisting=True,
+            since_activated=[config],
+        )
+        self.shards[shard] = state
+        self.out.append(PersistEpoch(shard=shard, expected=Epoch(0), assignment=assignment))
+
+    def on_report(self, report: NodeReport, now: Instant) -> None:
+        node = self.nodes.get(report.node)
+        if node is None or node.incarnation != report.incarnation:
+            node = _NodeState(incarnation=report.incarnation, last_report_at=now)
+            self.nodes[report.node] = node
+        node.last_report_at = now
+        node.progress = {p.shard: p for p in report.shards}
+
+    def on_event(self, shard: ShardId, event: SmEvent, now: Instant) -> None:
+        state = self.shards.get(shard)
+        if state is None or event.ballot != state.current.ballot:
+            return
+        match event.kind:
+            case SmEventKind.ACTIVATED:
+                if not state.activated:
+                    state.activated = True
+                    state.activated_epoch = state.current.epoch
+                    state.since_activated = [state.current.config]
+            case SmEventKind.BALLOT_STALE | SmEventKind.ACTIVATION_FAILED:
+                self._failover(state, now, exclude=state.current.primary)
+            case SmEventKind.STEPPED_DOWN:
+                self._failover(state, now, exclude=None)
+
+    def epoch_persisted(self, shard: ShardId, assignment: Assignment, ok: bool) -> None:
+        state = self.shards[shard]
+        state.persisting = False
+        if not ok:
+            return  # someone else allocated that epoch; we will retry from the metastore
+        state.current = assignment
+
+    def tick(self, now: Instant) -> None:
+        for shard in sorted(self.shards):
+            state = self.shards[shard]
+            if state.persisting:
+                continue
+            stuck = not state.activated and now - state.announced_at > self.p.activation_timeout_ms
+            dead = not self._is_alive(state.current.primary, now)
+            # Chaos draws only when it is on, so runs without it keep their random stream.
+            chaos = self.chaos_promote_probability > 0 and (
+                self.rng.random() < self.chaos_promote_probability
+            )
+            if dead or stuck or chaos:
+                self._failover(state, now, exclude=state.current.primary)
+            else:
+                self._maybe_change_membership(state, now)
+            if not state.persisting and now - state.announced_at >= self.p.announce_interval_ms:
+                self._announce(state, now)
+
+    def announce_all(self, now: Instant) -> None:
+        for shard in sorted(self.shards):
+            if not self.shards[shard].persisting:
+                self._announce(self.shards[shard], now)
+
+    def outputs(self) -> list[SmOutput]:
+        out, self.out = self.out, []
+        return out
+
+    def _announce(self, state: _ShardState, now: Instant) -> None:
+        state.announced_at = now if not state.activated else state.announced_at
+        members = state.current.config.members()
+        self.out.append(Announce(shard=state.shard, assignment=state.current, to=members))
+        if state.activated:
+            state.announced_at = now
+
+    # ---------------------------------------------------------------- decisions
+
+    def _is_alive(self, node: NodeId, now: Instant) -> bool:
+        state = self.nodes.get(node)
+        return state is not None and now - state.last_report_at <= self.p.failure_timeout_ms
+
+    def _failover(self, state: _ShardState, now: Instant, *, exclude: NodeId | None) -> None:
+        if state.persisting:
+            return
+        config = state.current.config
+        candidates = [n for n in config.acceptors if n != exclude and self._is_alive(n, now)]
+        if not candidates:
+            return
+        # Prefer the most caught-up acceptor; ties broken by name for determinism.
+        candidates.sort(key=lambda n: (-self._last_seq(n, state.shard), n))
+        primary = candidates[0]
+        self._allocate(state, primary, config, now)
+
+    def _last_seq(self, node: NodeId, shard: ShardId) -> int:
+        progress = self.nodes[node].progress.get(shard)
+        return progress.last_seq if progress else 0
+
+    def _allocate(self, state: _ShardState, primary: NodeId, config: Config, now: Instant) -> None:
+        epoch = Epoch(state.current.epoch + 1)
+        expected = state.current.epoch
+        chaos = self.chaos_duplicate_epoch_probability > 0 and (
+            self.rng.random() < self.chaos_duplicate_epoch_probability
+        )
+        if chaos:
+            # Chaos: a split-brain manager reusing an epoch (the simulator skips the CAS).
+            epoch = state.current.epoch
+            expected = Epoch(epoch - 1)
+        new_config = Config(epoch, config.acceptors, config.followers)
+        assignment = Assignment(
+            epoch=epoch,
+            primary=primary,
+            primary_incarnation=self.nodes[primary].incarnation,
+            config=new_config,
+            prior_configs=tuple(state.since_activated),
+            activated_epoch=state.activated_epoch,
+        )
+        state.since_activated.append(new_config)
+        state.activated = False
+        state.persisting = True
+        state.announced_at = now
+        self.out.append(
+            PersistEpoch(shard=state.shard, expected=expected, assignment=assignment, chaos=chaos)
+        )
+
+    # ---------------------------------------------------------------- membership
+
+    def replace_member(self, shard: ShardId, old: NodeId, new: NodeId) -> None:
+        """Plan: add `new` as follower, then swap it for `old` among the acceptors."""
+        state = self.shards[shard]
+        if state.change is None and new not in state.current.config.members():
+            state.change = (new, old)
+
+    def _maybe_change_membership(self, state: _ShardState, now: Instant) -> None:
+        if state.change is None or not state.activated:
+            return
+        new, old = state.change
+        config = state.current.config
+        primary = state.current.primary
+        if new not in config.members():
+            followers = (*config.followers, new)
+            self._allocate(state, primary, Config(config.epoch, config.acceptors, followers), now)
+            return
+        if new in config.followers and self._caught_up(new, state, now):
+            acceptors = (*(a for a in config.acceptors if a != old), new)
+            followers = tuple(f for f in config.followers if f != new)
+            if primary == old:
+                primary = new
+            self._allocate(state, primary, Config(config.epoch, acceptors, followers), now)
+            return
+        if new in config.acceptors:
+            state.change = None
+
+    def _caught_up(self, node: NodeId, state: _ShardState, now: Instant) -> bool:
+        if not self._is_alive(node, now):
+            return False
+        progress = self.nodes[node].progress.get(state.shard)
+        primary = self.nodes.get(state.current.primary)
+        if progress is None or primary is None:
+            return False
+        lead = primary.progress.get(state.shard)
+        if lead is None:
+            return False
+        return progress.applied_seq + self.p.catchup_slack_entries >= lead.commit_seq

@@ -1,0 +1,418 @@
+"""Simulated clients: what the client library does (routing, retries with the same
+request id, timeouts) and the record of every operation for the checkers.
+
+Each client runs one operation at a time; many clients give concurrency. Keys are
+few so operations collide. Values written are unique in a run.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loom.core.hashing import ushard_of
+from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard, Version
+from loom.host.requests import (
+    ClientReply,
+    Consistency,
+    Durability,
+    ErrorCode,
+    ErrorReply,
+    ReadReply,
+    ReadRequest,
+    WriteReply,
+    WriteRequest,
+)
+from loom.kv.commands import (
+    Applied,
+    Command,
+    Delete,
+    Increment,
+    Put,
+    Rejected,
+    encode_command,
+)
+from loom.sim.history import ANY, Operation, _Any
+
+USHARDS = 64
+ATTEMPT_TIMEOUT_MS = 400.0
+OP_DEADLINE_MS = 3000.0
+RETRY_DELAY_MS = 15.0
+REGISTER_KEYS = tuple(b"k%d" % i for i in range(6))
+COUNTER_KEYS = tuple(b"c%d" % i for i in range(2))
+
+
+def shard_of(ushard: UShard, shards: int) -> ShardId:
+    return ShardId(ushard % shards)
+
+
+@dataclass(slots=True, kw_only=True)
+class ReadObservation:
+    """A relaxed read as the bounded-staleness and read-your-writes checkers need it."""
+
+    client: str
+    key: bytes
+    consistency: Consistency
+    invoked_ms: float
+    bound_ms: float | None
+    record_version: Version | None
+    own_write_version: Version | None
+
+
+@dataclass(slots=True, kw_only=True)
+class WriteAck:
+    """An acknowledged QUORUM write: from `completed_ms` on it must never be lost."""
+
+    key: bytes
+    version: Version
+    completed_ms: float
+
+
+@dataclass(slots=True)
+class Recorder:
+    ops: list[Operation] = field(default_factory=list)
+    reads: list[ReadObservation] = field(default_factory=list)
+    acks: list[WriteAck] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    next_op_id: int = 0
+    next_value: int = 0
+
+    def fresh_value(self, client: str) -> bytes:
+        self.next_value += 1
+        return f"{client}:{self.next_value}".encode()
+
+
+@dataclass(slots=True, kw_only=True)
+class Attempt:
+    """One request of the current operation, with what the checkers must remember."""
+
+    kind: str  # read | write | delete | increment | relaxed
+    key: bytes
+    shard: ShardId
+    request: WriteRequest | ReadRequest
+    invoked_ms: float
+    deadline_ms: float
+    value: bytes | None = None
+    expect: bytes | _Any | None = ANY
+    delta: int = 0
+    target: NodeId | None = None
+    sent_ms: float = 0.0
+    token: int = 0
+
+
+class Routing:
+    """What a client knows of the cluster: shards' members and believed primaries."""
+
+    def __init__(self, lookup: Callable[[ShardId], tuple[NodeId | None, tuple[NodeId, ...]]]):
+        self.lookup = lookup
+        self.primary: dict[ShardId, NodeId] = {}
+
+    def primary_of(self, shard: ShardId) -> NodeId | None:
+        if shard not in self.primary:
+            primary, _members = self.lookup(shard)
+            if primary is not None:
+                self.primary[shard] = primary
+        return self.primary.get(shard)
+
+    def members(self, shard: ShardId) -> tuple[NodeId, ...]:
+        return self.lookup(shard)[1]
+
+    def forget(self, shard: ShardId, hint: NodeId | None) -> None:
+        if hint is not None:
+            self.primary[shard] = hint
+        else:
+            self.primary.pop(shard, None)
+
+
+class SimClient:
+    def __init__(
+        self,
+        *,
+        name: str,
+        rng: random.Random,
+        shards: int,
+        recorder: Recorder,
+        routing: Routing,
+        fast_ack: bool,
+    ) -> None:
+        self.name = name
+        self.client_id = ClientId(name)
+        self.rng = rng
+        self.shards = shards
+        self.rec = recorder
+        self.routing = routing
+        self.fast_ack = fast_ack
+        self.request_seq = 0
+        self.token = 0
+        self.current: Attempt | None = None
+        # Per key: the version and value of this client's last acknowledged write.
+        self.own_writes: dict[bytes, Version] = {}
+        self.min_version: Version | None = None
+        self.known_values: dict[Version, bytes | None] = {}
+
+    # -- choosing work
+
+    def next_request_id(self) -> RequestId:
+        self.request_seq += 1
+        return RequestId(self.client_id, RequestSeq(self.request_seq))
+
+    def start_op(self, now: float) -> Attempt:
+        roll = self.rng.random()
+        if roll < 0.12:
+            return self._increment(now)
+        key = self.rng.choice(REGISTER_KEYS)
+        if roll < 0.45:
+            return self._write(key, now)
+        if roll < 0.52:
+            return self._delete(key, now)
+        if roll < 0.80:
+            return self._read(key, Consistency.STRONG, now)
+        consistency = self.rng.choice(
+            [Consistency.BOUNDED, Consistency.READ_YOUR_WRITES, Consistency.EVENTUAL]
+        )
+        return self._read(key, consistency, now)
+
+    def _ushard(self, key: bytes) -> UShard:
+        return ushard_of(key, USHARDS)
+
+    def _attempt(
+        self,
+        kind: str,
+        key: bytes,
+        request: WriteRequest | ReadRequest,
+        now: float,
+        **extra: object,
+    ) -> Attempt:
+        ushard = self._ushard(key)
+        attempt = Attempt(
+            kind=kind,
+            key=key,
+            shard=shard_of(ushard, self.shards),
+            request=request,
+            invoked_ms=now,
+            deadline_ms=now + OP_DEADLINE_MS,
+            **extra,  # type: ignore[arg-type]
+        )
+        self.current = attempt
+        return attempt
+
+    def _floor(self) -> RequestSeq:
+        return RequestSeq(self.request_seq)
+
+    def _write(self, key: bytes, now: float) -> Attempt:
+        value = self.rec.fresh_value(self.name)
+        request_id = self.next_request_id()
+        expect: bytes | _Any | None = ANY
+        put = Put(
+            request=request_id,
+            ushard=self._ushard(key),
+            key=key,
+            value=value,
+            client_floor=self._floor(),
+        )
+        roll = self.rng.random()
+        own = self.own_writes.get(key)
+        if roll < 0.15:
+            put = Put(
+                request=request_id,
+                ushard=put.ushard,
+                key=key,
+                value=value,
+                if_absent=True,
+                client_floor=self._floor(),
+            )
+            expect = None
+        elif roll < 0.30 and own is not None and own in self.known_values:
+            put = Put(
+                request=request_id,
+                ushard=put.ushard,
+                key=key,
+                value=value,
+                if_version=own,
+                client_floor=self._floor(),
+            )
+            expect = self.known_values[own]
+        durability = Durability.QUORUM
+        if expect is ANY and self.fast_ack and self.rng.random() < 0.1:
+            durability = Durability.FAST_ACK
+        return self._attempt(
+            "write", key, self._write_request(put, durability), now, value=value, expect=expect
+        )
+
+    def _delete(self, key: bytes, now: float) -> Attempt:
+        command = Delete(
+            request=self.next_request_id(),
+            ushard=self._ushard(key),
+            key=key,
+            client_floor=self._floor(),
+        )
+        return self._attempt(
+            "delete", key, self._write_request(command, Durability.QUORUM), now, value=None
+        )
+
+    def _increment(self, now: float) -> Attempt:
+        key = self.rng.choice(COUNTER_KEYS)
+        delta = self.rng.randint(1, 3)
+        command = Increment(
+            request=self.next_request_id(),
+            ushard=self._ushard(key),
+            key=key,
+            delta=delta,
+            client_floor=self._floor(),
+        )
+        return self._attempt(
+            "increment", key, self._write_request(command, Durability.QUORUM), now, delta=delta
+        )
+
+    def _read(self, key: bytes, consistency: Consistency, now: float) -> Attempt:
+        bound = (
+            self.rng.choice([50.0, 200.0, 1000.0]) if consistency is Consistency.BOUNDED else None
+        )
+        request = ReadRequest(
+            token=0,
+            ushard=self._ushard(key),
+            key=key,
+            consistency=consistency,
+            bound_ms=bound,
+            min_version=self.min_version if consistency is Consistency.READ_YOUR_WRITES else None,
+        )
+        kind = "read" if consistency is Consistency.STRONG else "relaxed"
+        return self._attempt(kind, key, request, now)
+
+    def _write_request(self, command: Command, durability: Durability) -> WriteRequest:
+        return WriteRequest(token=0, command=encode_command(command), durability=durability)
+
+    # -- sending and replies
+
+    def target_for(self, attempt: Attempt) -> NodeId | None:
+        request = attempt.request
+        if isinstance(request, ReadRequest) and request.consistency is not Consistency.STRONG:
+            members = self.routing.members(attempt.shard)
+            return self.rng.choice(members) if members else None
+        return self.routing.primary_of(attempt.shard)
+
+    def stamp(self, attempt: Attempt, now: float) -> WriteRequest | ReadRequest:
+        self.token += 1
+        attempt.token = self.token
+        attempt.sent_ms = now
+        request = attempt.request
+        if isinstance(request, WriteRequest):
+            return WriteRequest(
+                token=self.token, command=request.command, durability=request.durability
+            )
+        return ReadRequest(
+            token=self.token,
+            ushard=request.ushard,
+            key=request.key,
+            consistency=request.consistency,
+            bound_ms=request.bound_ms,
+            min_version=request.min_version,
+        )
+
+    def on_reply(self, reply: ClientReply, now: float) -> str:
+        """Returns "done", "retry" or "ignore" (a stale reply)."""
+        attempt = self.current
+        if attempt is None or reply.token != attempt.token:
+            return "ignore"
+        match reply:
+            case ErrorReply():
+                return self._on_error(attempt, reply)
+            case WriteReply():
+                self._on_write_reply(attempt, reply, now)
+            case ReadReply():
+                self._on_read_reply(attempt, reply, now)
+        self.current = None
+        return "done"
+
+    def _on_error(self, attempt: Attempt, reply: ErrorReply) -> str:
+        if reply.code in (ErrorCode.NOT_PRIMARY, ErrorCode.NOT_READY):
+            self.routing.forget(
+                attempt.shard, reply.primary_hint if reply.primary_hint != attempt.target else None
+            )
+        if reply.code is ErrorCode.INVALID:
+            self.rec.violations.append(f"{self.name}: request refused as invalid: {reply.message}")
+            self.current = None
+            return "done"
+        return "retry"
+
+    def _on_write_reply(self, attempt: Attempt, reply: WriteReply, now: float) -> None:
+        result = reply.result
+        fast = reply.fast_ack_ballot is not None
+        if isinstance(result, Applied):
+            outcome = "unknown" if fast else "ok"
+            if not fast:
+                self._remember_write(attempt, result.version, now)
+            output: bytes | int | None = result.counter
+        else:
+            assert isinstance(result, Rejected)
+            if result.reason != "condition":
+                self.rec.violations.append(f"{self.name}: write rejected: {result.message}")
+                return
+            outcome, output = "failed", None
+        self._record(attempt, outcome, None if outcome == "unknown" else now, output=output)
+
+    def _remember_write(self, attempt: Attempt, version: Version, now: float) -> None:
+        if attempt.kind in ("write", "delete"):
+            self.own_writes[attempt.key] = version
+            self.known_values[version] = attempt.value
+            self.rec.acks.append(WriteAck(key=attempt.key, version=version, completed_ms=now))
+        if self.min_version is None or version > self.min_version:
+            self.min_version = version
+
+    def _on_read_reply(self, attempt: Attempt, reply: ReadReply, now: float) -> None:
+        request = attempt.request
+        assert isinstance(request, ReadRequest)
+        value = reply.item.value if reply.item is not None else None
+        if reply.item is not None:
+            self.known_values[reply.item.version] = value
+        if attempt.kind == "read":
+            self._record(attempt, "ok", now, output=value)
+            return
+        self.rec.reads.append(
+            ReadObservation(
+                client=self.name,
+                key=attempt.key,
+                consistency=request.consistency,
+                invoked_ms=attempt.invoked_ms,
+                bound_ms=request.bound_ms,
+                record_version=reply.record_version,
+                own_write_version=self.own_writes.get(attempt.key),
+            )
+        )
+
+    def give_up(self) -> None:
+        """The deadline passed without an answer: a write's effect is unknown."""
+        attempt = self.current
+        self.current = None
+        if attempt is None or attempt.kind in ("read", "relaxed"):
+            return
+        self._record(attempt, "unknown", None)
+
+    def _record(
+        self,
+        attempt: Attempt,
+        outcome: str,
+        completed: float | None,
+        *,
+        output: bytes | int | None = None,
+    ) -> None:
+        kind = {"write": "write", "delete": "delete", "increment": "increment", "read": "read"}[
+            attempt.kind
+        ]
+        self.rec.next_op_id += 1
+        self.rec.ops.append(
+            Operation(
+                op_id=self.rec.next_op_id,
+                client=self.name,
+                key=attempt.key,
+                kind=kind,  # type: ignore[arg-type]
+                invoked_ms=attempt.invoked_ms,
+                completed_ms=completed,
+                outcome=outcome,  # type: ignore[arg-type]
+                value=attempt.value,
+                expect=attempt.expect,
+                delta=attempt.delta,
+                output=output,
+            )
+        )
