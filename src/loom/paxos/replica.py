@@ -491,7 +491,11 @@ class Replica:
                     self.ready_out.snapshot_needed.append(node)
                     break
                 end = min(self.last_seq, peer.next_seq + batch_max - 1)
-                entries = tuple(self.log[Seq(s)] for s in range(peer.next_seq, end + 1))
+                # Entries at or below our activation point are chosen but may carry older
+                # ballots here; sending them under ours is a proposal of the chosen value.
+                entries = tuple(
+                    _under(self.log[Seq(s)], lead.ballot) for s in range(peer.next_seq, end + 1)
+                )
                 round_ = lead.start_round(now)
                 self._grant(lead.ballot, now)  # our own acceptor grants with every round
                 self._send(node, Accept(lead.ballot, entries, self.commit_seq, round_))
@@ -684,3 +688,9 @@ def _ballot_of(env: Envelope) -> Ballot:
     msg = env.message
     assert isinstance(msg, Prepare)
     return msg.ballot
+
+
+def _under(entry: Entry, ballot: Ballot) -> Entry:
+    if entry.ballot == ballot:
+        return entry
+    return Entry(ballot, entry.seq, entry.wall_ms, entry.epoch, entry.commands)

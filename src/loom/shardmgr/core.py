@@ -10,7 +10,7 @@ Protocol with its driver:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loom.core.ids import Epoch, Incarnation, NodeId, Seq, ShardId
 from loom.core.rng import Rng
@@ -143,12 +143,18 @@ class ShardManagerCore:
             case SmEventKind.STEPPED_DOWN:
                 self._failover(state, now, exclude=None)
 
-    def epoch_persisted(self, shard: ShardId, assignment: Assignment, ok: bool) -> None:
+    def epoch_persisted(
+        self, shard: ShardId, assignment: Assignment, *, stored_epoch: Epoch, now: Instant
+    ) -> None:
+        """The metastore answered the compare-and-swap; `stored_epoch` is what it holds now."""
         state = self.shards[shard]
         state.persisting = False
-        if not ok:
-            return  # someone else allocated that epoch; we will retry from the metastore
+        if stored_epoch != assignment.epoch:
+            # Someone else allocated epochs meanwhile: continue above what is stored.
+            state.current = replace(state.current, epoch=stored_epoch)
+            return
         state.current = assignment
+        self._announce(state, now)
 
     def tick(self, now: Instant) -> None:
         for shard in sorted(self.shards):

@@ -223,7 +223,7 @@ class SimClient:
                 client_floor=self._floor(),
             )
             expect = None
-        elif roll < 0.30 and own is not None and own in self.known_values:
+        elif roll < 0.30 and own is not None and self.known_values.get(own) is not None:
             put = Put(
                 request=request_id,
                 ushard=put.ushard,

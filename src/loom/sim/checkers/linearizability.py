@@ -15,6 +15,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 from collections.abc import Iterable, Sequence
@@ -170,6 +171,7 @@ class _Plan:
     returns: list[float]  # completion, or the latest it can have happened; inf = maybe never
     effects: list[State]  # the state a write or delete leaves behind
     prereqs: list[int]  # the interchangeable unknown op that must be placed first, or -1
+    observes: list[bytes | None]  # the value a required op needs to see as the state
     counter_ranks: list[int] | None  # pure counter keys: position of each ok increment ...
     counter_limits: list[float]  # ... and the most the count may be before the k-th one
 
@@ -199,7 +201,7 @@ def _plan(ops: Sequence[Operation]) -> _Plan:
         distinguishable.add(seen)
         if op.completed_ms is not None and op.outcome == "ok":
             observed_ms[seen] = min(observed_ms.get(seen, math.inf), op.completed_ms)
-    plan = _Plan([], [], [], [], None, [math.inf])
+    plan = _Plan([], [], [], [], [], None, [math.inf])
     for op in sorted(ops, key=lambda o: (o.invoked_ms, o.op_id)):
         returns_ms = op.completed_ms
         if returns_ms is None:
@@ -212,6 +214,9 @@ def _plan(ops: Sequence[Operation]) -> _Plan:
         plan.returns.append(returns_ms)
         is_seen = op.value is None or op.value in distinguishable
         plan.effects.append(op.value if is_seen else _UNSEEN)
+        needs = op.output if op.kind == "read" else op.expect
+        is_required = returns_ms != math.inf and op.outcome != "failed"
+        plan.observes.append(needs if is_required and isinstance(needs, bytes) else None)
     _add_symmetry_prereqs(plan)
     _add_counter_limits(plan)
     return plan
@@ -293,6 +298,7 @@ class _Result:
 class _Placed:
     entry: int
     state_before: State
+    gone_before: int
     is_forced: bool  # a read-only op placed as soon as it was legal; see `_try_place`
 
 
@@ -323,7 +329,14 @@ class _Search:
         self.linearized = 0  # bit i set = plan.ops[i] placed
         self.acked = 0  # ok increments placed, on pure counter keys
         self.stack: list[_Placed] = []
-        self.visited: set[tuple[int, State]] = set()
+        self.visited: dict[tuple[int, State], list[int]] = {}
+        self.definite_mask = sum(1 << i for i, t in enumerate(plan.returns) if t != math.inf)
+        self.awaiting = collections.Counter(v for v in plan.observes if v is not None)
+        self.gone = 0  # unknown ops that expect an overwritten value, so can never happen
+        self.expecting: dict[bytes, int] = {}  # value -> unknown ops that expect it
+        for i, op in enumerate(plan.ops):
+            if plan.returns[i] == math.inf and isinstance(op.expect, bytes):
+                self.expecting[op.expect] = self.expecting.get(op.expect, 0) | 1 << i
 
     def run(self, budget: int) -> _Result:
         nxt, is_call, head = self.nxt, self.is_call, self.head
@@ -359,26 +372,45 @@ class _Search:
         So if the search fails past it, it fails here too, and `_backtrack` skips the
         alternatives (`is_forced`).
         """
-        plan, i = self.plan, self.entry_op[entry]
+        plan, i, state = self.plan, self.entry_op[entry], self.state
         p = plan.prereqs[i]
         if p >= 0 and not (self.linearized >> p) & 1:
             return False
-        legal, new_state = _apply(plan.ops[i], plan.effects[i], self.state)
+        legal, new_state = _apply(plan.ops[i], plan.effects[i], state)
         ranks = plan.counter_ranks
         is_acked = ranks is not None and ranks[i] >= 0
         if legal and ranks is not None:
-            next_acked = self.acked + is_acked
             in_order = not is_acked or ranks[i] == self.acked
-            legal = in_order and _int(new_state) <= plan.counter_limits[next_acked]
+            legal = in_order and _int(new_state) <= plan.counter_limits[self.acked + is_acked]
+        gone = self.gone
+        if legal and isinstance(state, bytes) and new_state != state:
+            # Values are unique per write, so once overwritten a value never returns: an
+            # op that still has to observe it would be stranded, and an unknown op that
+            # expects it can never happen any more.
+            legal = self.awaiting.get(state, 0) == (plan.observes[i] == state)
+            gone |= self.expecting.get(state, 0)
         linearized = self.linearized | (1 << i)
-        if not legal or (linearized, new_state) in self.visited:
+        if not legal or self._is_dominated(linearized, gone, new_state):
             return False
-        self.visited.add((linearized, new_state))
-        self.stack.append(_Placed(entry, self.state, self.is_read_only[i]))
-        self.linearized, self.state = linearized, new_state
+        self.stack.append(_Placed(entry, state, self.gone, self.is_read_only[i]))
+        self.linearized, self.state, self.gone = linearized, new_state, gone
         self.acked += is_acked
+        if (observed := plan.observes[i]) is not None:
+            self.awaiting[observed] -= 1
         self.lift(entry)
         return True
+
+    def _is_dominated(self, linearized: int, gone: int, state: State) -> bool:
+        """Was the search already at this state with the same definite ops placed and every
+        optional (unknown) op usable here also usable there? More choices can only do
+        better, so that earlier failure is this one's too. Records the visit if not."""
+        definite = linearized & self.definite_mask
+        unusable = (linearized ^ definite) | gone
+        visits = self.visited.setdefault((definite, state), [])
+        if any(earlier & ~unusable == 0 for earlier in visits):
+            return True
+        visits.append(unusable)
+        return False
 
     def _backtrack(self) -> int | None:
         """Undo placements up to the last one with untried alternatives; its entry, or None."""
@@ -386,9 +418,11 @@ class _Search:
             placed = self.stack.pop()
             i = self.entry_op[placed.entry]
             self.linearized &= ~(1 << i)
-            self.state = placed.state_before
+            self.state, self.gone = placed.state_before, placed.gone_before
             ranks = self.plan.counter_ranks
             self.acked -= ranks is not None and ranks[i] >= 0
+            if (observed := self.plan.observes[i]) is not None:
+                self.awaiting[observed] += 1
             self.unlift(placed.entry)
             if not placed.is_forced:
                 return placed.entry

@@ -1,0 +1,96 @@
+"""The fault schedule: partitions, crashes and restarts, shard-manager mistakes and
+membership changes, each drawn from the run's seed while the load runs."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable
+
+from loom.core.ids import NodeId
+from loom.sim.world import SM, World
+
+DOWN_NODES_MAX = 2
+
+
+class Chaos:
+    def __init__(self, world: World, rng: random.Random) -> None:
+        self.world = world
+        self.rng = rng
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+        faults = self.world.cfg.faults
+        if faults.partitions:
+            self._later(self.rng.uniform(300, 2000), self._partition)
+        if faults.crashes:
+            self._later(self.rng.uniform(500, 3000), self._crash)
+        if faults.reconfigure:
+            self._later(self.rng.uniform(2000, 6000), self._reconfigure)
+        if faults.sm_chaos:
+            self.world.sm.chaos_promote_probability = 0.004
+            self.world.sm.chaos_duplicate_epoch_probability = 0.002
+
+    def stop_and_heal(self) -> None:
+        """End of the load: every fault stops, every crashed node comes back."""
+        self.running = False
+        world = self.world
+        world.sm.chaos_promote_probability = 0.0
+        world.sm.chaos_duplicate_epoch_probability = 0.0
+        world.net.heal()
+        world.net.healed = True
+        for node_id in sorted(world.nodes):
+            if not world.nodes[node_id].alive:
+                world.restart_node(node_id)
+
+    def _later(self, delay: float, action: Callable[[], None]) -> None:
+        def fire() -> None:
+            if self.running:
+                action()
+
+        self.world.at(self.world.t + delay, fire)
+
+    def _partition(self) -> None:
+        world = self.world
+        endpoints = [*sorted(world.nodes), SM]
+        side = self.rng.sample(endpoints, self.rng.randint(1, 2))
+        others = [e for e in endpoints if e not in side]
+        others += [c.name for c in world.clients if self.rng.random() < 0.3]
+        one_way = self.rng.random() < 0.3
+        world.net.partition(side, others, one_way=one_way)
+        world.note("partition", tuple(side), one_way)
+        self._later(self.rng.uniform(200, 2000), self._heal)
+
+    def _heal(self) -> None:
+        self.world.net.heal()
+        self.world.note("heal")
+        self._later(self.rng.uniform(300, 3000), self._partition)
+
+    def _crash(self) -> None:
+        world = self.world
+        alive = [n for n in sorted(world.nodes) if world.nodes[n].alive]
+        down = len(world.nodes) - len(alive)
+        if down < DOWN_NODES_MAX and alive:
+            victim = self.rng.choice(alive)
+            world.crash_node(victim)
+            # Sometimes back within the lease wait W, sometimes long after.
+            downtime = self.rng.choice([self.rng.uniform(50, 900), self.rng.uniform(1000, 4000)])
+            self.world.at(world.t + downtime, functools.partial(self._restart, victim))
+        self._later(self.rng.uniform(800, 3500), self._crash)
+
+    def _restart(self, node_id: NodeId) -> None:
+        if not self.world.nodes[node_id].alive:
+            self.world.restart_node(node_id)
+
+    def _reconfigure(self) -> None:
+        world = self.world
+        shard = self.rng.choice(sorted(world.sm.shards))
+        config = world.sm.shards[shard].current.config
+        spare = [n for n in sorted(world.nodes) if n not in config.members()]
+        if spare:
+            old = self.rng.choice(sorted(config.acceptors))
+            new = self.rng.choice(spare)
+            world.sm.replace_member(shard, old, new)
+            world.note("reconfigure", shard, old, new)
+        self._later(self.rng.uniform(3000, 8000), self._reconfigure)

@@ -1,0 +1,49 @@
+"""Run-level checks over what the simulated clients observed (DESIGN §10)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from loom.core.ids import Version
+from loom.host.requests import Consistency
+from loom.sim.workload import ReadObservation, WriteAck
+
+UNCHECKED_FRACTION_MAX = 0.01
+
+
+def check_bounded_reads(reads: Sequence[ReadObservation], acks: Sequence[WriteAck]) -> list[str]:
+    """A bounded(ms) read returns a version ≥ every write to its key acknowledged before
+    (invocation − ms), in global virtual time."""
+    by_key: dict[bytes, list[WriteAck]] = {}
+    for ack in acks:
+        by_key.setdefault(ack.key, []).append(ack)
+    problems = []
+    for read in reads:
+        if read.consistency is not Consistency.BOUNDED or read.bound_ms is None:
+            continue
+        horizon = read.invoked_ms - read.bound_ms
+        required: Version | None = None
+        for ack in by_key.get(read.key, []):
+            if ack.completed_ms < horizon and (required is None or ack.version > required):
+                required = ack.version
+        if required is not None and (read.record_version is None or read.record_version < required):
+            problems.append(
+                f"bounded({read.bound_ms:g}ms) read of {read.key!r} by {read.client} at "
+                f"{read.invoked_ms:.1f}ms saw {read.record_version}, but {required} was "
+                f"acknowledged before {horizon:.1f}ms"
+            )
+    return problems
+
+
+def check_read_your_writes(reads: Sequence[ReadObservation]) -> list[str]:
+    problems = []
+    for read in reads:
+        if read.consistency is not Consistency.READ_YOUR_WRITES:
+            continue
+        own = read.own_write_version
+        if own is not None and (read.record_version is None or read.record_version < own):
+            problems.append(
+                f"read-your-writes read of {read.key!r} by {read.client} saw "
+                f"{read.record_version}, below its own write {own}"
+            )
+    return problems

@@ -1,0 +1,133 @@
+"""One seeded simulation run, start to verdict, and the summary over many seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+from loom.core.hashing import ushard_of
+from loom.core.ids import ShardId
+from loom.host.requests import Consistency
+from loom.kv.reads import read_item, state_digest
+from loom.kv.records import decode_counter
+from loom.sim.chaos import Chaos
+from loom.sim.checkers.counters import check_counters
+from loom.sim.checkers.linearizability import check_history
+from loom.sim.checks import UNCHECKED_FRACTION_MAX, check_bounded_reads, check_read_your_writes
+from loom.sim.faults import Faults
+from loom.sim.workload import COUNTER_KEYS, REGISTER_KEYS, USHARDS, shard_of
+from loom.sim.world import World, WorldConfig
+
+WARMUP_MS = 2500.0
+SETTLE_MS = 6000.0
+FINAL_READ_MS = 8000.0
+CONVERGE_MS = 3000.0
+
+
+@dataclass(slots=True, kw_only=True)
+class SeedResult:
+    seed: int
+    violations: list[str] = field(default_factory=list)
+    operations_checked: int = 0
+    unchecked_operations: int = 0
+    trace_hash: str = ""
+    virtual_ms: float = 0.0
+
+
+def replay_command(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> str:
+    bug = "".join(f" --bug {b}" for b in sorted(bugs))
+    return f"PYTHONHASHSEED=0 loom sim --seeds 1 --start {seed} --faults {faults} --ops {ops}{bug}"
+
+
+def run_seed(
+    seed: int, *, faults: str = "all", ops: int = 300, bugs: frozenset[str] = frozenset()
+) -> SeedResult:
+    world = World(WorldConfig(seed=seed, faults=Faults.profile(faults), ops=ops, bugs=bugs))
+    world.start()
+    world.run_until(WARMUP_MS)
+    chaos = Chaos(world, random.Random(world.rng.random()))
+    chaos.start()
+    world.start_clients()
+    target = ops
+    world.run_until(
+        world.cfg.load_ms_max,
+        stop=lambda: len(world.rec.ops) + len(world.rec.reads) >= target,
+    )
+    world.load_running = False
+    chaos.stop_and_heal()
+    world.run_until(world.t + SETTLE_MS, stop=world.clients_idle)
+    world.run_until(world.t + 1500)
+    result = SeedResult(seed=seed)
+    _final_reads(world, result)
+    world.run_until(world.t + CONVERGE_MS)
+    finals = _convergence(world, result)
+    _verdicts(world, result, finals)
+    result.trace_hash = world.trace.hexdigest()
+    result.virtual_ms = world.t
+    return result
+
+
+def _final_reads(world: World, result: SeedResult) -> None:
+    """Liveness, and the reads that let linearizability see any lost write."""
+    reader = world.clients[0]
+    for key in REGISTER_KEYS:
+        reader._read(key, Consistency.STRONG, world.t)
+        world._client_send(reader)
+        world.run_until(world.t + FINAL_READ_MS, stop=world.clients_idle)
+        if reader.current is not None:
+            reader.current = None
+            result.violations.append(f"liveness: final STRONG read of {key!r} did not complete")
+
+
+def _convergence(world: World, result: SeedResult) -> dict[bytes, int]:
+    finals: dict[bytes, int] = {}
+    for shard in sorted(world.sm.shards):
+        members = world.sm.shards[shard].current.config.members()
+        seen: dict[str, tuple[int, bytes]] = {}
+        for node_id in members:
+            node = world.nodes[node_id]
+            host = node.hosts.get(shard)
+            if host is None:
+                result.violations.append(f"liveness: {node_id} never rejoined shard {shard}")
+                continue
+            seen[node_id] = (host.replica.applied_seq, state_digest(host.state))
+        if len(set(seen.values())) > 1:
+            result.violations.append(f"convergence: shard {shard} replicas differ: {seen}")
+        primary = world.sm.shards[shard].current.primary
+        host = world.nodes[primary].hosts.get(shard)
+        if host is None:
+            continue
+        for key in COUNTER_KEYS:
+            ushard = ushard_of(key, USHARDS)
+            if shard_of(ushard, world.cfg.shards) == shard:
+                item = read_item(host.state, ushard, key, 0)
+                finals[key] = decode_counter(item.value) if item else 0
+    return finals
+
+
+def _verdicts(world: World, result: SeedResult, finals: dict[bytes, int]) -> None:
+    rec = world.rec
+    register_ops = [op for op in rec.ops if op.kind != "increment"]
+    report = check_history(register_ops, budget_per_key=200_000)
+    result.violations += [f"linearizability: {v.key!r}: {v.explanation}" for v in report.violations]
+    unchecked = sum(1 for op in register_ops if op.key in report.keys_unchecked)
+    result.unchecked_operations = unchecked
+    if register_ops and unchecked > UNCHECKED_FRACTION_MAX * len(register_ops):
+        result.violations.append(f"linearizability: {unchecked} operations left unchecked")
+    increments = [op for op in rec.ops if op.kind == "increment"]
+    result.violations += [f"counters: {p}" for p in check_counters(increments, finals)]
+    result.violations += check_bounded_reads(rec.reads, rec.acks)
+    result.violations += check_read_your_writes(rec.reads)
+    result.violations += world.invariant_violations
+    result.violations += rec.violations
+    result.operations_checked = len(rec.ops) + len(rec.reads) - unchecked
+
+
+def require_fixed_hash_seed() -> None:
+    """Traces replay only with a fixed PYTHONHASHSEED (PITFALLS 18)."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        raise RuntimeError("run the simulator with PYTHONHASHSEED=0 so traces replay exactly")
+
+
+__all__ = ["SeedResult", "ShardId", "replay_command", "run_seed"]

@@ -1,0 +1,372 @@
+"""The simulated world: one seeded event loop running real cores on simulated nodes,
+a simulated shard manager with its metastore, clients, and the fault schedule.
+
+Single-threaded and deterministic: the same seed gives the same events in the same
+order (PYTHONHASHSEED fixed; no set or hash order drives a decision).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loom.core.ids import Epoch, NodeId, ShardId
+from loom.core.time import Instant
+from loom.host.requests import ClientReply, ReadRequest, WriteRequest
+from loom.host.shard import HostOutput
+from loom.paxos.messages import Accept, Envelope
+from loom.paxos.params import ReplicaParams
+from loom.paxos.ready import SmEvent
+from loom.paxos.replica import Assignment
+from loom.shardmgr.core import Announce, NodeReport, PersistEpoch, ShardManagerCore, SmParams
+from loom.sim.faults import Faults
+from loom.sim.network import Network
+from loom.sim.node import Clock, SimNode, entry_value_digest
+from loom.sim.workload import (
+    ATTEMPT_TIMEOUT_MS,
+    RETRY_DELAY_MS,
+    Recorder,
+    Routing,
+    SimClient,
+)
+
+NODE_TICK_MS = 10.0
+REPORT_MS = 100.0
+SM_TICK_MS = 50.0
+SM = "sm"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorldConfig:
+    seed: int
+    faults: Faults
+    ops: int = 300
+    bugs: frozenset[str] = frozenset()
+    nodes: int = 5
+    shards: int = 2
+    replication: int = 3
+    clients: int = 6
+    load_ms_max: float = 60_000.0
+
+
+@dataclass(order=True, slots=True)
+class _Event:
+    at: float
+    order: int
+    action: Callable[[], None] = field(compare=False)
+
+
+class World:
+    def __init__(self, config: WorldConfig) -> None:
+        self.cfg = config
+        self.rng = random.Random(config.seed)
+        self.t = 0.0
+        self.events: list[_Event] = []
+        self.order = 0
+        self.trace = hashlib.blake2b(digest_size=16)
+        self.params = ReplicaParams(
+            lease_ms=1000.0,
+            heartbeat_interval_ms=50.0,
+            probe_interval_ms=50.0,
+            resend_after_ms=150.0,
+            read_wait_max_ms=500.0,
+            bugs=config.bugs,
+        )
+        self.net = Network(random.Random(self.rng.random()), config.faults)
+        self.nodes: dict[NodeId, SimNode] = {}
+        for i in range(1, config.nodes + 1):
+            self._add_node(NodeId(f"n{i}"))
+        self.sm = ShardManagerCore(
+            params=SmParams(
+                failure_timeout_ms=400.0, activation_timeout_ms=3000.0, announce_interval_ms=200.0
+            ),
+            rng=random.Random(self.rng.random()),
+        )
+        self.metastore: dict[ShardId, Epoch] = {}
+        self.rec = Recorder()
+        self.routing_lookup = Routing(self._route).lookup
+        self.clients = [
+            SimClient(
+                name=f"c{i}",
+                rng=random.Random(self.rng.random()),
+                shards=config.shards,
+                recorder=self.rec,
+                routing=Routing(self._route),
+                fast_ack=True,
+            )
+            for i in range(config.clients)
+        ]
+        self.load_running = True
+        self.applied_values: dict[tuple[ShardId, int], bytes] = {}
+        self.accepted_values: dict[tuple[ShardId, object, int], bytes] = {}
+        self.invariant_violations: list[str] = []
+
+    # ------------------------------------------------------------------ scheduling
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        self.order += 1
+        heapq.heappush(self.events, _Event(max(when, self.t), self.order, action))
+
+    def run_until(self, deadline: float, stop: Callable[[], bool] | None = None) -> None:
+        while self.events and self.events[0].at <= deadline:
+            event = heapq.heappop(self.events)
+            self.t = event.at
+            event.action()
+            if stop is not None and stop():
+                return
+        self.t = max(self.t, deadline)
+
+    def note(self, *parts: object) -> None:
+        self.trace.update(repr((round(self.t, 6), *parts)).encode())
+
+    # ------------------------------------------------------------------ nodes
+
+    def _add_node(self, node_id: NodeId) -> None:
+        bound = self.params.drift_bound * self.cfg.faults.drift_fraction
+        clock = Clock(
+            rate=1.0 + self.rng.uniform(-bound, bound),
+            offset=self.rng.uniform(0, 10_000),
+            wall_offset_ms=self.rng.uniform(-50, 50),
+        )
+        node = SimNode(
+            node=node_id, clock=clock, params=self.params, rng=random.Random(self.rng.random())
+        )
+        self.nodes[node_id] = node
+
+    def start(self) -> None:
+        for node_id in sorted(self.nodes):
+            self.sm.on_report(self.nodes[node_id].report(), self._sm_now())
+        names = sorted(self.nodes)
+        for shard in range(self.cfg.shards):
+            members = tuple(names[(shard + i) % len(names)] for i in range(self.cfg.replication))
+            self.sm.create_shard(ShardId(shard), members, self._sm_now())
+        for node_id in names:
+            self._schedule_node_tick(node_id)
+            self._schedule_report(node_id)
+        self.at(self.t, self._sm_tick)
+
+    def _node_now(self, node: SimNode) -> float:
+        return node.clock.monotonic(self.t)
+
+    def _schedule_node_tick(self, node_id: NodeId) -> None:
+        node = self.nodes[node_id]
+        life = node.life
+
+        def tick() -> None:
+            if not node.alive or node.life != life:
+                return
+            for shard in sorted(node.hosts):
+                host = node.hosts[shard]
+                host.tick(node.clock.monotonic(self.t))
+                self._flush(node, shard)
+            self._schedule_node_tick(node_id)
+
+        self.at(self.t + NODE_TICK_MS / node.clock.rate, tick)
+
+    def _schedule_report(self, node_id: NodeId) -> None:
+        node = self.nodes[node_id]
+        life = node.life
+
+        def report() -> None:
+            if not node.alive or node.life != life:
+                return
+            self._send(node_id, SM, node.report())
+            self._schedule_report(node_id)
+
+        self.at(self.t + REPORT_MS / node.clock.rate, report)
+
+    def _flush(self, node: SimNode, shard: ShardId) -> None:
+        host = node.hosts.get(shard)
+        if host is None:
+            return
+        node_id = node.node
+
+        def deliver(out: HostOutput) -> None:
+            for env in out.messages:
+                self._send(node_id, env.dst, env)
+            for origin, reply in out.replies:
+                self._send(node_id, str(origin), reply)
+            for event in out.sm_events:
+                self._send(node_id, SM, (shard, event))
+
+        out = node.flush(host, self.t, self.at, deliver)
+        self._observe(shard, out)
+
+    def _observe(self, shard: ShardId, out: HostOutput) -> None:
+        """Invariants visible at the source: one value per slot among applied entries,
+        and one value per (ballot, slot) among sent Accepts."""
+        for entry in out.applied:
+            digest = entry_value_digest(entry.wall_ms, entry.epoch, entry.commands)
+            known = self.applied_values.setdefault((shard, entry.seq), digest)
+            if known != digest:
+                self.invariant_violations.append(
+                    f"shard {shard}: two different values applied at slot {entry.seq}"
+                )
+        for env in out.messages:
+            msg = env.message
+            if isinstance(msg, Accept):
+                for entry in msg.entries:
+                    digest = entry_value_digest(entry.wall_ms, entry.epoch, entry.commands)
+                    key = (shard, entry.ballot, int(entry.seq))
+                    known = self.accepted_values.setdefault(key, digest)
+                    if known != digest:
+                        self.invariant_violations.append(
+                            f"shard {shard}: ballot {entry.ballot} sent two values "
+                            f"for slot {entry.seq}"
+                        )
+
+    # ------------------------------------------------------------------ network
+
+    def _send(self, src: str, dst: str, payload: object) -> None:
+        for delay in self.net.deliveries(src, dst):
+            self.at(self.t + delay, functools.partial(self._arrive, src, dst, payload))
+
+    def _arrive(self, src: str, dst: str, payload: object) -> None:
+        self.note("msg", src, dst, type(payload).__name__)
+        if dst == SM:
+            self._sm_receive(payload)
+            return
+        node = self.nodes.get(NodeId(dst))
+        if node is not None:
+            if node.alive:
+                self._node_receive(node, src, payload)
+            return
+        for client in self.clients:
+            if client.name == dst:
+                self._client_receive(client, payload)
+
+    def _node_receive(self, node: SimNode, src: str, payload: object) -> None:
+        now = node.clock.monotonic(self.t)
+        if isinstance(payload, Envelope):
+            host = node.host(payload.shard, self.t)
+            host.on_message(payload, now)
+            self._flush(node, payload.shard)
+        elif isinstance(payload, tuple) and isinstance(payload[1], Assignment):
+            shard, assignment = payload
+            node.host(shard, self.t).assign(assignment, now)
+            self._flush(node, shard)
+        elif isinstance(payload, tuple) and isinstance(payload[1], WriteRequest | ReadRequest):
+            shard, request = payload
+            host = node.host(shard, self.t)
+            host.submit(src, request, now, node.clock.wall(self.t))
+            self._flush(node, shard)
+
+    # ------------------------------------------------------------------ shard manager
+
+    def _sm_now(self) -> Instant:
+        return Instant(self.t)  # the manager's clock; it compares only its own readings
+
+    def _sm_receive(self, payload: object) -> None:
+        if isinstance(payload, NodeReport):
+            self.sm.on_report(payload, self._sm_now())
+        elif isinstance(payload, tuple) and isinstance(payload[1], SmEvent):
+            self.sm.on_event(payload[0], payload[1], self._sm_now())
+        self._sm_outputs()
+
+    def _sm_tick(self) -> None:
+        self.sm.tick(self._sm_now())
+        self._sm_outputs()
+        self.at(self.t + SM_TICK_MS, self._sm_tick)
+
+    def _sm_outputs(self) -> None:
+        for _ in range(16):  # persisting may produce announcements: drain both
+            outputs = self.sm.outputs()
+            if not outputs:
+                return
+            for output in outputs:
+                if isinstance(output, PersistEpoch):
+                    self._persist_epoch(output)
+                elif isinstance(output, Announce):
+                    self.note("announce", output.shard, output.assignment.ballot)
+                    for node_id in output.to:
+                        self._send(SM, node_id, (output.shard, output.assignment))
+
+    def _persist_epoch(self, output: PersistEpoch) -> None:
+        stored = self.metastore.get(output.shard, Epoch(0))
+        if output.chaos or stored == output.expected:
+            stored = output.assignment.epoch
+            self.metastore[output.shard] = stored
+        self.sm.epoch_persisted(
+            output.shard,
+            output.assignment,
+            stored_epoch=stored,
+            now=self._sm_now(),
+        )
+
+    def _route(self, shard: ShardId) -> tuple[NodeId | None, tuple[NodeId, ...]]:
+        state = self.sm.shards.get(shard)
+        if state is None:
+            return None, ()
+        return state.current.primary, state.current.config.members()
+
+    # ------------------------------------------------------------------ clients
+
+    def start_clients(self) -> None:
+        for client in self.clients:
+            self.at(self.t + self.rng.uniform(0, 20), functools.partial(self._client_next, client))
+
+    def _client_next(self, client: SimClient) -> None:
+        if not self.load_running or len(self.rec.ops) + len(self.rec.reads) >= self.cfg.ops:
+            return
+        client.start_op(self.t)
+        self._client_send(client)
+
+    def _client_send(self, client: SimClient) -> None:
+        attempt = client.current
+        if attempt is None:
+            return
+        if self.t >= attempt.deadline_ms:
+            client.give_up()
+            self.at(self.t + 1, lambda: self._client_next(client))
+            return
+        target = client.target_for(attempt)
+        if target is None:
+            self.at(self.t + RETRY_DELAY_MS, lambda: self._client_send(client))
+            return
+        attempt.target = target
+        request = client.stamp(attempt, self.t)
+        token = attempt.token
+        self._send(client.name, target, (attempt.shard, request))
+
+        def timeout() -> None:
+            current = client.current
+            if current is not None and current.token == token:
+                client.routing.forget(current.shard, None)
+                self._client_send(client)
+
+        self.at(self.t + ATTEMPT_TIMEOUT_MS, timeout)
+
+    def _client_receive(self, client: SimClient, payload: object) -> None:
+        reply: ClientReply = payload  # type: ignore[assignment]
+        verdict = client.on_reply(reply, self.t)
+        if verdict == "done":
+            self.at(self.t + client.rng.uniform(0, 10), lambda: self._client_next(client))
+        elif verdict == "retry":
+            token = reply.token
+
+            def retry() -> None:
+                current = client.current
+                if current is not None and current.token == token:
+                    self._client_send(client)
+
+            self.at(self.t + RETRY_DELAY_MS, retry)
+
+    def clients_idle(self) -> bool:
+        return all(c.current is None for c in self.clients)
+
+    # ------------------------------------------------------------------ faults
+
+    def crash_node(self, node_id: NodeId) -> None:
+        self.note("crash", node_id)
+        self.nodes[node_id].crash()
+
+    def restart_node(self, node_id: NodeId) -> None:
+        self.note("restart", node_id)
+        node = self.nodes[node_id]
+        node.restart(self.t)
+        self._schedule_node_tick(node_id)
+        self._schedule_report(node_id)
