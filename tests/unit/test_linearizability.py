@@ -159,12 +159,15 @@ def test_history_no_register_could_produce_is_a_violation(ops: list[Operation]) 
     assert verdict.violation.op_ids
 
 
-def test_stale_read_violation_names_the_read_and_the_newer_write() -> None:
+def test_stale_read_violation_names_the_read_the_newer_write_and_the_value_it_kept() -> None:
     verdict = check_linearizable(numbered(w(b"a", 0, 1), w(b"b", 2, 3), r(b"a", 4, 5)))
     assert verdict.violation is not None
-    assert {1, 2} <= set(verdict.violation.op_ids)
-    assert "#2 c read -> b'a' [4, 5] ok" in verdict.violation.explanation
-    assert "state b'b'" in verdict.violation.explanation
+    assert verdict.violation.op_ids == (0, 1, 2)
+    explanation = verdict.violation.explanation
+    assert "#1 c write b'b' [2, 3] ok could not take effect" in explanation
+    assert (
+        "state b'a' (set by #0), which must stay until #2 c read -> b'a' [4, 5] ok" in explanation
+    )
 
 
 def test_failed_operation_without_precondition_is_rejected() -> None:

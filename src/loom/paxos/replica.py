@@ -117,6 +117,8 @@ class Replica:
         self.ready_out = Ready()
         self.dropped_messages = 0
         self.log_pin: Seq | None = None
+        # Followers: every slot up to here arrived in a Learn message (or is committed).
+        self.learned_seq = self.commit_seq
 
     # ------------------------------------------------------------------ inputs
 
@@ -174,9 +176,12 @@ class Replica:
             env, self.pending_prepare = self.pending_prepare, None
             self._on_prepare(env, now)
         lead = self.lead
-        if lead is not None and lead.candidacy is None and now >= lead.next_heartbeat_at:
-            self._send_heartbeats(lead, now)
-            self._resend_stalled(lead, now)
+        if lead is not None and now >= lead.next_heartbeat_at:
+            if lead.candidacy is None:
+                self._send_heartbeats(lead, now)
+                self._resend_stalled(lead, now)
+            else:
+                self._prepare(lead, lead.candidacy, now)
         if self.role is not Role.PRIMARY and self.primary_hint is not None:
             probe = self.reads.maybe_probe(now)
             if probe is not None:
@@ -417,8 +422,14 @@ class Replica:
             self.lead.candidacy = None
             self._start_primary(self.lead, [], now)
             return
+        self._prepare(self.lead, candidacy, now)
+
+    def _prepare(self, lead: Leadership, candidacy: Candidacy, now: Instant) -> None:
+        """(Re)sends Prepare to every required acceptor that has not promised yet."""
         for node in candidacy.targets():
-            self._send(node, Prepare(ballot, assignment.config, candidacy.own_commit_seq))
+            if node not in candidacy.promises:
+                self._send(node, Prepare(lead.ballot, lead.config, candidacy.own_commit_seq))
+        lead.next_heartbeat_at = Instant(now + self.p.resend_after_ms)
 
     def _on_promise(self, src: NodeId, msg: Promise, now: Instant) -> None:
         lead = self.lead
@@ -610,22 +621,22 @@ class Replica:
     # ------------------------------------------------------------------ followers
 
     def _on_learn(self, src: NodeId, msg: Learn, now: Instant) -> None:
-        """Committed entries from a primary: chosen values, safe to take in order."""
+        """Committed entries from a primary, taken strictly in order. Only entries that
+        arrived in Learn messages are committed: a stale value this replica accepted
+        long ago as an acceptor must never be committed by a bare commit point [14]."""
         if self.lead is None:
             self.primary_hint = msg.ballot.node
+        self.learned_seq = Seq(max(self.learned_seq, self.commit_seq))
         for entry in msg.entries:
-            if entry.seq > self.commit_seq and entry.seq > self.truncated_seq:
-                held = self.log.get(entry.seq)
-                if held != entry:
-                    self._append(entry)
-        top = self.commit_seq
-        while top < msg.commit_seq and Seq(top + 1) in self.log:
-            top = Seq(top + 1)
-        if msg.entries or top > self.commit_seq:
-            self._commit_to(top)
+            if entry.seq != self.learned_seq + 1 or entry.seq > msg.commit_seq:
+                continue
+            if self.log.get(entry.seq) != entry:
+                self._append(entry)
+            self.learned_seq = entry.seq
+        self._commit_to(Seq(min(self.learned_seq, msg.commit_seq)))
         if self.p.has_bug("staleness-from-heartbeat"):
             self.reads.on_heartbeat_bug(msg.commit_seq, now)
-        self._send(src, LearnAck(msg.ballot, self.applied_seq, self.commit_seq))
+        self._send(src, LearnAck(msg.ballot, self.applied_seq, self.learned_seq))
 
     def _on_learn_ack(self, src: NodeId, msg: LearnAck, now: Instant) -> None:
         lead = self.lead

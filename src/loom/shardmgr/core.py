@@ -78,6 +78,7 @@ class _ShardState:
     shard: ShardId
     current: Assignment
     announced_at: Instant
+    allocated_at: Instant
     activated: bool = False
     # The last activated config and every config allocated since (a new primary must
     # reach a majority of each: PITFALLS 15).
@@ -114,6 +115,7 @@ class ShardManagerCore:
             shard=shard,
             current=assignment,
             announced_at=now,
+            allocated_at=now,
             persisting=True,
             since_activated=[config],
         )
@@ -161,7 +163,7 @@ class ShardManagerCore:
             state = self.shards[shard]
             if state.persisting:
                 continue
-            stuck = not state.activated and now - state.announced_at > self.p.activation_timeout_ms
+            stuck = not state.activated and now - state.allocated_at > self.p.activation_timeout_ms
             dead = not self._is_alive(state.current.primary, now)
             # Chaos draws only when it is on, so runs without it keep their random stream.
             chaos = self.chaos_promote_probability > 0 and (
@@ -184,11 +186,9 @@ class ShardManagerCore:
         return out
 
     def _announce(self, state: _ShardState, now: Instant) -> None:
-        state.announced_at = now if not state.activated else state.announced_at
         members = state.current.config.members()
         self.out.append(Announce(shard=state.shard, assignment=state.current, to=members))
-        if state.activated:
-            state.announced_at = now
+        state.announced_at = now
 
     # ---------------------------------------------------------------- decisions
 
@@ -234,7 +234,7 @@ class ShardManagerCore:
         state.since_activated.append(new_config)
         state.activated = False
         state.persisting = True
-        state.announced_at = now
+        state.allocated_at = now
         self.out.append(
             PersistEpoch(shard=state.shard, expected=expected, assignment=assignment, chaos=chaos)
         )

@@ -102,7 +102,7 @@ def _convergence(world: World, result: SeedResult) -> dict[bytes, int]:
             ushard = ushard_of(key, USHARDS)
             if shard_of(ushard, world.cfg.shards) == shard:
                 item = read_item(host.state, ushard, key, 0)
-                finals[key] = decode_counter(item.value) if item else 0
+                finals[key] = (decode_counter(item.value) or 0) if item else 0
     return finals
 
 

@@ -149,7 +149,8 @@ class SimClient:
         # Per key: the version and value of this client's last acknowledged write.
         self.own_writes: dict[bytes, Version] = {}
         self.min_version: Version | None = None
-        self.known_values: dict[Version, bytes | None] = {}
+        # Versions are per p-shard, so the value a version names is known per key.
+        self.known_values: dict[tuple[bytes, Version], bytes | None] = {}
 
     # -- choosing work
 
@@ -223,7 +224,7 @@ class SimClient:
                 client_floor=self._floor(),
             )
             expect = None
-        elif roll < 0.30 and own is not None and self.known_values.get(own) is not None:
+        elif roll < 0.30 and own is not None and self.known_values.get((key, own)) is not None:
             put = Put(
                 request=request_id,
                 ushard=put.ushard,
@@ -232,7 +233,7 @@ class SimClient:
                 if_version=own,
                 client_floor=self._floor(),
             )
-            expect = self.known_values[own]
+            expect = self.known_values[(key, own)]
         durability = Durability.QUORUM
         if expect is ANY and self.fast_ack and self.rng.random() < 0.1:
             durability = Durability.FAST_ACK
@@ -355,7 +356,7 @@ class SimClient:
     def _remember_write(self, attempt: Attempt, version: Version, now: float) -> None:
         if attempt.kind in ("write", "delete"):
             self.own_writes[attempt.key] = version
-            self.known_values[version] = attempt.value
+            self.known_values[(attempt.key, version)] = attempt.value
             self.rec.acks.append(WriteAck(key=attempt.key, version=version, completed_ms=now))
         if self.min_version is None or version > self.min_version:
             self.min_version = version
@@ -365,7 +366,7 @@ class SimClient:
         assert isinstance(request, ReadRequest)
         value = reply.item.value if reply.item is not None else None
         if reply.item is not None:
-            self.known_values[reply.item.version] = value
+            self.known_values[(attempt.key, reply.item.version)] = value
         if attempt.kind == "read":
             self._record(attempt, "ok", now, output=value)
             return

@@ -283,6 +283,7 @@ class _DeadEnd:
     depth: int
     state: State
     writer: int  # the placed op that produced `state`, or -1 for the initial absent value
+    awaiting: tuple[int, ...]  # unplaced ops that still need to observe `state`
     recent: tuple[int, ...]  # last few ops placed on the way there, oldest first
     open_ops: tuple[int, ...]  # ops invoked but not yet placed at that point
 
@@ -458,6 +459,11 @@ class _Search:
             depth=len(placed),
             state=self.state,
             writer=writers[-1] if writers else -1,
+            awaiting=tuple(
+                i
+                for i, needs in enumerate(self.plan.observes)
+                if needs is not None and needs == self.state and not self.linearized >> i & 1
+            ),
             recent=tuple(placed[-3:]),
             open_ops=tuple(i for i in open_ops if i != blocked),
         )
@@ -476,13 +482,17 @@ def _explain(key: bytes, ops: list[Operation], dead: _DeadEnd) -> Violation:
         writer = ops[dead.writer]
         shown = writer.value if dead.state is _UNSEEN else dead.state
         state = f"{_show(shown)} (set by #{writer.op_id})"
+    if dead.awaiting:
+        state += ", which must stay until " + ", ".join(_describe(ops[i]) for i in dead.awaiting)
     explanation = (
         f"no linearization: {_describe(blocked)} could not take effect in its interval. "
         f"Furthest attempt placed {dead.depth}/{len(ops)} ops, last {recent}, "
         f"leaving state {state}; also open then: {open_text}"
     )
     writer_ids = (dead.writer,) if dead.writer >= 0 else ()
-    involved = {ops[i].op_id for i in (dead.blocked, *dead.recent, *writer_ids, *shown_open)}
+    involved = {
+        ops[i].op_id for i in (dead.blocked, *dead.recent, *writer_ids, *dead.awaiting, *shown_open)
+    }
     return Violation(key=key, explanation=explanation, op_ids=tuple(sorted(involved)))
 
 
