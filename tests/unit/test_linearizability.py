@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -181,6 +182,11 @@ def test_operations_on_two_keys_are_rejected_by_the_per_key_check() -> None:
         check_linearizable(numbered(w(b"a", 0, 1), other))
 
 
+def test_two_writes_of_the_same_value_are_rejected_since_pruning_needs_unique_values() -> None:
+    with pytest.raises(ValueError, match="same value"):
+        check_linearizable(numbered(w(b"a", 0, 1), w(b"a", 2, 3)))
+
+
 def test_history_check_reports_violations_only_on_the_key_that_broke() -> None:
     good = numbered(w(b"a", 0, 1), r(b"a", 2, 3))
     bad = [dataclasses.replace(op, key=b"bad", op_id=op.op_id + 10) for op in good[:1]]
@@ -247,7 +253,7 @@ def register_histories(draw: st.DrawFn, overlap: bool) -> list[Operation]:
         at = 10.0 * i
         inv = at - (draw(st.integers(0, 25)) if overlap else 0)
         comp: float | None = at + (draw(st.integers(0, 25)) if overlap else 4)
-        kind = draw(st.sampled_from(["read", "write", "delete", "cas", "increment"]))
+        kind = draw(st.sampled_from(["read", "write", "delete", "cas", "cdel", "increment"]))
         is_unknown = kind != "read" and draw(st.integers(0, 4)) == 0
         applied = not is_unknown or draw(st.booleans())
         comp = None if is_unknown else comp
@@ -259,8 +265,8 @@ def register_histories(draw: st.DrawFn, overlap: bool) -> list[Operation]:
             op = inc(delta, inv, comp, None if is_unknown else count)
             ops.append(dataclasses.replace(op, key=b"c"))
         else:
-            value = None if kind == "delete" else f"v{i}".encode()
-            expect = draw(st.sampled_from([ANY, *written])) if kind == "cas" else ANY
+            value = None if kind in ("delete", "cdel") else f"v{i}".encode()
+            expect = draw(st.sampled_from([ANY, *written])) if kind in ("cas", "cdel") else ANY
             holds = expect is ANY or expect == state
             ops.append(
                 _op(
@@ -303,3 +309,79 @@ def test_corrupting_one_read_to_a_never_written_value_is_a_violation(
     report = check_history(ops)
     assert [v.key for v in report.violations] == [KEY]
     assert victim in report.violations[0].op_ids
+
+
+def _brute_force_is_linearizable(ops: list[Operation]) -> bool:
+    """The definition, by enumeration: some subset of the unknown ops plus every known op, in
+    some order that respects real time, is a legal run of the register/counter."""
+    known = [op for op in ops if op.outcome != "unknown"]
+    unknown = [op for op in ops if op.outcome == "unknown" and op.kind != "read"]
+    for size in range(len(unknown) + 1):
+        for extra in itertools.combinations(unknown, size):
+            for order in itertools.permutations([*known, *extra]):
+                if _respects_real_time(order) and _is_legal_run(order):
+                    return True
+    return False
+
+
+def _respects_real_time(order: tuple[Operation, ...]) -> bool:
+    return not any(
+        later.completed_ms is not None and later.completed_ms < earlier.invoked_ms
+        for i, earlier in enumerate(order)
+        for later in order[i + 1 :]
+    )
+
+
+def _is_legal_run(order: tuple[Operation, ...]) -> bool:
+    state: bytes | int | None = None
+    for op in order:
+        holds = op.expect is ANY or state == op.expect
+        if op.kind == "read":
+            ok = state == op.output
+        elif op.kind == "increment":
+            if isinstance(state, bytes):
+                return False
+            state = (state or 0) + op.delta
+            ok = op.outcome == "unknown" or state == op.output
+        elif op.outcome == "failed":
+            ok = not holds
+        else:
+            ok, state = holds, op.value
+        if not ok:
+            return False
+    return True
+
+
+@st.composite
+def small_arbitrary_histories(draw: st.DrawFn) -> list[Operation]:
+    """Up to 6 ops with random intervals and random (often wrong) outputs."""
+    ops = []
+    values: list[bytes | None] = [None, b"w0", b"w1", b"w2", b"w3", b"w4", b"w5", b"zz"]
+    for i in range(draw(st.integers(1, 6))):
+        inv = float(draw(st.integers(0, 8)))
+        comp = None if draw(st.integers(0, 3)) == 0 else inv + draw(st.integers(0, 4))
+        kind = draw(st.sampled_from(["read", "write", "delete", "increment"]))
+        fields: dict[str, object] = {}
+        if kind == "read":
+            fields["output"] = draw(st.sampled_from([*values, 1, 2]))
+        elif kind == "increment":
+            fields["delta"] = draw(st.integers(1, 2))
+            fields["output"] = draw(st.integers(1, 5))
+        else:
+            fields["value"] = f"w{i}".encode() if kind == "write" else None
+            fields["expect"] = draw(st.sampled_from([ANY, ANY, *values]))
+            fields["failed"] = fields["expect"] is not ANY and draw(st.booleans())
+        if comp is None:
+            fields.pop("output", None)
+        ops.append(_op(kind, inv, comp, **fields))
+    return numbered(*ops)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(small_arbitrary_histories())
+def test_checker_agrees_with_brute_force_enumeration_on_small_histories(
+    ops: list[Operation],
+) -> None:
+    verdict = check_linearizable(ops)
+    expected = KeyStatus.LINEARIZABLE if _brute_force_is_linearizable(ops) else KeyStatus.VIOLATION
+    assert verdict.status is expected

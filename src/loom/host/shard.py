@@ -227,7 +227,8 @@ class ShardHost:
         waiting = self.awaiting.setdefault(outcome.seq, [])
         for index, queued in enumerate(batch):
             if queued.durability is Durability.FAST_ACK:
-                version = Version(self.generation, outcome.seq, index)
+                shared = self.p.has_bug("shared-batch-version")
+                version = Version(self.generation, outcome.seq, 0 if shared else index)
                 reply = WriteReply(
                     token=queued.token,
                     result=Applied(version=version),
@@ -284,7 +285,14 @@ class ShardHost:
             generation=self.generation,
         )
         state_batch = WriteBatch()
-        results = apply_entry(self.state, ctx, entry.commands, state_batch, self.p.limits)
+        results = apply_entry(
+            self.state,
+            ctx,
+            entry.commands,
+            state_batch,
+            self.p.limits,
+            shared_version_bug=self.p.has_bug("shared-batch-version"),
+        )
         batch = WriteBatch()
         self.state_batch_into(batch, state_batch)
         layout.put_applied(batch, entry.seq)

@@ -84,14 +84,22 @@ def apply_entry(
     commands: Sequence[bytes],
     batch: WriteBatch,
     limits: Limits = DEFAULT_LIMITS,
+    *,
+    shared_version_bug: bool = False,
 ) -> list[Result]:
-    """Apply the entry's commands in order; add their net writes to `batch`."""
+    """Apply the entry's commands in order; add their net writes to `batch`.
+
+    `shared_version_bug` deliberately gives every command of the entry one version
+    (PITFALLS 17), for the simulator's `--bug shared-batch-version`.
+    """
     assert 0 <= ctx.wall_ms <= keys.WALL_MS_MAX, ctx
     assert ctx.seq > 0, "log slots start at 1"
     view = Overlay(state)
     results: list[Result] = []
     for index, data in enumerate(commands):
-        version = Version(generation=ctx.generation, seq=ctx.seq, index=index)
+        version = Version(
+            generation=ctx.generation, seq=ctx.seq, index=0 if shared_version_bug else index
+        )
         results.append(_apply_command(view, ctx, version, data, limits))
     view.flush(batch)
     return results

@@ -94,7 +94,5 @@ def _fill(
                 return None
             chosen.append(Entry(candidacy.ballot, slot, 0, candidacy.ballot.epoch, ()))
         else:
-            chosen.append(
-                Entry(candidacy.ballot, slot, value.wall_ms, value.epoch, value.commands)
-            )
+            chosen.append(Entry(candidacy.ballot, slot, value.wall_ms, value.epoch, value.commands))
     return chosen

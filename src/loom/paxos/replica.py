@@ -374,6 +374,8 @@ class Replica:
             return
         self._extend_match()
         self._learn_commit(msg.ballot, msg.commit_seq)
+        if self.p.has_bug("staleness-from-heartbeat"):
+            self.reads.on_heartbeat_bug(self.commit_seq, now)
         granted = self._grant(msg.ballot, now)
         self._send(src, HeartbeatAck(msg.ballot, msg.round, granted, self.match_seq))
 

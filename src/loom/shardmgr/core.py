@@ -102,9 +102,15 @@ class ShardManagerCore:
 
     # ---------------------------------------------------------------- inputs
 
-    def create_shard(self, shard: ShardId, acceptors: tuple[NodeId, ...], now: Instant) -> None:
+    def create_shard(
+        self,
+        shard: ShardId,
+        acceptors: tuple[NodeId, ...],
+        now: Instant,
+        followers: tuple[NodeId, ...] = (),
+    ) -> None:
         assert shard not in self.shards
-        config = Config(Epoch(1), acceptors, ())
+        config = Config(Epoch(1), acceptors, followers)
         primary = acceptors[0]
         node = self.nodes.get(primary)
         incarnation = node.incarnation if node else Incarnation(0)

@@ -30,7 +30,7 @@ class Chaos:
             self._later(self.rng.uniform(2000, 6000), self._reconfigure)
         if faults.sm_chaos:
             self.world.sm.chaos_promote_probability = 0.004
-            self.world.sm.chaos_duplicate_epoch_probability = 0.002
+            self.world.sm.chaos_duplicate_epoch_probability = 0.05
 
     def stop_and_heal(self) -> None:
         """End of the load: every fault stops, every crashed node comes back."""
@@ -57,9 +57,14 @@ class Chaos:
         side = self.rng.sample(endpoints, self.rng.randint(1, 2))
         others = [e for e in endpoints if e not in side]
         others += [c.name for c in world.clients if self.rng.random() < 0.3]
-        one_way = self.rng.random() < 0.3
-        world.net.partition(side, others, one_way=one_way)
-        world.note("partition", tuple(side), one_way)
+        roll = self.rng.random()
+        if roll < 0.3:
+            world.net.slow_down(side, others)
+            world.note("slow", tuple(side))
+        else:
+            one_way = roll < 0.5
+            world.net.partition(side, others, one_way=one_way)
+            world.note("partition", tuple(side), one_way)
         self._later(self.rng.uniform(200, 2000), self._heal)
 
     def _heal(self) -> None:
@@ -73,10 +78,16 @@ class Chaos:
         down = len(world.nodes) - len(alive)
         if down < DOWN_NODES_MAX and alive:
             victim = self.rng.choice(alive)
+            if self.rng.random() < 0.5:
+                # Torn: crash while its next fsync is still running.
+                world.nodes[victim].crash_when_unsynced = True
+                world.torn_crash_pending.add(victim)
+                self._later(self.rng.uniform(800, 3500), self._crash)
+                return
             world.crash_node(victim)
             # Sometimes back within the lease wait W, sometimes long after.
             downtime = self.rng.choice([self.rng.uniform(50, 900), self.rng.uniform(1000, 4000)])
-            self.world.at(world.t + downtime, functools.partial(self._restart, victim))
+            world.at(world.t + downtime, functools.partial(self._restart, victim))
         self._later(self.rng.uniform(800, 3500), self._crash)
 
     def _restart(self, node_id: NodeId) -> None:

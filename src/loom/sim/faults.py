@@ -31,7 +31,7 @@ class Faults:
                     loss=0.03,
                     duplicate=0.02,
                     detour=0.03,
-                    detour_ms_max=300.0,
+                    detour_ms_max=1000.0,
                     partitions=True,
                     drift_fraction=1.0,
                 )
@@ -42,7 +42,7 @@ class Faults:
                     loss=0.03,
                     duplicate=0.02,
                     detour=0.03,
-                    detour_ms_max=300.0,
+                    detour_ms_max=1000.0,
                     partitions=True,
                     crashes=True,
                     drift_fraction=1.0,

@@ -13,6 +13,8 @@ from loom.sim.faults import Faults
 
 DELAY_MS_MIN = 0.5
 DELAY_MS_MAX = 6.0
+SLOW_MS_MIN = 200.0
+SLOW_MS_MAX = 1500.0
 
 
 @dataclass(slots=True)
@@ -20,6 +22,8 @@ class Network:
     rng: random.Random
     faults: Faults
     blocked: set[tuple[str, str]] = field(default_factory=set)
+    # Gray failure: links that still deliver, but late (a paused process, a sick NIC).
+    slow: set[tuple[str, str]] = field(default_factory=set)
     healed: bool = False
     sent: int = 0
     dropped: int = 0
@@ -44,6 +48,8 @@ class Network:
             delay = self.rng.uniform(DELAY_MS_MIN, DELAY_MS_MAX)
             if not self.healed and f.detour and self.rng.random() < f.detour:
                 delay += self.rng.uniform(0, f.detour_ms_max)
+            if (src, dst) in self.slow:
+                delay += self.rng.uniform(SLOW_MS_MIN, SLOW_MS_MAX)
             delays.append(delay)
         return delays
 
@@ -54,5 +60,12 @@ class Network:
                 if not one_way:
                     self.blocked.add((b, a))
 
+    def slow_down(self, side: list[str], others: list[str]) -> None:
+        for a in side:
+            for b in others:
+                self.slow.add((a, b))
+                self.slow.add((b, a))
+
     def heal(self) -> None:
         self.blocked.clear()
+        self.slow.clear()

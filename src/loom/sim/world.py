@@ -104,6 +104,7 @@ class World:
         self.applied_values: dict[tuple[ShardId, int], bytes] = {}
         self.accepted_values: dict[tuple[ShardId, object, int], bytes] = {}
         self.invariant_violations: list[str] = []
+        self.torn_crash_pending: set[NodeId] = set()
 
     # ------------------------------------------------------------------ scheduling
 
@@ -143,7 +144,9 @@ class World:
         names = sorted(self.nodes)
         for shard in range(self.cfg.shards):
             members = tuple(names[(shard + i) % len(names)] for i in range(self.cfg.replication))
-            self.sm.create_shard(ShardId(shard), members, self._sm_now())
+            # One follower per shard: an asynchronous learner serving relaxed reads.
+            follower = names[(shard + self.cfg.replication) % len(names)]
+            self.sm.create_shard(ShardId(shard), members, self._sm_now(), followers=(follower,))
         for node_id in names:
             self._schedule_node_tick(node_id)
             self._schedule_report(node_id)
@@ -180,6 +183,28 @@ class World:
         self.at(self.t + REPORT_MS / node.clock.rate, report)
 
     def _flush(self, node: SimNode, shard: ShardId) -> None:
+        """Group commit: while an fsync runs, work piles up and goes in the next one."""
+        if shard not in node.hosts:
+            return
+        if node.sync_done_at <= self.t:
+            self._flush_now(node, shard)
+            return
+        node.dirty.add(shard)
+        if not node.flush_scheduled:
+            node.flush_scheduled = True
+            life = node.life
+
+            def flush_dirty() -> None:
+                if node.life != life or not node.alive:
+                    return
+                node.flush_scheduled = False
+                dirty, node.dirty = sorted(node.dirty), set()
+                for dirty_shard in dirty:
+                    self._flush_now(node, dirty_shard)
+
+            self.at(node.sync_done_at, flush_dirty)
+
+    def _flush_now(self, node: SimNode, shard: ShardId) -> None:
         host = node.hosts.get(shard)
         if host is None:
             return
@@ -195,6 +220,23 @@ class World:
 
         out = node.flush(host, self.t, self.at, deliver)
         self._observe(shard, out)
+        if node.crash_when_unsynced and node.store.unsynced_batches:
+            node.crash_when_unsynced = False
+            when = self.t + self.rng.uniform(0, max(0.0, node.sync_done_at - self.t))
+            self.at(when, functools.partial(self._torn_crash, node_id, node.life))
+
+    def _torn_crash(self, node_id: NodeId, life: int) -> None:
+        node = self.nodes[node_id]
+        if node.life != life or not node.alive:
+            return
+        self.torn_crash_pending.discard(node_id)
+        self.crash_node(node_id)
+        downtime = self.rng.choice([self.rng.uniform(50, 900), self.rng.uniform(1000, 4000)])
+        self.at(self.t + downtime, functools.partial(self._restart_if_down, node_id))
+
+    def _restart_if_down(self, node_id: NodeId) -> None:
+        if not self.nodes[node_id].alive:
+            self.restart_node(node_id)
 
     def _observe(self, shard: ShardId, out: HostOutput) -> None:
         """Invariants visible at the source: one value per slot among applied entries,

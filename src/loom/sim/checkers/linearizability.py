@@ -4,9 +4,11 @@ Rules of this module:
 - Linearizability is P-compositional, so a history is split by key and each key is searched
   alone against a register model whose state is `bytes | int | None` (None = absent; an
   increment treats absent as 0 and cannot apply to a bytes value).
-- The search walks call/return entries depth first and memoises every visited
-  (linearized-set bitmask, model state) pair. A key whose search exceeds its step budget is
-  reported *unchecked* and is never counted as passing.
+- The search walks call/return entries depth first and memoises visited configurations
+  (state, ops placed); a key whose search exceeds its step budget is reported *unchecked*
+  and is never counted as passing.
+- Every pruning is exact (it never changes a verdict) and leans on write values being unique
+  per key, which `check_linearizable` enforces.
 - Intervals are closed: an op completing at t and one invoked at t count as concurrent, since
   the simulator may order two events inside the same virtual millisecond either way.
 - Deterministic: entries are ordered by (time, call-before-return, invocation order) and no
@@ -35,7 +37,7 @@ class _Unseen:
 _UNSEEN = _Unseen()
 State: TypeAlias = bytes | int | _Unseen | None
 
-_DESCRIBED_OPS_MAX = 6  # ops listed per violation: enough to debug, short enough to read
+_DESCRIBED_OPS_MAX = 3  # ops listed per group in a violation: enough to debug, short to read
 
 
 class KeyStatus(enum.Enum):
@@ -112,6 +114,9 @@ def check_linearizable(ops: Sequence[Operation], *, budget: int = 200_000) -> Ke
     key = ops[0].key
     for op in ops:
         _validate(op, key)
+    written = [op.value for op in ops if op.kind == "write"]
+    if len(set(written)) != len(written):  # every pruning below leans on unique values
+        raise ValueError(f"key {key!r}: two writes carry the same value")
     plan = _plan(ops)
     result = _Search(plan).run(budget)
     violation = None
@@ -280,6 +285,7 @@ class _DeadEnd:
 
     entry: int  # the blocked return entry; later entries mean further along in time
     blocked: int  # index of the op that had to be placed but could not be
+    deadline_ms: float  # when it had to be placed by: its completion, or its first observer's
     depth: int
     state: State
     writer: int  # the placed op that produced `state`, or -1 for the initial absent value
@@ -295,7 +301,7 @@ class _Result:
     dead_end: _DeadEnd | None = None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Placed:
     entry: int
     state_before: State
@@ -317,10 +323,7 @@ class _Search:
         self.entry_op = [i for _, _, i in events]
         self.is_call = [kind == 0 for _, kind, _ in events]
         self.is_unknown_return = [kind == 1 and t == math.inf for t, kind, _ in events]
-        return_entry = [0] * n
-        for e, (_, kind, i) in enumerate(events):
-            if kind == 1:
-                return_entry[i] = e
+        return_entry = {i: e for e, (_, kind, i) in enumerate(events) if kind == 1}
         self.match = [return_entry[i] if kind == 0 else -1 for _, kind, i in events]
         # Index 2n is the head sentinel; -1 terminates the list.
         self.nxt = [*range(1, 2 * n), -1, 0 if n else -1]
@@ -456,6 +459,7 @@ class _Search:
         return _DeadEnd(
             entry=blocked_return,
             blocked=blocked,
+            deadline_ms=self.plan.returns[blocked],
             depth=len(placed),
             state=self.state,
             writer=writers[-1] if writers else -1,
@@ -470,30 +474,37 @@ class _Search:
 
 
 def _explain(key: bytes, ops: list[Operation], dead: _DeadEnd) -> Violation:
-    blocked = ops[dead.blocked]
+    blocked = _describe(ops[dead.blocked])
+    if ops[dead.blocked].completed_ms is None:
+        blocked += f" (its value was observed by {dead.deadline_ms:g})"
     recent = ", ".join(_describe(ops[i]) for i in dead.recent) or "nothing"
-    shown_open = dead.open_ops[:_DESCRIBED_OPS_MAX]
-    open_text = ", ".join(_describe(ops[i]) for i in shown_open) or "none"
-    if len(dead.open_ops) > len(shown_open):
-        open_text += f" (+{len(dead.open_ops) - len(shown_open)} more)"
+    open_text, shown_open = _describe_some(ops, dead.open_ops)
     if dead.writer < 0:
         state = "absent (initial)"
     else:
         writer = ops[dead.writer]
-        shown = writer.value if dead.state is _UNSEEN else dead.state
-        state = f"{_show(shown)} (set by #{writer.op_id})"
+        value = writer.value if dead.state is _UNSEEN else dead.state
+        state = f"{_show(value)} (set by #{writer.op_id})"
+    awaiting_text, shown_awaiting = _describe_some(ops, dead.awaiting)
     if dead.awaiting:
-        state += ", which must stay until " + ", ".join(_describe(ops[i]) for i in dead.awaiting)
+        state += f", which must stay until {awaiting_text}"
     explanation = (
-        f"no linearization: {_describe(blocked)} could not take effect in its interval. "
+        f"no linearization: {blocked} could not take effect in its interval. "
         f"Furthest attempt placed {dead.depth}/{len(ops)} ops, last {recent}, "
         f"leaving state {state}; also open then: {open_text}"
     )
     writer_ids = (dead.writer,) if dead.writer >= 0 else ()
-    involved = {
-        ops[i].op_id for i in (dead.blocked, *dead.recent, *writer_ids, *dead.awaiting, *shown_open)
-    }
+    named = (dead.blocked, *dead.recent, *writer_ids, *shown_awaiting, *shown_open)
+    involved = {ops[i].op_id for i in named}
     return Violation(key=key, explanation=explanation, op_ids=tuple(sorted(involved)))
+
+
+def _describe_some(ops: list[Operation], indexes: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    shown = indexes[:_DESCRIBED_OPS_MAX]
+    text = ", ".join(_describe(ops[i]) for i in shown) or "none"
+    if len(indexes) > len(shown):
+        text += f" (+{len(indexes) - len(shown)} more)"
+    return text, shown
 
 
 def _describe(op: Operation) -> str:

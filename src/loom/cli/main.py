@@ -1,0 +1,20 @@
+"""`loom`: the command-line entry point. Subcommands live in their own modules."""
+
+from __future__ import annotations
+
+import click
+
+from loom import __version__
+from loom.cli.sim import sim
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loom")
+def main() -> None:
+    """loom: a sharded, replicated key-value store and a background-function platform."""
+
+
+main.add_command(sim)
+
+if __name__ == "__main__":
+    main()
