@@ -29,7 +29,7 @@ class Chaos:
         if faults.reconfigure:
             self._later(self.rng.uniform(2000, 6000), self._reconfigure)
         if faults.sm_chaos:
-            self.world.sm.chaos_promote_probability = 0.004
+            self.world.sm.chaos_promote_probability = 0.01
             self.world.sm.chaos_duplicate_epoch_probability = 0.05
 
     def stop_and_heal(self) -> None:
@@ -80,8 +80,8 @@ class Chaos:
             victim = self.rng.choice(alive)
             if self.rng.random() < 0.5:
                 # Torn: crash while its next fsync is still running.
-                world.nodes[victim].crash_when_unsynced = True
-                world.torn_crash_pending.add(victim)
+                aim = "promise" if self.rng.random() < 0.5 else "any"
+                world.nodes[victim].torn_crash = aim
                 self._later(self.rng.uniform(800, 3500), self._crash)
                 return
             world.crash_node(victim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from loom.core.ids import Version
+from loom.core.ids import ShardId, Version
 from loom.host.requests import Consistency
 from loom.sim.workload import ReadObservation, WriteAck
 
@@ -45,5 +45,21 @@ def check_read_your_writes(reads: Sequence[ReadObservation]) -> list[str]:
             problems.append(
                 f"read-your-writes read of {read.key!r} by {read.client} saw "
                 f"{read.record_version}, below its own write {own}"
+            )
+    return problems
+
+
+def check_durability(
+    acks: Sequence[WriteAck], applied: dict[tuple[ShardId, int], tuple[bytes, ...]]
+) -> list[str]:
+    """No acknowledged QUORUM write is lost: the slot its version names holds its command."""
+    problems = []
+    for ack in acks:
+        commands = applied.get((ack.shard, int(ack.version.seq)), ())
+        index = ack.version.index
+        if index >= len(commands) or commands[index] != ack.command:
+            problems.append(
+                f"durability: write to {ack.key!r} acknowledged at {ack.completed_ms:.1f}ms as "
+                f"version {ack.version} of shard {ack.shard} is not in the log there"
             )
     return problems

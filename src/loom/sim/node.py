@@ -55,7 +55,9 @@ class SimNode:
     # Group commit: hosts with work waiting for the disk to finish the current fsync.
     dirty: set[ShardId] = field(default_factory=set)
     flush_scheduled: bool = False
-    crash_when_unsynced: bool = False
+    # Aimed torn crash: "" = off, "any" = the next flush that leaves unsynced writes,
+    # "promise" = the next flush that sends a Promise.
+    torn_crash: str = ""
 
     def host(self, shard: ShardId, t: float) -> ShardHost:
         host = self.hosts.get(shard)
@@ -116,11 +118,13 @@ class SimNode:
         self.alive = False
         self.life += 1
         unsynced = self.store.unsynced_batches
-        self.store.crash(unsynced_batches_kept=self.rng.randint(0, unsynced))
+        # Usually everything unsynced is lost; sometimes a prefix of the WAL made it.
+        kept = 0 if self.rng.random() < 0.6 else self.rng.randint(0, unsynced)
+        self.store.crash(unsynced_batches_kept=kept)
         self.hosts.clear()
         self.dirty.clear()
         self.flush_scheduled = False
-        self.crash_when_unsynced = False
+        self.torn_crash = ""
 
     def restart(self, t: float) -> None:
         assert not self.alive

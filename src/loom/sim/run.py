@@ -14,7 +14,12 @@ from loom.kv.records import decode_counter
 from loom.sim.chaos import Chaos
 from loom.sim.checkers.counters import check_counters
 from loom.sim.checkers.linearizability import check_history
-from loom.sim.checks import UNCHECKED_FRACTION_MAX, check_bounded_reads, check_read_your_writes
+from loom.sim.checks import (
+    UNCHECKED_FRACTION_MAX,
+    check_bounded_reads,
+    check_durability,
+    check_read_your_writes,
+)
 from loom.sim.faults import Faults
 from loom.sim.workload import COUNTER_KEYS, REGISTER_KEYS, USHARDS, shard_of
 from loom.sim.world import World, WorldConfig
@@ -22,7 +27,7 @@ from loom.sim.world import World, WorldConfig
 WARMUP_MS = 2500.0
 SETTLE_MS = 6000.0
 FINAL_READ_MS = 8000.0
-CONVERGE_MS = 3000.0
+CONVERGE_MS = 15_000.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -60,7 +65,6 @@ def run_seed(
     world.run_until(world.t + 1500)
     result = SeedResult(seed=seed)
     _final_reads(world, result)
-    world.run_until(world.t + CONVERGE_MS)
     finals = _convergence(world, result)
     _verdicts(world, result, finals)
     result.trace_hash = world.trace.hexdigest()
@@ -80,20 +84,38 @@ def _final_reads(world: World, result: SeedResult) -> None:
             result.violations.append(f"liveness: final STRONG read of {key!r} did not complete")
 
 
+def _replica_states(world: World, shard: ShardId) -> dict[str, tuple[int, bytes]] | None:
+    """Each current member's (applied seq, state digest); None if one has not rejoined."""
+    states: dict[str, tuple[int, bytes]] = {}
+    for node_id in world.sm.shards[shard].current.config.members():
+        host = world.nodes[node_id].hosts.get(shard)
+        if host is None:
+            return None
+        states[node_id] = (int(host.replica.applied_seq), state_digest(host.state))
+    return states
+
+
+def _is_converged(world: World) -> bool:
+    for shard in sorted(world.sm.shards):
+        manager = world.sm.shards[shard]
+        if not manager.activated or manager.change is not None:
+            return False
+        states = _replica_states(world, shard)
+        if states is None or len(set(states.values())) != 1:
+            return False
+    return True
+
+
 def _convergence(world: World, result: SeedResult) -> dict[bytes, int]:
+    """Liveness after healing: every shard settles on one primary and equal replicas."""
+    deadline = world.t + CONVERGE_MS
+    while world.t < deadline and not _is_converged(world):
+        world.run_until(world.t + 100)
     finals: dict[bytes, int] = {}
     for shard in sorted(world.sm.shards):
-        members = world.sm.shards[shard].current.config.members()
-        seen: dict[str, tuple[int, bytes]] = {}
-        for node_id in members:
-            node = world.nodes[node_id]
-            host = node.hosts.get(shard)
-            if host is None:
-                result.violations.append(f"liveness: {node_id} never rejoined shard {shard}")
-                continue
-            seen[node_id] = (host.replica.applied_seq, state_digest(host.state))
-        if len(set(seen.values())) > 1:
-            result.violations.append(f"convergence: shard {shard} replicas differ: {seen}")
+        states = _replica_states(world, shard)
+        if states is None or len(set(states.values())) != 1:
+            result.violations.append(f"convergence: shard {shard} replicas differ: {states}")
         primary = world.sm.shards[shard].current.primary
         host = world.nodes[primary].hosts.get(shard)
         if host is None:
@@ -119,6 +141,7 @@ def _verdicts(world: World, result: SeedResult, finals: dict[bytes, int]) -> Non
     result.violations += [f"counters: {p}" for p in check_counters(increments, finals)]
     result.violations += check_bounded_reads(rec.reads, rec.acks)
     result.violations += check_read_your_writes(rec.reads)
+    result.violations += check_durability(rec.acks, world.applied_commands)
     result.violations += world.invariant_violations
     result.violations += rec.violations
     result.operations_checked = len(rec.ops) + len(rec.reads) - unchecked

@@ -67,6 +67,8 @@ class WriteAck:
     key: bytes
     version: Version
     completed_ms: float
+    shard: ShardId
+    command: bytes
 
 
 @dataclass(slots=True)
@@ -354,10 +356,20 @@ class SimClient:
         self._record(attempt, outcome, None if outcome == "unknown" else now, output=output)
 
     def _remember_write(self, attempt: Attempt, version: Version, now: float) -> None:
+        request = attempt.request
+        assert isinstance(request, WriteRequest)
+        self.rec.acks.append(
+            WriteAck(
+                key=attempt.key,
+                version=version,
+                completed_ms=now,
+                shard=attempt.shard,
+                command=request.command,
+            )
+        )
         if attempt.kind in ("write", "delete"):
             self.own_writes[attempt.key] = version
             self.known_values[(attempt.key, version)] = attempt.value
-            self.rec.acks.append(WriteAck(key=attempt.key, version=version, completed_ms=now))
         if self.min_version is None or version > self.min_version:
             self.min_version = version
 

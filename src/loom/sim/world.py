@@ -18,7 +18,7 @@ from loom.core.ids import Epoch, NodeId, ShardId
 from loom.core.time import Instant
 from loom.host.requests import ClientReply, ReadRequest, WriteRequest
 from loom.host.shard import HostOutput
-from loom.paxos.messages import Accept, Envelope
+from loom.paxos.messages import Accept, Envelope, Promise
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
@@ -102,9 +102,10 @@ class World:
         ]
         self.load_running = True
         self.applied_values: dict[tuple[ShardId, int], bytes] = {}
+        # The commands of each slot as first applied anywhere (divergence is reported apart).
+        self.applied_commands: dict[tuple[ShardId, int], tuple[bytes, ...]] = {}
         self.accepted_values: dict[tuple[ShardId, object, int], bytes] = {}
         self.invariant_violations: list[str] = []
-        self.torn_crash_pending: set[NodeId] = set()
 
     # ------------------------------------------------------------------ scheduling
 
@@ -220,19 +221,42 @@ class World:
 
         out = node.flush(host, self.t, self.at, deliver)
         self._observe(shard, out)
-        if node.crash_when_unsynced and node.store.unsynced_batches:
-            node.crash_when_unsynced = False
+        if self._is_torn_crash_due(node, out):
+            node.torn_crash = ""
             when = self.t + self.rng.uniform(0, max(0.0, node.sync_done_at - self.t))
             self.at(when, functools.partial(self._torn_crash, node_id, node.life))
+
+    def _is_torn_crash_due(self, node: SimNode, out: HostOutput) -> bool:
+        if not node.torn_crash or not node.store.unsynced_batches:
+            return False
+        if node.torn_crash == "promise":
+            return any(isinstance(env.message, Promise) for env in out.messages)
+        return True
 
     def _torn_crash(self, node_id: NodeId, life: int) -> None:
         node = self.nodes[node_id]
         if node.life != life or not node.alive:
             return
-        self.torn_crash_pending.discard(node_id)
         self.crash_node(node_id)
         downtime = self.rng.choice([self.rng.uniform(50, 900), self.rng.uniform(1000, 4000)])
         self.at(self.t + downtime, functools.partial(self._restart_if_down, node_id))
+        if self.rng.random() < 0.5:
+            # Correlated failure: a primary this node served as acceptor dies soon after,
+            # before it can repair what the torn crash may have lost elsewhere.
+            primaries = sorted({s.current.primary for s in self.sm.shards.values()} - {node_id})
+            if primaries:
+                victim = self.rng.choice(primaries)
+                self.at(
+                    self.t + self.rng.uniform(5, 100),
+                    functools.partial(self._correlated_crash, victim),
+                )
+
+    def _correlated_crash(self, node_id: NodeId) -> None:
+        down = sum(1 for node in self.nodes.values() if not node.alive)
+        if self.nodes[node_id].alive and down < 2 and not self.net.healed:
+            self.crash_node(node_id)
+            downtime = self.rng.uniform(200, 3000)
+            self.at(self.t + downtime, functools.partial(self._restart_if_down, node_id))
 
     def _restart_if_down(self, node_id: NodeId) -> None:
         if not self.nodes[node_id].alive:
@@ -243,6 +267,7 @@ class World:
         and one value per (ballot, slot) among sent Accepts."""
         for entry in out.applied:
             digest = entry_value_digest(entry.wall_ms, entry.epoch, entry.commands)
+            self.applied_commands.setdefault((shard, entry.seq), entry.commands)
             known = self.applied_values.setdefault((shard, entry.seq), digest)
             if known != digest:
                 self.invariant_violations.append(
