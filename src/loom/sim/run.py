@@ -57,7 +57,7 @@ def run_seed(
     target = ops
     world.run_until(
         world.cfg.load_ms_max,
-        stop=lambda: len(world.rec.ops) + len(world.rec.reads) >= target,
+        stop=lambda: world.rec.operations() >= target,
     )
     world.load_running = False
     chaos.stop_and_heal()
@@ -144,7 +144,7 @@ def _verdicts(world: World, result: SeedResult, finals: dict[bytes, int]) -> Non
     result.violations += check_durability(rec.acks, world.applied_commands)
     result.violations += world.invariant_violations
     result.violations += rec.violations
-    result.operations_checked = len(rec.ops) + len(rec.reads) - unchecked
+    result.operations_checked = rec.operations() - unchecked
 
 
 def require_fixed_hash_seed() -> None:

@@ -34,6 +34,15 @@ from loom.kv.commands import (
     encode_command,
 )
 from loom.sim.history import ANY, Operation, _Any
+from loom.sim.transactions import (
+    ATTEMPTS_MAX as TXN_ATTEMPTS_MAX,
+)
+from loom.sim.transactions import (
+    Transaction,
+    audit_problem,
+    commit_request,
+    plan_transaction,
+)
 
 USHARDS = 64
 ATTEMPT_TIMEOUT_MS = 400.0
@@ -79,6 +88,11 @@ class Recorder:
     violations: list[str] = field(default_factory=list)
     next_op_id: int = 0
     next_value: int = 0
+    transactions: int = 0
+    transactions_committed: int = 0
+
+    def operations(self) -> int:
+        return len(self.ops) + len(self.reads) + self.transactions
 
     def fresh_value(self, client: str) -> bytes:
         self.next_value += 1
@@ -99,6 +113,8 @@ class Attempt:
     expect: bytes | _Any | None = ANY
     delta: int = 0
     target: NodeId | None = None
+    # Transactions read every key from one replica.
+    fixed_target: NodeId | None = None
     sent_ms: float = 0.0
     token: int = 0
 
@@ -137,6 +153,7 @@ class SimClient:
         recorder: Recorder,
         routing: Routing,
         fast_ack: bool,
+        skip_absent_bug: bool = False,
     ) -> None:
         self.name = name
         self.client_id = ClientId(name)
@@ -148,6 +165,8 @@ class SimClient:
         self.request_seq = 0
         self.token = 0
         self.current: Attempt | None = None
+        self.txn: Transaction | None = None
+        self.skip_absent_bug = skip_absent_bug
         # Per key: the version and value of this client's last acknowledged write.
         self.own_writes: dict[bytes, Version] = {}
         self.min_version: Version | None = None
@@ -164,6 +183,8 @@ class SimClient:
         roll = self.rng.random()
         if roll < 0.12:
             return self._increment(now)
+        if roll < 0.24:
+            return self._start_txn(now, attempts=1)
         key = self.rng.choice(REGISTER_KEYS)
         if roll < 0.45:
             return self._write(key, now)
@@ -185,9 +206,11 @@ class SimClient:
         key: bytes,
         request: WriteRequest | ReadRequest,
         now: float,
+        *,
+        shard_key: bytes | None = None,
         **extra: object,
     ) -> Attempt:
-        ushard = self._ushard(key)
+        ushard = self._ushard(shard_key if shard_key is not None else key)
         attempt = Attempt(
             kind=kind,
             key=key,
@@ -289,6 +312,8 @@ class SimClient:
     # -- sending and replies
 
     def target_for(self, attempt: Attempt) -> NodeId | None:
+        if attempt.fixed_target is not None:
+            return attempt.fixed_target
         request = attempt.request
         if isinstance(request, ReadRequest) and request.consistency is not Consistency.STRONG:
             members = self.routing.members(attempt.shard)
@@ -318,6 +343,8 @@ class SimClient:
         attempt = self.current
         if attempt is None or reply.token != attempt.token:
             return "ignore"
+        if attempt.kind.startswith("txn"):
+            return self._on_txn_reply(attempt, reply, now)
         match reply:
             case ErrorReply():
                 return self._on_error(attempt, reply)
@@ -327,6 +354,82 @@ class SimClient:
                 self._on_read_reply(attempt, reply, now)
         self.current = None
         return "done"
+
+    # -- transactions (see loom.sim.transactions)
+
+    def _start_txn(self, now: float, *, attempts: int) -> Attempt:
+        txn = plan_transaction(self.rng)
+        shard = shard_of(ushard_of(txn.shard_key, USHARDS), self.shards)
+        members = self.routing.members(shard)
+        if txn.consistency is Consistency.STRONG or not members:
+            txn.consistency = Consistency.STRONG
+            txn.target = self.routing.primary_of(shard)
+        else:
+            txn.target = self.rng.choice(members)
+        txn.attempts = attempts
+        self.txn = txn
+        if attempts == 1:
+            self.rec.transactions += 1
+        return self._txn_read(txn, now)
+
+    def _txn_read(self, txn: Transaction, now: float) -> Attempt:
+        key = txn.next_key()
+        assert key is not None
+        attempt = self._attempt(
+            "txn_read", key, txn.read_request(key), now, shard_key=txn.shard_key
+        )
+        attempt.fixed_target = txn.target
+        return attempt
+
+    def _restart_txn(self, now: float) -> str:
+        txn = self.txn
+        self.current = None
+        self.txn = None
+        if txn is None or txn.attempts >= TXN_ATTEMPTS_MAX:
+            return "done"
+        self._start_txn(now, attempts=txn.attempts + 1)
+        return "continue" if self.current is not None else "done"
+
+    def _on_txn_reply(self, attempt: Attempt, reply: ClientReply, now: float) -> str:
+        txn = self.txn
+        assert txn is not None
+        if isinstance(reply, ErrorReply):
+            if reply.code is ErrorCode.INVALID:
+                self.rec.violations.append(f"{self.name}: transaction refused: {reply.message}")
+                self.current, self.txn = None, None
+                return "done"
+            if attempt.kind == "txn_read" and reply.code is not ErrorCode.OVERLOADED:
+                return self._restart_txn(now)  # that replica cannot serve: start over
+            return self._on_error(attempt, reply)
+        if isinstance(reply, ReadReply):
+            if not txn.on_read(attempt.key, reply):
+                return self._restart_txn(now)
+            if txn.next_key() is not None:
+                self._txn_read(txn, now)
+                return "continue"
+            return self._finish_reads(txn, now)
+        assert isinstance(reply, WriteReply)
+        if isinstance(reply.result, Applied):
+            self.rec.transactions_committed += 1
+            self.current, self.txn = None, None
+            return "done"
+        if reply.result.reason == "invalid":
+            self.rec.violations.append(f"{self.name}: commit refused: {reply.result.message}")
+        return self._restart_txn(now)
+
+    def _finish_reads(self, txn: Transaction, now: float) -> str:
+        problem = audit_problem(txn)
+        if problem is not None:
+            self.rec.violations.append(problem)
+        request = commit_request(
+            txn, self.next_request_id(), self.rng, skip_absent_bug=self.skip_absent_bug
+        )
+        if request is None:
+            self.current, self.txn = None, None
+            return "done"
+        txn.committing = True
+        self._attempt("txn_commit", txn.keys[0], request, now, shard_key=txn.shard_key)
+        return "continue"
 
     def _on_error(self, attempt: Attempt, reply: ErrorReply) -> str:
         if reply.code in (ErrorCode.NOT_PRIMARY, ErrorCode.NOT_READY):
@@ -398,7 +501,8 @@ class SimClient:
         """The deadline passed without an answer: a write's effect is unknown."""
         attempt = self.current
         self.current = None
-        if attempt is None or attempt.kind in ("read", "relaxed"):
+        self.txn = None
+        if attempt is None or attempt.kind in ("read", "relaxed", "txn_read", "txn_commit"):
             return
         self._record(attempt, "unknown", None)
 

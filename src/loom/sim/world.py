@@ -97,6 +97,7 @@ class World:
                 recorder=self.rec,
                 routing=Routing(self._route),
                 fast_ack=True,
+                skip_absent_bug="txn-skip-absent" in config.bugs,
             )
             for i in range(config.clients)
         ]
@@ -377,7 +378,7 @@ class World:
             self.at(self.t + self.rng.uniform(0, 20), functools.partial(self._client_next, client))
 
     def _client_next(self, client: SimClient) -> None:
-        if not self.load_running or len(self.rec.ops) + len(self.rec.reads) >= self.cfg.ops:
+        if not self.load_running or self.rec.operations() >= self.cfg.ops:
             return
         client.start_op(self.t)
         self._client_send(client)
@@ -412,6 +413,8 @@ class World:
         verdict = client.on_reply(reply, self.t)
         if verdict == "done":
             self.at(self.t + client.rng.uniform(0, 10), lambda: self._client_next(client))
+        elif verdict == "continue":
+            self._client_send(client)
         elif verdict == "retry":
             token = reply.token
 
