@@ -380,6 +380,8 @@ class Replica:
         self._send(src, HeartbeatAck(msg.ballot, msg.round, granted, self.match_seq))
 
     def _extend_match(self) -> None:
+        # Committed slots hold chosen values, whatever ballot they arrived under.
+        self.match_seq = Seq(max(self.match_seq, self.commit_seq))
         while True:
             nxt = self.log.get(Seq(self.match_seq + 1))
             if nxt is None or nxt.ballot != self.match_ballot:
