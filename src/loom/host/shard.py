@@ -119,6 +119,7 @@ class ShardHost:
             params=params,
         )
         self.applied_epoch = Epoch(0)
+        self.applied_seq = durable.applied_seq
         self.queue: list[_Queued] = []
         self.awaiting: dict[Seq, list[_Awaiting]] = {}
         self.reads: dict[int, tuple[Origin, ReadRequest]] = {}
@@ -267,10 +268,11 @@ class ShardHost:
                 self._serve_read(origin, request, decision, now, wall_ms)
             else:
                 self._refuse(origin, request.token, decision)
-        for peer in sorted(set(ready.snapshot_needed)):
-            self.snapshots.start(peer, self, now)
         self.out.sm_events.extend(ready.sm_events)
         self.replica.advance(ready, now)
+        # After advance: a snapshot is labelled with the applied seq its content has.
+        for peer in sorted(set(ready.snapshot_needed)):
+            self.snapshots.start(peer, self, now)
 
     def _write(self, batch: WriteBatch) -> None:
         absolute = WriteBatch()
@@ -278,6 +280,9 @@ class ShardHost:
         self.store.write(absolute, sync=False)
 
     def _apply(self, entry: Entry) -> None:
+        # Apply is strictly in order, exactly once per slot (a snapshot moves the point).
+        assert entry.seq == self.applied_seq + 1, (entry.seq, self.applied_seq)
+        self.applied_seq = entry.seq
         ctx = EntryContext(
             seq=entry.seq,
             epoch=entry.epoch,

@@ -41,6 +41,7 @@ class _Outgoing:
 class _Incoming:
     transfer: int
     source: NodeId
+    snapshot_seq: Seq
     expected: int = 0
     items: list[tuple[bytes, bytes]] = field(default_factory=list)
 
@@ -108,6 +109,9 @@ class SnapshotTransfers:
         host.replica.pin_log(Seq(min(seqs)) if seqs else None)
 
     def tick(self, host: ShardHost, now: Instant) -> None:
+        if host.replica.lead is None and self.outgoing:
+            self.outgoing.clear()  # only a primary streams snapshots
+            self._pin(host)
         for peer in sorted(self.outgoing):
             out = self.outgoing[peer]
             if now - out.sent_at < RESEND_AFTER_MS:
@@ -133,11 +137,22 @@ class SnapshotTransfers:
             self._ack(src, chunk.transfer, chunk.index, host, installed=True)
             return
         incoming = self.incoming
-        if incoming is None or (incoming.source, incoming.transfer) != (src, chunk.transfer):
+        # A restarted sender numbers its transfers from 1 again: the snapshot's seq tells
+        # two transfers with one number apart (equal seqs have equal content).
+        identity = (src, chunk.transfer, chunk.snapshot_seq)
+        if (
+            incoming is None
+            or (incoming.source, incoming.transfer, incoming.snapshot_seq) != identity
+        ):
             if chunk.index != 0:
-                self._ack(src, chunk.transfer, -1, host, installed=False)
+                if incoming is None:
+                    self._ack(src, chunk.transfer, -1, host, installed=False)  # start over
+                return  # another transfer is in progress: its sender gives up in time
+            if incoming is not None and chunk.snapshot_seq < incoming.snapshot_seq:
                 return
-            incoming = self.incoming = _Incoming(transfer=chunk.transfer, source=src)
+            incoming = self.incoming = _Incoming(
+                transfer=chunk.transfer, source=src, snapshot_seq=chunk.snapshot_seq
+            )
         if chunk.index != incoming.expected:
             self._ack(src, chunk.transfer, incoming.expected - 1, host, installed=False)
             return
@@ -163,6 +178,7 @@ class SnapshotTransfers:
         layout.put_commit(batch, Seq(max(seq, host.replica.commit_seq)))
         layout.truncate(batch, seq, chunk.snapshot_ballot)
         host._write(batch)
+        host.applied_seq = seq
         self.installed += 1
         host.replica.snapshot_installed(seq, chunk.snapshot_ballot, now)
 

@@ -262,6 +262,8 @@ class Replica:
 
     def snapshot_installed(self, seq: Seq, ballot: Ballot, now: Instant) -> None:
         """The host installed a snapshot at `seq` (data, dedupe, applied_seq atomically)."""
+        # Entries queued for apply but covered by the snapshot must never be applied on top.
+        self.ready_out.committed = [e for e in self.ready_out.committed if e.seq > seq]
         for slot in [s for s in self.log if s <= seq]:
             del self.log[slot]
         self.truncated_seq = Seq(max(self.truncated_seq, seq))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loom.core.ids import Epoch, NodeId, ShardId
+from loom.core.limits import Limits
 from loom.core.time import Instant
 from loom.host.requests import ClientReply, ReadRequest, WriteRequest
 from loom.host.shard import HostOutput
@@ -74,6 +75,8 @@ class World:
             probe_interval_ms=50.0,
             resend_after_ms=150.0,
             read_wait_max_ms=500.0,
+            # Tiny logs and chunks, so truncation and snapshot transfer happen in every run.
+            limits=Limits(log_retained_entries_max=24, snapshot_chunk_items_max=4),
             bugs=config.bugs,
         )
         self.net = Network(random.Random(self.rng.random()), config.faults)
