@@ -84,6 +84,8 @@ class Cluster:
     replies: list[ClientReply] = field(default_factory=list)
     counters: DriverCounters = field(default_factory=DriverCounters)
     _batches_synced: dict[NodeId, int] = field(default_factory=dict)
+    # Hosts given input since their last flush, in the order they got it.
+    _due: deque[NodeId] = field(default_factory=deque)
     _last_tick_at: float = float("-inf")
 
     def __post_init__(self) -> None:
@@ -120,6 +122,7 @@ class Cluster:
         now = self.clock.now()
         for node in NODES:
             self.hosts[node].assign(assignment, now)
+            self._mark_due(node)
         # New acceptors wait W before their first promise (a restart may have forgotten
         # a lease grant). Nothing was granted here, so jump the clock past it.
         self.clock.skip(self.params.promise_wait_ms + 1.0)
@@ -137,6 +140,7 @@ class Cluster:
 
     def submit(self, request: WriteRequest | ReadRequest) -> None:
         self.primary.submit(ORIGIN, request, self.clock.now(), self.clock.wall())
+        self._mark_due(PRIMARY)
 
     def maybe_tick(self) -> None:
         """Run the timers (heartbeats keep the lease) once per TICK_INTERVAL_MS."""
@@ -148,21 +152,22 @@ class Cluster:
         self._last_tick_at = now
         for node in NODES:
             self.hosts[node].tick(now)
+            self._mark_due(node)
         self.counters.ticks += 1
 
     def pump(self) -> None:
-        """Flush hosts with work, sync, deliver; until every host is idle."""
-        due: deque[NodeId] = deque(NODES)
-        queued = set(NODES)
+        """Flush the hosts that got input, sync, deliver; until every host is idle."""
         for _ in range(FLUSHES_PER_PUMP_MAX):
-            if not due:
+            if not self._due:
                 return
-            node = due.popleft()
-            queued.discard(node)
-            self._flush(node, due, queued)
+            self._flush(self._due.popleft())
         raise SettleError(f"no quiescence after {FLUSHES_PER_PUMP_MAX} flushes")
 
-    def _flush(self, node: NodeId, due: deque[NodeId], queued: set[NodeId]) -> None:
+    def _mark_due(self, node: NodeId) -> None:
+        if node not in self._due:
+            self._due.append(node)
+
+    def _flush(self, node: NodeId) -> None:
         host = self.hosts[node]
         store = self.stores[node]
         now = self.clock.now()
@@ -176,9 +181,7 @@ class Cluster:
         for env in out.messages:
             self.hosts[env.dst].on_message(env, now)
             self.counters.messages += 1
-            if env.dst not in queued:
-                queued.add(env.dst)
-                due.append(env.dst)
+            self._mark_due(env.dst)
         self.replies.extend(reply for _origin, reply in out.replies)
 
     def take_replies(self) -> list[ClientReply]:

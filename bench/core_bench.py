@@ -1,6 +1,7 @@
 """Committed operations per second of ONE p-shard driven through the real core.
 
     .venv/bin/python -m bench.core_bench [--seconds 12] [--store memory|rocks|both]
+    .venv/bin/python -m bench.core_bench --growth [--seconds 12]
 
 Three replicas (bench.cluster) over MemoryStores or RocksStores (one directory per
 replica; `sync()` is a real fsync there). A closed loop: submit B requests to the
@@ -15,9 +16,7 @@ A measurement, never a test: nothing asserts a time. Every loop stops by count a
 from __future__ import annotations
 
 import argparse
-import cProfile
 import itertools
-import pstats
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cluster import NODES, Cluster, Store
 from loom.core.hashing import ushard_of
 from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq
 from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteReply, WriteRequest
@@ -34,8 +34,6 @@ from loom.paxos.params import ReplicaParams
 from loom.storage.memory import MemoryStore
 from loom.storage.rocks import RocksStore
 
-from bench.cluster import NODES, Cluster, Store
-
 CLIENT = ClientId("bench")
 USHARDS = 4096
 VALUE = b"v" * 100
@@ -43,9 +41,9 @@ REQUESTS_PER_FLUSH = (1, 16, 128)
 STORE_KINDS = ("memory", "rocks")
 # Closed-loop rounds per phase, whatever the time budget: the count bound of every loop.
 ROUNDS_PER_PHASE_MAX = 1_000_000
-# A read phase reads keys the write phases stored; written first when there are none.
-KEYS_FOR_READS_MIN = 1024
-PROFILE_TOP = 5
+# Keys stored before the read phases, written PREFILL_PER_FLUSH per round.
+KEYS_FOR_READS = 4096
+PREFILL_PER_FLUSH = 128
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,16 +59,10 @@ class CoreFigure:
     round_p99_ms: float
     fsyncs_per_round: float
     flushes_per_round: float
+    # CPU time of this process over wall time: below ~0.9 with a MemoryStore means
+    # other processes took the CPU (the figure is then low); with RocksDB, fsync waits.
+    cpu_share: float
     seconds: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HotSpot:
-    function: str
-    calls: str
-    own_s: float
-    own_share: float
-    cumulative_s: float
 
 
 class Workload:
@@ -136,6 +128,7 @@ def run_phase(
     ok = errors = rounds = 0
     round_ms: list[float] = []
     started = time.perf_counter()
+    cpu_started = time.process_time()
     deadline = started + seconds
     for _ in range(ROUNDS_PER_PHASE_MAX):
         round_started = time.perf_counter()
@@ -153,9 +146,10 @@ def run_phase(
         rounds += 1
         round_ms.append((time.perf_counter() - round_started) * 1000.0)
     elapsed = time.perf_counter() - started
+    cpu_share = (time.process_time() - cpu_started) / elapsed
     return CoreFigure(
         store=store,
-        workload="put QUORUM" if kind == "write" else "get STRONG (lease)",
+        workload="put QUORUM" if kind == "write" else "get STRONG",
         requests_per_flush=requests_per_flush,
         ops_per_s=ok / elapsed,
         ops=ok,
@@ -164,6 +158,7 @@ def run_phase(
         round_p99_ms=_percentile(round_ms, 0.99),
         fsyncs_per_round=(counters.syncs - syncs_before) / max(rounds, 1),
         flushes_per_round=(counters.flushes - flushes_before) / max(rounds, 1),
+        cpu_share=cpu_share,
         seconds=elapsed,
     )
 
@@ -189,25 +184,30 @@ def running_cluster(store: str, directory: str | None = None) -> Iterator[Cluste
 def run(
     seconds: float, stores: tuple[str, ...] = STORE_KINDS, directory: str | None = None
 ) -> list[CoreFigure]:
-    """Every (store, workload, B) phase, spending about `seconds` in all."""
+    """Every (store, workload, B) phase, spending about `seconds` in all.
+
+    Each write phase starts on a fresh cluster: a MemoryStore's inserts slow down as it
+    grows (see `growth`), so sharing one cluster would penalise whichever B ran last.
+    """
     phases = len(stores) * len(REQUESTS_PER_FLUSH) * 2
     phase_seconds = seconds / phases
     figures: list[CoreFigure] = []
     for store in stores:
-        with running_cluster(store, directory) as cluster:
-            workload = Workload()
-            for batch in REQUESTS_PER_FLUSH:
+        for batch in REQUESTS_PER_FLUSH:
+            with running_cluster(store, directory) as cluster:
                 figures.append(
                     run_phase(
                         cluster,
-                        workload,
+                        Workload(),
                         store=store,
                         kind="write",
                         requests_per_flush=batch,
                         seconds=phase_seconds,
                     )
                 )
-            _ensure_keys(cluster, workload)
+        with running_cluster(store, directory) as cluster:
+            workload = Workload()
+            _write_keys(cluster, workload, KEYS_FOR_READS)
             for batch in REQUESTS_PER_FLUSH:
                 figures.append(
                     run_phase(
@@ -222,74 +222,62 @@ def run(
     return figures
 
 
-def _ensure_keys(cluster: Cluster, workload: Workload) -> None:
-    for _ in range(KEYS_FOR_READS_MIN):
-        if len(workload.keys_written) >= KEYS_FOR_READS_MIN:
+def _write_keys(cluster: Cluster, workload: Workload, keys: int) -> None:
+    """Store `keys` keys, 128 per round, for the read phases to read."""
+    for _ in range(keys // PREFILL_PER_FLUSH + 1):
+        if len(workload.keys_written) >= keys:
             return
-        cluster.submit(workload.write())
+        for _ in range(PREFILL_PER_FLUSH):
+            cluster.submit(workload.write())
         cluster.pump()
         cluster.take_replies()
 
 
-def profile(seconds: float, requests_per_flush: int = 16) -> list[HotSpot]:
-    """Where the time goes: QUORUM puts over MemoryStores under cProfile, top by own time."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrowthSlice:
+    keys_per_store: int
+    ops_per_s: float
+
+
+def growth(seconds: float, slices: int = 8, requests_per_flush: int = 128) -> list[GrowthSlice]:
+    """Put throughput over MemoryStores as they fill: one cluster, `slices` phases in a row."""
+    figures = []
     with running_cluster("memory") as cluster:
         workload = Workload()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            run_phase(
+        for _ in range(slices):
+            figure = run_phase(
                 cluster,
                 workload,
                 store="memory",
                 kind="write",
                 requests_per_flush=requests_per_flush,
-                seconds=seconds,
+                seconds=seconds / slices,
             )
-        finally:
-            profiler.disable()
-    return hot_spots(profiler, PROFILE_TOP)
-
-
-def hot_spots(profiler: cProfile.Profile, top: int) -> list[HotSpot]:
-    profile_stats = pstats.Stats(profiler).get_stats_profile()
-    total = profile_stats.total_tt or 1.0
-    ranked = sorted(
-        profile_stats.func_profiles.items(), key=lambda item: item[1].tottime, reverse=True
-    )
-    spots = []
-    for name, func in ranked[:top]:
-        where = f"{_short_path(func.file_name)}:{func.line_number}"
-        spots.append(
-            HotSpot(
-                function=f"{name} ({where})",
-                calls=func.ncalls,
-                own_s=func.tottime,
-                own_share=func.tottime / total,
-                cumulative_s=func.cumtime,
-            )
-        )
-    return spots
-
-
-def _short_path(file_name: str) -> str:
-    for marker in ("/src/", "/site-packages/", "/lib/python"):
-        if marker in file_name:
-            return file_name.split(marker, 1)[1]
-    return file_name
+            store = cluster.stores[NODES[0]]
+            assert isinstance(store, MemoryStore)
+            figures.append(GrowthSlice(keys_per_store=len(store), ops_per_s=figure.ops_per_s))
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=12.0, help="total time budget")
     parser.add_argument("--store", choices=(*STORE_KINDS, "both"), default="both")
+    parser.add_argument(
+        "--growth", action="store_true", help="only: put/s over MemoryStores as they fill"
+    )
     arguments = parser.parse_args()
+    if arguments.growth:
+        for piece in growth(arguments.seconds):
+            print(f"{piece.keys_per_store:>9,} keys/store  {piece.ops_per_s:>10,.0f} puts/s")
+        return
     stores = STORE_KINDS if arguments.store == "both" else (arguments.store,)
     for figure in run(arguments.seconds, stores):
         print(
             f"{figure.store:<7} {figure.workload:<20} B={figure.requests_per_flush:<4}"
             f" {figure.ops_per_s:>10,.0f} ops/s  p50 {figure.round_p50_ms:.2f} ms"
-            f"  p99 {figure.round_p99_ms:.2f} ms  errors {figure.errors}"
+            f"  p99 {figure.round_p99_ms:.2f} ms  cpu {figure.cpu_share:.0%}"
+            f"  errors {figure.errors}"
         )
 
 

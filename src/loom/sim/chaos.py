@@ -11,6 +11,7 @@ from loom.core.ids import NodeId
 from loom.sim.world import SM, World
 
 DOWN_NODES_MAX = 2
+POWER_OUTAGE_PROBABILITY = 0.15
 
 
 class Chaos:
@@ -76,6 +77,11 @@ class Chaos:
         world = self.world
         alive = [n for n in sorted(world.nodes) if world.nodes[n].alive]
         down = len(world.nodes) - len(alive)
+        if down == 0 and self.rng.random() < POWER_OUTAGE_PROBABILITY:
+            # Aimed: the power goes out the moment a node next acknowledges a write.
+            world.power_outage_armed = True
+            self._later(self.rng.uniform(2000, 5000), self._crash)
+            return
         if down < DOWN_NODES_MAX and alive:
             victim = self.rng.choice(alive)
             if self.rng.random() < 0.5:

@@ -21,8 +21,8 @@ from loom.shardmgr.core import NodeReport, ShardProgress
 from loom.storage.memory import MemoryStore
 
 WALL_EPOCH_MS = 1_700_000_000_000
-FSYNC_MS_MIN = 0.2
-FSYNC_MS_MAX = 5.0
+FSYNC_MS_MIN = 1.0
+FSYNC_MS_MAX = 20.0
 
 
 @dataclass(slots=True, kw_only=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from loom.core.ids import Epoch, NodeId, ShardId
 from loom.core.limits import Limits
 from loom.core.time import Instant
-from loom.host.requests import ClientReply, ReadRequest, WriteRequest
+from loom.host.requests import ClientReply, ReadRequest, WriteReply, WriteRequest
 from loom.host.shard import HostOutput
 from loom.paxos.messages import Accept, Envelope, Promise
 from loom.paxos.params import ReplicaParams
@@ -39,6 +39,8 @@ NODE_TICK_MS = 10.0
 REPORT_MS = 100.0
 SM_TICK_MS = 50.0
 SM = "sm"
+# A correlated failure may take a third node down for a moment (a rack losing power).
+CORRELATED_DOWN_MAX = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +107,7 @@ class World:
             for i in range(config.clients)
         ]
         self.load_running = True
+        self.power_outage_armed = False
         self.applied_values: dict[tuple[ShardId, int], bytes] = {}
         # The commands of each slot as first applied anywhere (divergence is reported apart).
         self.applied_commands: dict[tuple[ShardId, int], tuple[bytes, ...]] = {}
@@ -225,10 +228,23 @@ class World:
 
         out = node.flush(host, self.t, self.at, deliver)
         self._observe(shard, out)
+        if self.power_outage_armed and any(isinstance(r, WriteReply) for _, r in out.replies):
+            self.power_outage_armed = False
+            self.at(self.t + self.rng.uniform(0, 1), self._power_outage)
         if self._is_torn_crash_due(node, out):
             node.torn_crash = ""
             when = self.t + self.rng.uniform(0, max(0.0, node.sync_done_at - self.t))
             self.at(when, functools.partial(self._torn_crash, node_id, node.life))
+
+    def _power_outage(self) -> None:
+        """Every node loses power at once: unsynced writes everywhere are gone. Only what
+        was persisted before it was acknowledged may survive (PITFALLS 4)."""
+        self.note("power outage")
+        for node_id in sorted(self.nodes):
+            if self.nodes[node_id].alive:
+                self.crash_node(node_id)
+                downtime = self.rng.uniform(50, 2000)
+                self.at(self.t + downtime, functools.partial(self._restart_if_down, node_id))
 
     def _is_torn_crash_due(self, node: SimNode, out: HostOutput) -> bool:
         if not node.torn_crash or not node.store.unsynced_batches:
@@ -257,7 +273,7 @@ class World:
 
     def _correlated_crash(self, node_id: NodeId) -> None:
         down = sum(1 for node in self.nodes.values() if not node.alive)
-        if self.nodes[node_id].alive and down < 2 and not self.net.healed:
+        if self.nodes[node_id].alive and down < CORRELATED_DOWN_MAX and not self.net.healed:
             self.crash_node(node_id)
             downtime = self.rng.uniform(200, 3000)
             self.at(self.t + downtime, functools.partial(self._restart_if_down, node_id))
