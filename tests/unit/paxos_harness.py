@@ -169,6 +169,8 @@ class Cluster:
                 params=params,
                 disk=copy.deepcopy(disk),
                 replica=self._build(node_id, Incarnation(1), disk, Instant(offset + start)),
+                # What the disk says was applied before the scenario starts.
+                applied={s: e for s, e in disk.entries.items() if s <= disk.applied_seq},
             )
 
     # ------------------------------------------------------------------ access

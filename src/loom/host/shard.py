@@ -33,6 +33,7 @@ from loom.kv.commands import (
     Applied,
     Command,
     Delete,
+    Gc,
     Increment,
     Put,
     TxnCommit,
@@ -126,6 +127,7 @@ class ShardHost:
         self.snapshots = SnapshotTransfers(node=node, shard=shard)
         self.out = HostOutput()
         self.renamed_requests = 0
+        self.next_gc_at = Instant(now + params.gc_interval_ms)
 
     # ------------------------------------------------------------------ inputs
 
@@ -213,7 +215,22 @@ class ShardHost:
         out, self.out = self.out, HostOutput()
         return out
 
+    def _propose_gc(self, now: Instant, wall_ms: WallMs) -> None:
+        """The primary proposes garbage collection as a replicated command, so every
+        replica forgets the same tombstones and dedupe entries at the same slot."""
+        lead = self.replica.lead
+        if lead is None or not lead.activated or now < self.next_gc_at:
+            return
+        self.next_gc_at = Instant(now + self.p.gc_interval_ms)
+        horizon = Seq(max(0, self.replica.applied_seq - self.p.gc_tombstone_lag_entries))
+        command = Gc(
+            tombstone_horizon=horizon,
+            dedupe_before_wall_ms=max(0, wall_ms - self.p.dedupe_retention_ms),
+        )
+        self.replica.propose((encode_command(command),), wall_ms, now)
+
     def _propose_queued(self, now: Instant, wall_ms: WallMs) -> None:
+        self._propose_gc(now, wall_ms)
         per_entry = self.p.limits.commands_per_entry_max
         while self.queue:
             batch, self.queue = self.queue[:per_entry], self.queue[per_entry:]

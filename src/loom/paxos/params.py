@@ -39,6 +39,13 @@ class ReplicaParams:
     # A peer that has not advanced for this long is sent its entries again.
     resend_after_ms: float = 300.0
     read_wait_max_ms: float = 1000.0
+    # Replicated garbage collection, proposed by the primary (kv.commands.Gc). Tombstones
+    # and transaction snapshots older than this many entries are forgotten; the lag must
+    # exceed what the longest transaction and the largest bounded read can fall behind.
+    gc_interval_ms: float = 10_000.0
+    gc_tombstone_lag_entries: int = 10_000
+    # Dedupe entries are kept this long: a client retrying later than this may apply twice.
+    dedupe_retention_ms: int = 15 * 60 * 1000
     limits: Limits = DEFAULT_LIMITS
     bugs: frozenset[str] = field(default_factory=frozenset)
 

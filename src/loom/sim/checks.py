@@ -26,7 +26,7 @@ def check_bounded_reads(reads: Sequence[ReadObservation], acks: Sequence[WriteAc
         for ack in by_key.get(read.key, []):
             if ack.completed_ms < horizon and (required is None or ack.version > required):
                 required = ack.version
-        if required is not None and (read.record_version is None or read.record_version < required):
+        if required is not None and not _reflects(read, required):
             problems.append(
                 f"bounded({read.bound_ms:g}ms) read of {read.key!r} by {read.client} at "
                 f"{read.invoked_ms:.1f}ms saw {read.record_version}, but {required} was "
@@ -35,13 +35,21 @@ def check_bounded_reads(reads: Sequence[ReadObservation], acks: Sequence[WriteAc
     return problems
 
 
+def _reflects(read: ReadObservation, write: Version) -> bool:
+    """Whether the read's state includes `write`: a newer record, or no record at all (a
+    collected tombstone) on a replica that applied the write's slot."""
+    if read.record_version is None:
+        return read.applied_seq >= write.seq
+    return read.record_version >= write
+
+
 def check_read_your_writes(reads: Sequence[ReadObservation]) -> list[str]:
     problems = []
     for read in reads:
         if read.consistency is not Consistency.READ_YOUR_WRITES:
             continue
         own = read.own_write_version
-        if own is not None and (read.record_version is None or read.record_version < own):
+        if own is not None and not _reflects(read, own):
             problems.append(
                 f"read-your-writes read of {read.key!r} by {read.client} saw "
                 f"{read.record_version}, below its own write {own}"

@@ -66,6 +66,9 @@ class ReadObservation:
     invoked_ms: float
     bound_ms: float | None
     record_version: Version | None
+    # The serving replica's applied seq: a tombstone may be collected, so an absent
+    # record proves freshness only through it.
+    applied_seq: int
     own_write_version: Version | None
 
 
@@ -493,6 +496,7 @@ class SimClient:
                 invoked_ms=attempt.invoked_ms,
                 bound_ms=request.bound_ms,
                 record_version=reply.record_version,
+                applied_seq=reply.applied_seq,
                 own_write_version=self.own_writes.get(attempt.key),
             )
         )

@@ -77,6 +77,9 @@ class World:
             probe_interval_ms=50.0,
             resend_after_ms=150.0,
             read_wait_max_ms=500.0,
+            gc_interval_ms=500.0,
+            gc_tombstone_lag_entries=20,
+            dedupe_retention_ms=8000,
             # Tiny logs and chunks, so truncation and snapshot transfer happen in every run.
             limits=Limits(log_retained_entries_max=24, snapshot_chunk_items_max=4),
             bugs=config.bugs,
