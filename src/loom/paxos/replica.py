@@ -255,8 +255,8 @@ class Replica:
         if ready.truncate_through is not None:
             self.truncated_seq = Seq(max(self.truncated_seq, ready.truncate_through))
         lead = self.lead
-        if lead is not None and ready.entries:
-            self._advance_commit(lead, now)
+        if lead is not None:
+            self._advance_commit(lead, now)  # own entries now count; activation may finish
         self.reads.on_applied(self.applied_seq, self.ready_out)
         self._after_input(now)
 

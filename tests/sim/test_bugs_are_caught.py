@@ -1,0 +1,30 @@
+"""Every deliberate bug breaks an invariant that some checker sees, at a known seed.
+
+The seeds are the first that `loom sim --seeds 200 --faults all --bug NAME --fail-fast`
+reports (docs/protocols/replication.md lists them with the invariant each breaks).
+"""
+
+import pytest
+
+from loom.paxos.params import KNOWN_BUGS
+from loom.sim.run import run_seed
+
+FIRST_FAILING_SEED = {
+    "skip-prepare": 1,
+}
+
+
+def test_every_known_bug_has_a_seed() -> None:
+    assert set(FIRST_FAILING_SEED) == set(KNOWN_BUGS)
+
+
+@pytest.mark.parametrize(("bug", "seed"), sorted(FIRST_FAILING_SEED.items()))
+def test_bug_is_caught_by_a_checker(bug: str, seed: int) -> None:
+    result = run_seed(seed, faults="all", ops=300, bugs=frozenset({bug}))
+    assert result.violations, f"--bug {bug} went unnoticed at seed {seed}"
+
+
+def test_the_same_seed_is_clean_without_the_bug() -> None:
+    for bug, seed in sorted(FIRST_FAILING_SEED.items()):
+        del bug
+        assert run_seed(seed, faults="all", ops=300).violations == []

@@ -1,0 +1,59 @@
+"""Deterministic simulation of the real cores under faults (DESIGN §10).
+
+CI runs a fixed set of seeds with every fault on, every seed that ever failed, and
+proves that each deliberate bug is caught: a checker that cannot fail is a defect.
+Longer sweeps: `loom sim --seeds 300 --faults all` (or LOOM_SIM_SEEDS=N here).
+"""
+
+import os
+
+import pytest
+
+from loom.sim.run import run_seed
+
+CI_SEEDS = range(1, 1 + int(os.environ.get("LOOM_SIM_SEEDS", "50")))
+
+# Seeds that failed once, with what they caught; kept forever (STYLE rule 13). A seed
+# replays the exact scenario only on the code of its day. Seeds inside CI_SEEDS that
+# failed once: 1 (a follower committed stale log entries on a bare commit point),
+# 2 (a restarted sender's reused transfer id mixed two snapshots), 4 (two primaries
+# streaming one snapshot), 6 (a candidate never re-sent a lost Prepare), 18 and 24
+# (the simulated client mapped versions to values across shards).
+REGRESSION_SEEDS = {
+    142: "convergence checked before an in-flight membership change settled",
+    273: "acceptor's match point trailed its commit point after learning as a follower",
+}
+
+
+@pytest.mark.parametrize("seed", CI_SEEDS)
+def test_seed_with_all_faults_has_no_violation(seed: int) -> None:
+    result = run_seed(seed, faults="all", ops=300)
+    assert result.violations == [], result.violations[:5]
+    assert result.operations_checked > 250
+
+
+@pytest.mark.parametrize("faults", ["none", "network", "crash"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_seed_with_one_kind_of_fault_has_no_violation(faults: str, seed: int) -> None:
+    result = run_seed(seed, faults=faults, ops=200)
+    assert result.violations == [], result.violations[:5]
+
+
+@pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
+def test_regression_seed_has_no_violation(seed: int) -> None:
+    result = run_seed(seed, faults="all", ops=300)
+    assert result.violations == [], (REGRESSION_SEEDS[seed], result.violations[:5])
+
+
+def test_same_seed_replays_the_same_trace() -> None:
+    first = run_seed(7, faults="all", ops=150)
+    second = run_seed(7, faults="all", ops=150)
+    assert first.trace_hash == second.trace_hash
+    assert first.operations_checked == second.operations_checked
+
+
+def test_different_seeds_give_different_traces() -> None:
+    assert (
+        run_seed(7, faults="all", ops=100).trace_hash
+        != run_seed(8, faults="all", ops=100).trace_hash
+    )
