@@ -79,7 +79,16 @@ def _core_table(figures: list[core_bench.CoreFigure]) -> Table:
     table = Table(title="One p-shard through the core: 3 replicas in one process, closed loop")
     table.add_column("store")
     table.add_column("workload")
-    headings = ("B/flush", "ops/s", "round p50 ms", "round p99 ms", "fsyncs/round", "cpu", "errors")
+    headings = (
+        "B/flush",
+        "ops/s",
+        "round p50 ms",
+        "round p99 ms",
+        "fsyncs/round",
+        "cpu",
+        "ops/cpu-s",
+        "errors",
+    )
     for heading in headings:
         table.add_column(heading, justify="right")
     for figure in figures:
@@ -92,6 +101,7 @@ def _core_table(figures: list[core_bench.CoreFigure]) -> Table:
             f"{figure.round_p99_ms:.2f}",
             f"{figure.fsyncs_per_round:.1f}",
             f"{figure.cpu_share:.0%}",
+            f"{figure.ops_per_cpu_s:,.0f}",
             str(figure.errors),
         )
     return table

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from bench.cluster import NODES, Cluster, Store
 from loom.core.hashing import ushard_of
@@ -45,6 +46,8 @@ ROUNDS_PER_PHASE_MAX = 1_000_000
 KEYS_FOR_READS = 4096
 PREFILL_PER_FLUSH = 128
 
+Kind = Literal["write", "read"]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoreFigure:
@@ -62,6 +65,9 @@ class CoreFigure:
     # CPU time of this process over wall time: below ~0.9 with a MemoryStore means
     # other processes took the CPU (the figure is then low); with RocksDB, fsync waits.
     cpu_share: float
+    # Good replies per second of this process's CPU time: steadier than ops_per_s when
+    # the machine is shared; with RocksDB it leaves out the fsync waits.
+    ops_per_cpu_s: float
     seconds: float
 
 
@@ -110,18 +116,22 @@ def run_phase(
     workload: Workload,
     *,
     store: str,
-    kind: str,
+    kind: Kind,
     requests_per_flush: int,
     seconds: float,
 ) -> CoreFigure:
-    """Closed loop for `seconds`: submit B requests, pump until idle, count good replies."""
+    """Closed loop for `seconds`: submit B requests, pump until idle, count good replies.
+
+    A good reply: `Applied` for a write, a found item for a read; anything else is an
+    error. Building the requests (the client's share) is inside the timed loop.
+    """
     make: Callable[[], WriteRequest | ReadRequest] = (
         workload.write if kind == "write" else workload.read
     )
     is_good: Callable[[object], bool] = (
         (lambda r: isinstance(r, WriteReply) and isinstance(r.result, Applied))
         if kind == "write"
-        else (lambda r: isinstance(r, ReadReply))
+        else (lambda r: isinstance(r, ReadReply) and r.item is not None)
     )
     counters = cluster.counters
     flushes_before, syncs_before = counters.flushes, counters.syncs
@@ -146,7 +156,7 @@ def run_phase(
         rounds += 1
         round_ms.append((time.perf_counter() - round_started) * 1000.0)
     elapsed = time.perf_counter() - started
-    cpu_share = (time.process_time() - cpu_started) / elapsed
+    cpu_s = time.process_time() - cpu_started
     return CoreFigure(
         store=store,
         workload="put QUORUM" if kind == "write" else "get STRONG",
@@ -158,7 +168,8 @@ def run_phase(
         round_p99_ms=_percentile(round_ms, 0.99),
         fsyncs_per_round=(counters.syncs - syncs_before) / max(rounds, 1),
         flushes_per_round=(counters.flushes - flushes_before) / max(rounds, 1),
-        cpu_share=cpu_share,
+        cpu_share=cpu_s / elapsed,
+        ops_per_cpu_s=ok / cpu_s if cpu_s > 0 else 0.0,
         seconds=elapsed,
     )
 
@@ -207,7 +218,7 @@ def run(
                 )
         with running_cluster(store, directory) as cluster:
             workload = Workload()
-            _write_keys(cluster, workload, KEYS_FOR_READS)
+            write_keys(cluster, workload, KEYS_FOR_READS)
             for batch in REQUESTS_PER_FLUSH:
                 figures.append(
                     run_phase(
@@ -222,7 +233,7 @@ def run(
     return figures
 
 
-def _write_keys(cluster: Cluster, workload: Workload, keys: int) -> None:
+def write_keys(cluster: Cluster, workload: Workload, keys: int) -> None:
     """Store `keys` keys, 128 per round, for the read phases to read."""
     for _ in range(keys // PREFILL_PER_FLUSH + 1):
         if len(workload.keys_written) >= keys:
@@ -277,6 +288,7 @@ def main() -> None:
             f"{figure.store:<7} {figure.workload:<20} B={figure.requests_per_flush:<4}"
             f" {figure.ops_per_s:>10,.0f} ops/s  p50 {figure.round_p50_ms:.2f} ms"
             f"  p99 {figure.round_p99_ms:.2f} ms  cpu {figure.cpu_share:.0%}"
+            f"  {figure.ops_per_cpu_s:,.0f} ops/cpu-s"
             f"  errors {figure.errors}"
         )
 

@@ -1,11 +1,12 @@
 """Where a committed put spends its time: the core bench's write loop under cProfile.
 
-    .venv/bin/python -m bench.core_profile [--seconds 6] [--batch 16] [--top 15]
+    .venv/bin/python -m bench.core_profile [--seconds 6] [--batch 16] [--top 15] [--reads]
 
-QUORUM puts over three MemoryStores (no fsync cost, so what remains is Python in the
-core), B per flush. Reports the functions and the modules with the most own time, and
-the cumulative time of the layers a put crosses. cProfile slows everything down about
-twofold, evenly enough that the shares are the figure, not the seconds.
+QUORUM puts (or, with --reads, STRONG reads) over three MemoryStores (no fsync cost, so
+what remains is Python in the core), B per flush. Reports the functions and the modules
+with the most own time, and the cumulative time of the layers a request crosses.
+cProfile slows everything down about twofold, evenly enough that the shares are the
+figure, not the seconds.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ import cProfile
 import dataclasses
 from dataclasses import dataclass
 
-from bench.core_bench import Workload, run_phase, running_cluster
+from bench.core_bench import (
+    KEYS_FOR_READS,
+    Kind,
+    Workload,
+    run_phase,
+    running_cluster,
+    write_keys,
+)
 
 TOP_DEFAULT = 5
 BUILTIN = "(built-in)"
-# The layers a put crosses, by the qualified name of the function that enters each.
+# The layers a request crosses, by the qualified name of the function that enters each.
 LAYERS = (
     ("ShardHost.flush", "ShardHost.flush: all a flush does"),
     ("ShardHost._apply", "ShardHost._apply: apply + its store write"),
@@ -30,6 +38,11 @@ LAYERS = (
     ("Replica.step", "Replica.step: protocol messages"),
     ("Replica.propose", "Replica.propose"),
     ("Replica.tick", "Replica.tick: timers"),
+    ("ShardHost.submit", "ShardHost.submit: admission (+ lease reads)"),
+    ("Replica.read", "Replica.read: may this read be served"),
+    ("Replica.lease_valid", "Replica.lease_valid: lease checks"),
+    ("read_item", "kv read_item"),
+    ("read_version", "kv read_version"),
 )
 
 
@@ -45,23 +58,28 @@ class HotSpot:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Profile:
-    puts_per_s_under_profile: float
+    ops_per_s_under_profile: float
     total_s: float
     functions: list[HotSpot]
     modules: list[HotSpot]
     layers: list[HotSpot]
 
 
-def profile(seconds: float, requests_per_flush: int = 16, top: int = TOP_DEFAULT) -> Profile:
+def profile(
+    seconds: float, requests_per_flush: int = 16, top: int = TOP_DEFAULT, kind: Kind = "write"
+) -> Profile:
     with running_cluster("memory") as cluster:
+        workload = Workload()
+        if kind == "read":
+            write_keys(cluster, workload, KEYS_FOR_READS)
         profiler = cProfile.Profile()
         profiler.enable()
         try:
             figure = run_phase(
                 cluster,
-                Workload(),
+                workload,
                 store="memory",
-                kind="write",
+                kind=kind,
                 requests_per_flush=requests_per_flush,
                 seconds=seconds,
             )
@@ -109,7 +127,7 @@ def profile(seconds: float, requests_per_flush: int = 16, top: int = TOP_DEFAULT
         if qualname in by_name
     ]
     return Profile(
-        puts_per_s_under_profile=figure.ops_per_s,
+        ops_per_s_under_profile=figure.ops_per_s,
         total_s=total,
         functions=sorted(functions, key=lambda spot: spot.own_s, reverse=True)[:top],
         modules=sorted(modules, key=lambda spot: spot.own_s, reverse=True)[:top],
@@ -138,10 +156,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="time under the profiler")
     parser.add_argument("--batch", type=int, default=16, help="puts per flush")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--reads", action="store_true", help="profile STRONG reads instead")
     arguments = parser.parse_args()
-    result = profile(arguments.seconds, arguments.batch, arguments.top)
+    kind: Kind = "read" if arguments.reads else "write"
+    result = profile(arguments.seconds, arguments.batch, arguments.top, kind)
     print(
-        f"{result.puts_per_s_under_profile:,.0f} puts/s under the profiler,"
+        f"{result.ops_per_s_under_profile:,.0f} {kind}s/s under the profiler,"
         f" {result.total_s:.2f} s profiled"
     )
     _print("functions by own time", result.functions)

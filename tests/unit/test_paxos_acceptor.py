@@ -8,7 +8,7 @@ writes by hand and whose inboxes are `Cluster.outside`.
 from __future__ import annotations
 
 import pytest
-from paxos_harness import PARAMS, W, Cluster, ballot, config, durable, entry, n
+from paxos_harness import PARAMS, Cluster, W, ballot, config, durable, entry, n
 
 from loom.core.ids import Ballot, Seq
 from loom.paxos.messages import (
@@ -29,11 +29,15 @@ B2 = ballot(2, "q")
 
 
 def lone_acceptor(
-    *, promised: Ballot | None = None, params: ReplicaParams = PARAMS, **clock: float
+    *,
+    promised: Ballot | None = None,
+    params: ReplicaParams = PARAMS,
+    offsets: dict[str, float] | None = None,
+    rates: dict[str, float] | None = None,
 ) -> Cluster:
     """Acceptor `x`, built long ago (its restart wait is over) unless told otherwise."""
     disk = durable(promise=promised, promise_config=CFG if promised else None)
-    c = Cluster("x", disks={"x": disk}, params=params, **clock)  # type: ignore[arg-type]
+    c = Cluster("x", disks={"x": disk}, params=params, offsets=offsets, rates=rates)
     c.now += W + 1
     return c
 

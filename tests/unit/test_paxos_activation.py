@@ -19,10 +19,11 @@ from paxos_harness import (
     durable,
     entry,
     is_msg,
+    n,
     value_of,
 )
 
-from loom.core.ids import Seq
+from loom.core.ids import Incarnation, Seq
 from loom.paxos.activation import Candidacy, choose_log
 from loom.paxos.durable import DurableState
 from loom.paxos.messages import Accept, Accepted, Entry, HeartbeatAck, Promise
@@ -114,8 +115,9 @@ def test_new_primary_adopts_the_highest_ballot_value_and_fills_holes_with_noops(
     primary_log = c.r("c").log
     assert {s: value_of(e) for s, e in sorted(primary_log.items())} == case.expected
     assert all(primary_log[Seq(s)].ballot == B3 for s in range(2, last + 1))
-    assert c.r("c").lead is not None
-    assert c.r("c").lead.activation_target == last
+    lead = c.r("c").lead
+    assert lead is not None
+    assert lead.activation_target == last
     # The adopted values keep their stamps (wall time, epoch): apply is identical.
     originals = [e for d in case.disks.values() for e in d.entries.values()]
     for s, e in primary_log.items():
@@ -127,9 +129,7 @@ def test_new_primary_adopts_the_highest_ballot_value_and_fills_holes_with_noops(
     c.assert_agreement()
 
 
-def test_candidate_missing_a_chosen_value_that_no_promise_holds_reports_activation_failed() -> (
-    None
-):
+def test_candidate_missing_a_chosen_value_that_no_promise_holds_reports_activation_failed() -> None:
     # a committed (and then truncated) 1..3; its promise can only say "committed to 3".
     disks = {
         "a": durable(promise=B2, promise_config=CFG2, commit=3, applied=3, truncated=3),
@@ -195,8 +195,8 @@ def test_choose_log_table(
     )
     for name, (commit, truncated, entries) in promises.items():
         candidacy.add(
-            name,  # type: ignore[arg-type]
-            Promise(B3, Seq(commit), Seq(truncated), None, tuple(entries), 1),  # type: ignore[arg-type]
+            n(name),
+            Promise(B3, Seq(commit), Seq(truncated), None, tuple(entries), Incarnation(1)),
             follow_prior_configs=True,
         )
     assert candidacy.has_quorum()
@@ -225,9 +225,7 @@ def gate_cluster() -> Cluster:
     return c
 
 
-def test_new_primary_refuses_proposals_and_strong_reads_until_adopted_entries_are_applied() -> (
-    None
-):
+def test_new_primary_refuses_proposals_and_strong_reads_until_adopted_entries_are_applied() -> None:
     c = gate_cluster()
     replies_to_c = is_msg(Accepted, dst="c")
     c.hold_if = lambda env: replies_to_c(env) or is_msg(HeartbeatAck, dst="c")(env)
@@ -239,11 +237,15 @@ def test_new_primary_refuses_proposals_and_strong_reads_until_adopted_entries_ar
     assert primary.lead.activation_target == 3
 
     def refused_everything() -> None:
-        assert c.propose("c", b"w") == Refused(reason=RefusalReason.NOT_READY, retry_after_ms=50)
-        strong = c.read("c", strong=True)
+        # Asked directly: going through the harness would run the pending Ready (apply).
+        now = c.clock("c")
+        assert primary.propose((b"w",), 1, now) == Refused(
+            reason=RefusalReason.NOT_READY, retry_after_ms=50
+        )
+        strong = primary.read(strong=True, now=now)
         assert isinstance(strong, Refused)
         assert strong.reason is RefusalReason.NOT_READY
-        assert not primary.lease_valid(c.clock("c"))
+        assert not primary.lease_valid(now)
         assert c.node("c").events(SmEventKind.ACTIVATED) == []
 
     # Phase 2 sent, nothing acknowledged: nothing committed.
@@ -257,15 +259,14 @@ def test_new_primary_refuses_proposals_and_strong_reads_until_adopted_entries_ar
     assert primary.commit_seq == 3
     assert primary.applied_seq == 0
     refused_everything()
-    # Applied: now it serves (at the latest once a further acknowledgement arrives; see
-    # the xfail test below for why it is not at once).
+    # The driver applies the adopted entries: from then on it serves.
     c.flush("c")
     assert primary.applied_seq == 3
-    c.hold_if = None
-    c.run(2 * c.params.heartbeat_interval_ms)
     assert len(c.node("c").events(SmEventKind.ACTIVATED)) == 1
     assert primary.lead is not None
     assert primary.lead.activated
+    c.hold_if = None
+    c.release(env for env in held if env is not accepted[0])
     outcome = c.propose("c", b"w")
     assert not isinstance(outcome, Refused)
     assert not isinstance(c.read("c", strong=True), (Refused, ReadPending))
@@ -287,13 +288,9 @@ def test_serve_before_catchup_bug_would_accept_proposals_before_adopted_entries_
     assert not isinstance(c.propose("c", b"w"), Refused)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: activation is only re-checked when an Accepted/HeartbeatAck is credited "
-    "or when advance() sees persisted entries, not when advance() reports the adopted "
-    "entries applied; a single-acceptor primary never activates",
-)
 def test_primary_activates_as_soon_as_its_adopted_entries_are_committed_and_applied() -> None:
+    # A single-acceptor config: no acknowledgement will ever arrive to re-check activation,
+    # so applying the adopted entries must complete it by itself.
     c = Cluster("a")
     c.now = W + 1
     c.assign(assignment(1, "a", config(1, "a")))

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from paxos_harness import W, Cluster, assignment, ballot, config, durable, entry, n
+from paxos_harness import PARAMS, Cluster, W, assignment, ballot, config, durable, entry, n
 
-from loom.core.ids import Seq
+from loom.core.ids import Incarnation, Seq
 from loom.paxos.activation import Candidacy
 from loom.paxos.messages import Config, Prepare, Promise
 from loom.paxos.params import ReplicaParams
@@ -34,8 +34,7 @@ def chain_cluster(params: ReplicaParams | None = None) -> Cluster:
         "c": durable(promise=B2, promise_config=CFG2, prior_config=CFG1),
         "d": durable(promise=B2, promise_config=CFG2),
     }
-    kwargs = {} if params is None else {"params": params}
-    c = Cluster("abcde", disks=disks, **kwargs)  # type: ignore[arg-type]
+    c = Cluster("abcde", disks=disks, params=params or PARAMS)
     c.now = W + 1
     return c
 
@@ -110,7 +109,7 @@ def test_candidacy_follows_a_prior_config_newer_than_the_last_activated_only() -
     )
 
     def promise(prior: Config | None) -> Promise:
-        return Promise(ballot(3, "e"), Seq(0), Seq(0), prior, (), 1)  # type: ignore[arg-type]
+        return Promise(ballot(3, "e"), Seq(0), Seq(0), prior, (), Incarnation(1))
 
     assert cand.add(n("c"), promise(CFG1), follow_prior_configs=True) == []  # activated: known
     assert cand.add(n("d"), promise(CFG2), follow_prior_configs=True) == [n("b")]

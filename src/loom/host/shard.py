@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from loom.core.ids import Epoch, Generation, Incarnation, NodeId, RequestId, Seq, ShardId, Version
+from loom.core.ids import (
+    Ballot,
+    Epoch,
+    Generation,
+    Incarnation,
+    NodeId,
+    RequestId,
+    Seq,
+    ShardId,
+    Version,
+)
 from loom.core.time import Instant, WallMs
 from loom.host import layout
 from loom.host.requests import (
@@ -70,8 +80,10 @@ class HostOutput:
     messages: list[Envelope] = field(default_factory=list)
     replies: list[tuple[Origin, ClientReply]] = field(default_factory=list)
     sm_events: list[SmEvent] = field(default_factory=list)
-    # Entries applied by this flush, for observers (the simulator's checkers).
+    # For observers (the simulator's checkers): entries applied by this flush, and the
+    # ballot of every lease read it served.
     applied: list[Entry] = field(default_factory=list)
+    lease_reads: list[Ballot] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

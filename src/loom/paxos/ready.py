@@ -4,7 +4,8 @@ The driver executes a `Ready` strictly in this order (STYLE: etcd-style Ready):
 1. persist `promise`, `entries`, `commit_seq`, `truncate_through` and fsync;
 2. send `messages`;
 3. apply `committed` in order (data + applied_seq in one atomic batch);
-then calls `replica.advance(ready)`.
+then calls `replica.advance(ready)`. No other input (`step`, `tick`, `propose`) may reach
+the replica between `ready()` and `advance()`: apply progress moves only in `advance`.
 """
 
 from __future__ import annotations

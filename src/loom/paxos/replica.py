@@ -335,8 +335,14 @@ class Replica:
         if ballot < self.promise.ballot and not self.p.has_bug("stale-epoch-accept"):
             return False
         if ballot > self.promise.ballot:
+            # An Accept carries no config: keep what we know, so a later Promise still
+            # reveals the configs this acceptor saw (PITFALLS 15).
             self._set_promise(
-                PromiseRecord(ballot=ballot, config=self.promise.config, prior_config=None)
+                PromiseRecord(
+                    ballot=ballot,
+                    config=self.promise.config,
+                    prior_config=self.promise.prior_config,
+                )
             )
             if self.lead is not None and self.lead.ballot < ballot:
                 self._step_down(now)

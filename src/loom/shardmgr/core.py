@@ -182,6 +182,13 @@ class ShardManagerCore:
             if not state.persisting and now - state.announced_at >= self.p.announce_interval_ms:
                 self._announce(state, now)
 
+    def demote(self, node: NodeId, now: Instant) -> None:
+        """Move every primary off `node` (an operator's drain, or a gray node suspected)."""
+        for shard in sorted(self.shards):
+            state = self.shards[shard]
+            if state.current.primary == node and not state.persisting:
+                self._failover(state, now, exclude=node)
+
     def announce_all(self, now: Instant) -> None:
         for shard in sorted(self.shards):
             if not self.shards[shard].persisting:

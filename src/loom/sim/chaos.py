@@ -59,11 +59,20 @@ class Chaos:
         others = [e for e in endpoints if e not in side]
         others += [c.name for c in world.clients if self.rng.random() < 0.3]
         roll = self.rng.random()
-        if roll < 0.3:
-            world.net.slow_down(side, others)
-            world.note("slow", tuple(side))
+        if roll < 0.4:
+            one_way = roll < 0.2
+            world.net.slow_down(side, others, one_way=one_way)
+            world.note("slow", tuple(side), one_way)
+            if one_way and SM not in side:
+                # Gray failure: the manager suspects the slow nodes and moves their
+                # primaries away, but cannot tell them; they hear only late replies.
+                world.net.partition([SM], side, one_way=True)
+                for node_id in side:
+                    world.sm.demote(NodeId(node_id), world._sm_now())
+                self._later(self.rng.uniform(2500, 4000), self._heal)
+                return
         else:
-            one_way = roll < 0.5
+            one_way = roll < 0.6
             world.net.partition(side, others, one_way=one_way)
             world.note("partition", tuple(side), one_way)
         self._later(self.rng.uniform(200, 2000), self._heal)

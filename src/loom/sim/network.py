@@ -14,7 +14,7 @@ from loom.sim.faults import Faults
 DELAY_MS_MIN = 0.5
 DELAY_MS_MAX = 6.0
 SLOW_MS_MIN = 200.0
-SLOW_MS_MAX = 1500.0
+SLOW_MS_MAX = 2500.0
 
 
 @dataclass(slots=True)
@@ -60,11 +60,14 @@ class Network:
                 if not one_way:
                     self.blocked.add((b, a))
 
-    def slow_down(self, side: list[str], others: list[str]) -> None:
+    def slow_down(self, side: list[str], others: list[str], *, one_way: bool) -> None:
+        """Links between `side` and `others` turn slow; one way: only towards `side`
+        (a node whose replies arrive late while its own messages still go out)."""
         for a in side:
             for b in others:
-                self.slow.add((a, b))
                 self.slow.add((b, a))
+                if not one_way:
+                    self.slow.add((a, b))
 
     def heal(self) -> None:
         self.blocked.clear()

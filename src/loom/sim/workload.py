@@ -48,6 +48,9 @@ USHARDS = 64
 ATTEMPT_TIMEOUT_MS = 400.0
 OP_DEADLINE_MS = 3000.0
 RETRY_DELAY_MS = 15.0
+# Some clients learn of a new primary at once (a routing push), others keep a stale
+# cache until a request fails: both must be safe.
+ROUTING_PUSH_PROBABILITY = 0.3
 REGISTER_KEYS = tuple(b"k%d" % i for i in range(6))
 COUNTER_KEYS = tuple(b"c%d" % i for i in range(2))
 
@@ -129,6 +132,10 @@ class Routing:
         self.lookup = lookup
         self.primary: dict[ShardId, NodeId] = {}
 
+    def refresh(self) -> None:
+        """A routing-table push reached this client: forget every cached primary."""
+        self.primary.clear()
+
     def primary_of(self, shard: ShardId) -> NodeId | None:
         if shard not in self.primary:
             primary, _members = self.lookup(shard)
@@ -183,6 +190,8 @@ class SimClient:
         return RequestId(self.client_id, RequestSeq(self.request_seq))
 
     def start_op(self, now: float) -> Attempt:
+        if self.rng.random() < ROUTING_PUSH_PROBABILITY:
+            self.routing.refresh()
         roll = self.rng.random()
         if roll < 0.12:
             return self._increment(now)

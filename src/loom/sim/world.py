@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loom.core.ids import Epoch, NodeId, ShardId
+from loom.core.ids import Ballot, Epoch, NodeId, ShardId
 from loom.core.limits import Limits
 from loom.core.time import Instant
 from loom.host.requests import ClientReply, ReadRequest, WriteReply, WriteRequest
@@ -296,6 +296,8 @@ class World:
                 self.invariant_violations.append(
                     f"shard {shard}: two different values applied at slot {entry.seq}"
                 )
+        for ballot in out.lease_reads:
+            self._check_lease(shard, ballot)
         for env in out.messages:
             msg = env.message
             if isinstance(msg, Accept):
@@ -308,6 +310,18 @@ class World:
                             f"shard {shard}: ballot {entry.ballot} sent two values "
                             f"for slot {entry.seq}"
                         )
+
+    def _check_lease(self, shard: ShardId, ballot: Ballot) -> None:
+        """Leases never overlap: while a primary serves a lease read, no primary of a
+        higher ballot is active (it could have committed writes the read misses)."""
+        for node_id in sorted(self.nodes):
+            host = self.nodes[node_id].hosts.get(shard)
+            lead = host.replica.lead if host is not None and self.nodes[node_id].alive else None
+            if lead is not None and lead.activated and lead.ballot > ballot:
+                self.invariant_violations.append(
+                    f"shard {shard}: a lease read under ballot {ballot} was served while "
+                    f"{lead.ballot} was active"
+                )
 
     # ------------------------------------------------------------------ network
 
