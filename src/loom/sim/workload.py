@@ -179,7 +179,9 @@ class SimClient:
         self.skip_absent_bug = skip_absent_bug
         # Per key: the version and value of this client's last acknowledged write.
         self.own_writes: dict[bytes, Version] = {}
-        self.min_version: Version | None = None
+        # READ_YOUR_WRITES: the highest version this client wrote, per p-shard (versions
+        # of different p-shards do not compare).
+        self.min_version: dict[ShardId, Version] = {}
         # Versions are per p-shard, so the value a version names is known per key.
         self.known_values: dict[tuple[bytes, Version], bytes | None] = {}
 
@@ -313,7 +315,11 @@ class SimClient:
             key=key,
             consistency=consistency,
             bound_ms=bound,
-            min_version=self.min_version if consistency is Consistency.READ_YOUR_WRITES else None,
+            min_version=(
+                self.min_version.get(shard_of(self._ushard(key), self.shards))
+                if consistency is Consistency.READ_YOUR_WRITES
+                else None
+            ),
         )
         kind = "read" if consistency is Consistency.STRONG else "relaxed"
         return self._attempt(kind, key, request, now)
@@ -485,8 +491,9 @@ class SimClient:
         if attempt.kind in ("write", "delete"):
             self.own_writes[attempt.key] = version
             self.known_values[(attempt.key, version)] = attempt.value
-        if self.min_version is None or version > self.min_version:
-            self.min_version = version
+        known = self.min_version.get(attempt.shard)
+        if known is None or version > known:
+            self.min_version[attempt.shard] = version
 
     def _on_read_reply(self, attempt: Attempt, reply: ReadReply, now: float) -> None:
         request = attempt.request
