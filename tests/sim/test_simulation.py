@@ -21,6 +21,7 @@ CI_SEEDS = range(1, 1 + int(os.environ.get("LOOM_SIM_SEEDS", "50")))
 # (the simulated client mapped versions to values across shards).
 REGRESSION_SEEDS = {
     142: "convergence checked before an in-flight membership change settled",
+    179: "log truncated in memory while truncated_seq lagged until the next Ready (crash)",
     273: "acceptor's match point trailed its commit point after learning as a follower",
 }
 

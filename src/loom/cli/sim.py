@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 import click
 from rich.console import Console
@@ -94,7 +95,7 @@ def sim(
     ) as progress:
         task = progress.add_task("seeds", total=seeds, violations=0)
         for seed in range(start, start + seeds):
-            result = run_seed(seed, faults=faults, ops=ops, bugs=bug_set)
+            result = _run_guarded(seed, faults, ops, bug_set)
             ran += 1
             checked += result.operations_checked
             violations += len(result.violations)
@@ -107,6 +108,15 @@ def sim(
         out.print(f"[dim]{ran} seeds in {elapsed:.1f}s[/dim]")
     out.print(f"sim: {ran} seeds, {violations} violations, {checked} operations checked")
     sys.exit(1 if violations else 0)
+
+
+def _run_guarded(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> SeedResult:
+    """A core that crashes on a broken invariant is a finding, reported like a violation."""
+    try:
+        return run_seed(seed, faults=faults, ops=ops, bugs=bugs)
+    except Exception as error:  # noqa: BLE001 - every crash becomes a reported seed
+        trace = "".join(traceback.format_exception(error)[-3:]).strip()
+        return SeedResult(seed=seed, violations=[f"crash: {error!r}\n{trace}"])
 
 
 def _report(

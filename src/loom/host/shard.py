@@ -327,10 +327,13 @@ class ShardHost:
             self.p.limits,
             shared_version_bug=self.p.has_bug("shared-batch-version"),
         )
-        batch = WriteBatch()
-        self.state_batch_into(batch, state_batch)
-        layout.put_applied(batch, entry.seq)
-        self._write(batch)
+        # Data and applied_seq in one atomic batch (DESIGN §3).
+        absolute = WriteBatch()
+        self.state.add_to(absolute, state_batch)
+        applied = WriteBatch()
+        layout.put_applied(applied, entry.seq)
+        self.view.add_to(absolute, applied)
+        self.store.write(absolute, sync=False)
         self.applied_epoch = entry.epoch
         self.out.applied.append(entry)
         for waiting in self.awaiting.pop(entry.seq, []):
@@ -345,15 +348,6 @@ class ShardHost:
                     retry_after_ms=10,
                 )
             self.out.replies.append((waiting.origin, reply))
-
-    def state_batch_into(self, batch: WriteBatch, state_batch: WriteBatch) -> None:
-        """Moves a batch relative to the kv namespace into one relative to the shard."""
-        for start, end in state_batch.ranges_deleted:
-            batch.delete_range(
-                layout.STATE + start, layout.STATE + end if end else layout.STATE_END
-            )
-        for key, value in state_batch.ops:
-            batch.ops.append((layout.STATE + key, value))
 
     # ------------------------------------------------------------------ reads
 

@@ -698,6 +698,9 @@ class Replica:
         if target > self.truncated_seq + retain // 4:
             for slot in [s for s in self.log if s <= target]:
                 del self.log[slot]
+            # At once, not at advance(): more input may arrive before the next Ready, and
+            # what is gone from memory must be streamed by snapshot from now on.
+            self.truncated_seq = Seq(target)
             self.ready_out.truncate_through = Seq(target)
 
     def _send(self, dst: NodeId, message: Message) -> None:
