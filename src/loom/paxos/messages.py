@@ -128,13 +128,6 @@ class FreshnessReply(Struct, frozen=True, tag="probereply"):
     ballot: Ballot
 
 
-class SnapshotOffer(Struct, frozen=True, tag="snapoffer"):
-    """The primary cannot send entries the peer needs (truncated): it will send a snapshot."""
-
-    ballot: Ballot
-    snapshot_seq: Seq
-
-
 class SnapshotChunk(Struct, frozen=True, tag="snapchunk"):
     ballot: Ballot
     transfer: int
@@ -164,7 +157,6 @@ Message = (
     | LearnAck
     | FreshnessProbe
     | FreshnessReply
-    | SnapshotOffer
     | SnapshotChunk
     | SnapshotAck
 )

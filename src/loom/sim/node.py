@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loom.core.ids import Incarnation, NodeId, Seq, ShardId
+from loom.core.ids import Incarnation, NodeId, ShardId
 from loom.core.time import Instant, WallMs
 from loom.host.shard import HostOutput, ShardHost
 from loom.paxos.params import ReplicaParams
@@ -153,6 +153,3 @@ def entry_value_digest(wall_ms: int, epoch: int, commands: tuple[bytes, ...]) ->
     for command in commands:
         digest.update(len(command).to_bytes(4, "big") + command)
     return digest.digest()
-
-
-__all__ = ["Clock", "Seq", "SimNode", "entry_value_digest"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 
@@ -145,12 +144,3 @@ def _verdicts(world: World, result: SeedResult, finals: dict[bytes, int]) -> Non
     result.violations += world.invariant_violations
     result.violations += rec.violations
     result.operations_checked = rec.operations() - unchecked
-
-
-def require_fixed_hash_seed() -> None:
-    """Traces replay only with a fixed PYTHONHASHSEED (PITFALLS 18)."""
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        raise RuntimeError("run the simulator with PYTHONHASHSEED=0 so traces replay exactly")
-
-
-__all__ = ["SeedResult", "ShardId", "replay_command", "run_seed"]

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from loom.core.hashing import ushard_of
-from loom.core.ids import ClientId, Epoch, Generation, NodeId, RequestId, RequestSeq, Seq, Version
+from loom.core.ids import Epoch, Generation, NodeId, RequestId, Seq, Version
 from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteRequest
-from loom.kv.commands import Applied, TxnCommit, TxnRead, TxnWrite, encode_command
+from loom.kv.commands import TxnCommit, TxnRead, TxnWrite, encode_command
 
 ACCOUNTS = tuple(b"acct:%d" % i for i in range(4))
 INITIAL_BALANCE = 100
@@ -156,18 +156,3 @@ def audit_problem(txn: Transaction) -> str | None:
         if on < 1:
             return f"write skew: nobody on call at seq {txn.snapshot_seq}"
     return None
-
-
-def is_committed(result: object) -> bool:
-    return isinstance(result, Applied)
-
-
-__all__ = [
-    "ClientId",
-    "RequestSeq",
-    "Transaction",
-    "audit_problem",
-    "commit_request",
-    "is_committed",
-    "plan_transaction",
-]

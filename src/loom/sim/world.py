@@ -96,7 +96,6 @@ class World:
         )
         self.metastore: dict[ShardId, Epoch] = {}
         self.rec = Recorder()
-        self.routing_lookup = Routing(self._route).lookup
         self.clients = [
             SimClient(
                 name=f"c{i}",
