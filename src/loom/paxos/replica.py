@@ -136,7 +136,8 @@ class Replica:
         ballot = assignment.ballot
         if self.lead is not None and self.lead.ballot == ballot:
             return  # a repeated assignment
-        if ballot <= self.promise.ballot or assignment.primary_incarnation != self.incarnation:
+        stale = not self._outranks_promise(ballot)
+        if stale or assignment.primary_incarnation != self.incarnation:
             self._emit_sm(SmEventKind.BALLOT_STALE, ballot, config)
             return
         self._become_candidate(assignment, now)

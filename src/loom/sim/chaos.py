@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable
 
 from loom.core.ids import NodeId
+from loom.paxos.replica import Assignment
 from loom.sim.world import SM, World
 
 DOWN_NODES_MAX = 2
@@ -30,6 +31,7 @@ class Chaos:
         if faults.reconfigure:
             self._later(self.rng.uniform(2000, 6000), self._reconfigure)
         if faults.sm_chaos:
+            self._later(self.rng.uniform(3000, 8000), self._rogue_manager)
             self.world.sm.chaos_promote_probability = 0.01
             self.world.sm.chaos_duplicate_epoch_probability = 0.05
 
@@ -108,6 +110,40 @@ class Chaos:
     def _restart(self, node_id: NodeId) -> None:
         if not self.world.nodes[node_id].alive:
             self.world.restart_node(node_id)
+
+    def _rogue_manager(self) -> None:
+        """Split brain in the control plane: a deposed manager that missed the last
+        compare-and-swap announces the current epoch again with another primary, while
+        the real primary is cut off from its peers for a while. Strict ballots must keep
+        the two primaries of one epoch from both committing (PITFALLS 13)."""
+        world = self.world
+        shard = self.rng.choice(sorted(world.sm.shards))
+        state = world.sm.shards[shard]
+        current = state.current
+        # A rival whose ballot is *lower* in the same epoch: only the strict promise rule
+        # stops it (a higher one would be a legitimate successor).
+        rivals = [
+            a for a in current.config.acceptors if a < current.primary and world.nodes[a].alive
+        ]
+        if state.activated and rivals:
+            rival = self.rng.choice(rivals)
+            rogue = Assignment(
+                epoch=current.epoch,
+                primary=rival,
+                primary_incarnation=world.nodes[rival].incarnation,
+                config=current.config,
+                prior_configs=(current.config,),
+                activated_epoch=current.epoch,
+            )
+            world.note("rogue", shard, rogue.ballot)
+            # The primary is cut off from its peers but not from the real manager, which
+            # keeps believing in it; the rival hears only the rogue manager.
+            for member in current.config.members():
+                world.send_from_manager(member, (shard, rogue))
+            world.net.partition([current.primary], sorted(world.nodes), one_way=False)
+            world.net.partition([SM], [rival], one_way=True)
+            self._later(self.rng.uniform(2000, 4000), self.world.net.heal)
+        self._later(self.rng.uniform(4000, 10000), self._rogue_manager)
 
     def _reconfigure(self) -> None:
         world = self.world

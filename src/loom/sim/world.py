@@ -388,6 +388,9 @@ class World:
                     for node_id in output.to:
                         self._send(SM, node_id, (output.shard, output.assignment))
 
+    def send_from_manager(self, node: NodeId, payload: object) -> None:
+        self._send(SM, node, payload)
+
     def _persist_epoch(self, output: PersistEpoch) -> None:
         stored = self.metastore.get(output.shard, Epoch(0))
         if output.chaos or stored == output.expected:
