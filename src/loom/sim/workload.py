@@ -11,6 +11,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from loom.core.hashing import ushard_of
 from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard, Version
 from loom.host.requests import (
@@ -241,38 +243,27 @@ class SimClient:
         return RequestSeq(self.request_seq)
 
     def _write(self, key: bytes, now: float) -> Attempt:
+        """A put, unconditional or with one condition the model can check: `if_absent`
+        (expects absent), `if_version` or `if_value` (expect the value this client last
+        wrote there; values are unique, so a version names exactly one value)."""
         value = self.rec.fresh_value(self.name)
-        request_id = self.next_request_id()
-        expect: bytes | _Any | None = ANY
         put = Put(
-            request=request_id,
+            request=self.next_request_id(),
             ushard=self._ushard(key),
             key=key,
             value=value,
             client_floor=self._floor(),
         )
-        roll = self.rng.random()
+        expect: bytes | _Any | None = ANY
         own = self.own_writes.get(key)
+        own_value = self.known_values.get((key, own)) if own is not None else None
+        roll = self.rng.random()
         if roll < 0.15:
-            put = Put(
-                request=request_id,
-                ushard=put.ushard,
-                key=key,
-                value=value,
-                if_absent=True,
-                client_floor=self._floor(),
-            )
-            expect = None
-        elif roll < 0.30 and own is not None and self.known_values.get((key, own)) is not None:
-            put = Put(
-                request=request_id,
-                ushard=put.ushard,
-                key=key,
-                value=value,
-                if_version=own,
-                client_floor=self._floor(),
-            )
-            expect = self.known_values[(key, own)]
+            put, expect = msgspec.structs.replace(put, if_absent=True), None
+        elif roll < 0.25 and own is not None and own_value is not None:
+            put, expect = msgspec.structs.replace(put, if_version=own), own_value
+        elif roll < 0.35 and own_value is not None:
+            put, expect = msgspec.structs.replace(put, if_value=own_value), own_value
         durability = Durability.QUORUM
         if expect is ANY and self.fast_ack and self.rng.random() < 0.1:
             durability = Durability.FAST_ACK
@@ -287,8 +278,18 @@ class SimClient:
             key=key,
             client_floor=self._floor(),
         )
+        expect: bytes | _Any | None = ANY
+        own = self.own_writes.get(key)
+        own_value = self.known_values.get((key, own)) if own is not None else None
+        if own is not None and own_value is not None and self.rng.random() < 0.3:
+            command, expect = msgspec.structs.replace(command, if_version=own), own_value
         return self._attempt(
-            "delete", key, self._write_request(command, Durability.QUORUM), now, value=None
+            "delete",
+            key,
+            self._write_request(command, Durability.QUORUM),
+            now,
+            value=None,
+            expect=expect,
         )
 
     def _increment(self, now: float) -> Attempt:
