@@ -52,7 +52,7 @@ from loom.kv.commands import (
     encode_command,
 )
 from loom.kv.reads import read_item, read_version
-from loom.paxos.messages import Entry, Envelope, SnapshotAck, SnapshotChunk
+from loom.paxos.messages import Config, Entry, Envelope, SnapshotAck, SnapshotChunk
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import Ready, RefusalReason, Refused, Sequenced, ServeNow, SmEvent
 from loom.paxos.replica import Assignment, Replica
@@ -83,7 +83,7 @@ class HostOutput:
     # For observers (the simulator's checkers): entries applied by this flush, and the
     # ballot of every lease read it served.
     applied: list[Entry] = field(default_factory=list)
-    lease_reads: list[Ballot] = field(default_factory=list)
+    lease_reads: list[tuple[Ballot, Config]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -61,23 +61,31 @@ class Chaos:
         others = [e for e in endpoints if e not in side]
         others += [c.name for c in world.clients if self.rng.random() < 0.3]
         roll = self.rng.random()
+        if roll < 0.2:
+            self._gray_primary()
+            return
         if roll < 0.4:
-            one_way = roll < 0.2
-            world.net.slow_down(side, others, one_way=one_way)
-            world.note("slow", tuple(side), one_way)
-            if one_way and SM not in side:
-                # Gray failure: the manager suspects the slow nodes and moves their
-                # primaries away, but cannot tell them; they hear only late replies.
-                world.net.partition([SM], side, one_way=True)
-                for node_id in side:
-                    world.sm.demote(NodeId(node_id), world._sm_now())
-                self._later(self.rng.uniform(2500, 4000), self._heal)
-                return
+            world.net.slow_down(side, others, one_way=False)
+            world.note("slow", tuple(side))
         else:
             one_way = roll < 0.6
             world.net.partition(side, others, one_way=one_way)
             world.note("partition", tuple(side), one_way)
         self._later(self.rng.uniform(200, 2000), self._heal)
+
+    def _gray_primary(self) -> None:
+        """Gray failure of a primary: its own messages go out, everything towards it
+        arrives late; the manager suspects it and moves its primaries away but cannot
+        tell it. Its lease must end before the successor serves (PITFALLS 1, 16)."""
+        world = self.world
+        shard = self.rng.choice(sorted(world.sm.shards))
+        primary = world.sm.shards[shard].current.primary
+        others = [e for e in [*sorted(world.nodes), SM] if e != primary]
+        world.net.slow_down([primary], others, one_way=True)
+        world.net.partition([SM], [primary], one_way=True)
+        world.sm.demote(primary, world._sm_now())
+        world.note("gray", primary)
+        self._later(self.rng.uniform(2500, 4000), self._heal)
 
     def _heal(self) -> None:
         self.world.net.heal()

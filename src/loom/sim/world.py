@@ -19,7 +19,7 @@ from loom.core.limits import Limits
 from loom.core.time import Instant
 from loom.host.requests import ClientReply, ReadRequest, WriteReply, WriteRequest
 from loom.host.shard import HostOutput
-from loom.paxos.messages import Accept, Envelope, Promise
+from loom.paxos.messages import Accept, Config, Envelope, Promise
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
@@ -295,8 +295,8 @@ class World:
                 self.invariant_violations.append(
                     f"shard {shard}: two different values applied at slot {entry.seq}"
                 )
-        for ballot in out.lease_reads:
-            self._check_lease(shard, ballot)
+        for ballot, config in out.lease_reads:
+            self._check_lease(shard, ballot, config)
         for env in out.messages:
             msg = env.message
             if isinstance(msg, Accept):
@@ -310,9 +310,20 @@ class World:
                             f"for slot {entry.seq}"
                         )
 
-    def _check_lease(self, shard: ShardId, ballot: Ballot) -> None:
-        """Leases never overlap: while a primary serves a lease read, no primary of a
-        higher ballot is active (it could have committed writes the read misses)."""
+    def _check_lease(self, shard: ShardId, ballot: Ballot, config: Config) -> None:
+        """Leases never overlap (DESIGN §3): while a primary serves a lease read, no
+        majority of its acceptors has promised a higher ballot, since each of them waits
+        W after its last grant, and no higher ballot is active."""
+        promised_higher = 0
+        for node_id in config.acceptors:
+            host = self.nodes[node_id].hosts.get(shard)
+            if host is not None and host.replica.promise.ballot > ballot:
+                promised_higher += 1
+        if promised_higher >= config.majority():
+            self.invariant_violations.append(
+                f"shard {shard}: a lease read under ballot {ballot} was served after a "
+                f"majority of its acceptors promised a higher ballot"
+            )
         for node_id in sorted(self.nodes):
             host = self.nodes[node_id].hosts.get(shard)
             lead = host.replica.lead if host is not None and self.nodes[node_id].alive else None
