@@ -37,7 +37,9 @@ demo: $(STAMP)
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 20 --faults all --verbose
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	PYTHONHASHSEED=0 $(PY) -m bench
+	PYTHONHASHSEED=0 $(PY) -m bench.wire_bench --seconds 12
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
