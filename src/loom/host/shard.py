@@ -8,6 +8,7 @@ durable (`sync`) and only afterwards sends messages and replies (PITFALLS 4).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -198,6 +199,12 @@ class ShardHost:
     def _submit_read(
         self, origin: Origin, request: ReadRequest, now: Instant, wall_ms: WallMs
     ) -> None:
+        bound = request.bound_ms
+        if request.consistency is Consistency.BOUNDED and (
+            bound is None or not math.isfinite(bound) or bound <= 0
+        ):
+            self._error(origin, request.token, ErrorCode.INVALID, "bounded reads need ms > 0")
+            return
         consistency = request.consistency
         min_seq = request.min_version.seq if request.min_version is not None else None
         decision = self.replica.read(

@@ -117,7 +117,10 @@ def encode_command(command: Command) -> bytes:
 
 def decode_command(data: bytes) -> Command:
     """Raises msgspec.DecodeError on bytes that are not a v1 command."""
-    return _command_decoder.decode(data)
+    try:
+        return _command_decoder.decode(data)
+    except UnicodeDecodeError as error:  # msgspec lets it through for non-UTF-8 strings
+        raise msgspec.DecodeError(f"not UTF-8: {error}") from None
 
 
 def encode_result(result: Result) -> bytes:

@@ -77,7 +77,8 @@ def encode_items(items: Sequence[Request | Response]) -> bytes:
 def decode_envelope(payload: bytes) -> Envelope:
     try:
         return _DECODER.decode(payload)
-    except msgspec.DecodeError as error:  # ValidationError is a DecodeError
+    # msgspec lets UnicodeDecodeError through for a string that is not UTF-8.
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
         raise BadEnvelope(f"bad envelope: {error}") from None
 
 

@@ -1,0 +1,100 @@
+"""The node's message codec, version 1: Python values to bytes for the network and back.
+
+Everything a node sends another node or a client (the body of a `loom.wire.envelope`
+request or response) is one `NodeMessage`, encoded here and nowhere else.
+
+Rules of this module:
+- the top-level structs are tagged with their schema version (`"pm1"`, `"cc1"`, `"ca1"`);
+  the payload types they wrap (`loom.paxos.messages`, `loom.host.requests`) are wire
+  format v1 and carry their own tags. A changed meaning gets a new tag, never a reused one;
+- msgspec MessagePack with typed decoding: the decoder validates every field's type
+  (NewType ids decode as their base type, enums by value, unions by tag). Never pickle
+  (STYLE rule 12);
+- input from a peer or client is untrusted: its size is checked *before* decoding, and
+  anything that is not a valid `NodeMessage` is `BadMessage` with a short reason, never
+  a raw msgspec exception (nor the `UnicodeDecodeError` msgspec lets out for a string
+  that is not UTF-8) and never an assert (STYLE rule 5). Semantic checks (ballots,
+  seqs, limits on entries) are the receiving core's business;
+- one Encoder and one Decoder, created at import: they are reusable and hold no
+  per-message state.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from loom.core.errors import InvalidArgument
+from loom.core.ids import ShardId
+from loom.host.requests import ClientReply, ClientRequest
+from loom.paxos.messages import Envelope
+from loom.wire.frames import FRAME_BYTES_MAX
+
+CODEC_VERSION: Final = 1
+# A message travels as the body of one RPC request/response inside one frame, so it can
+# never usefully be larger than a frame.
+MESSAGE_BYTES_MAX: Final = FRAME_BYTES_MAX
+# Reasons quote at most this much of msgspec's error text: enough to debug, bounded.
+_REASON_CHARS_MAX: Final = 200
+
+
+class BadMessage(InvalidArgument):
+    """Bytes that are not a valid `NodeMessage` (or a value too large to send)."""
+
+
+class PeerMessage(msgspec.Struct, frozen=True, kw_only=True, tag="pm1"):
+    """Replication between nodes: one Paxos message for one p-shard."""
+
+    envelope: Envelope
+
+
+class ClientCall(msgspec.Struct, frozen=True, kw_only=True, tag="cc1"):
+    """A client's request to the replica of `shard` on the receiving node."""
+
+    shard: ShardId
+    request: ClientRequest
+
+
+class ClientAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="ca1"):
+    """The reply to one `ClientCall`; `reply.token` names the request."""
+
+    reply: ClientReply
+
+
+NodeMessage = PeerMessage | ClientCall | ClientAnswer
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+# Annotated: mypy cannot infer a union's Decoder type from the call.
+_DECODER: Final[msgspec.msgpack.Decoder[NodeMessage]] = msgspec.msgpack.Decoder(NodeMessage)
+
+
+def _short(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= _REASON_CHARS_MAX else text[:_REASON_CHARS_MAX] + "…"
+
+
+def encode(message: NodeMessage, *, bytes_max: int = MESSAGE_BYTES_MAX) -> bytes:
+    """The message as bytes. `BadMessage` if a value cannot be represented in MessagePack
+    (an int outside 64 bits) or the result is over `bytes_max`: it could not be received."""
+    try:
+        data = _ENCODER.encode(message)
+    except (msgspec.EncodeError, OverflowError) as error:
+        raise BadMessage(f"cannot encode {type(message).__name__}: {_short(error)}") from None
+    if len(data) > bytes_max:
+        raise BadMessage(f"{type(message).__name__} of {len(data)} bytes is over {bytes_max}")
+    return data
+
+
+def decode(data: bytes, *, bytes_max: int = MESSAGE_BYTES_MAX) -> NodeMessage:
+    """The message `data` holds. `BadMessage` if `data` is over `bytes_max` (checked before
+    any decoding), malformed, truncated, has trailing bytes or does not match the schema."""
+    if len(data) > bytes_max:
+        raise BadMessage(f"message of {len(data)} bytes is over {bytes_max}")
+    try:
+        return _DECODER.decode(data)
+    except msgspec.DecodeError as error:  # ValidationError is a DecodeError
+        raise BadMessage(f"bad message: {_short(error)}") from None
+    except UnicodeDecodeError as error:
+        # msgspec (0.22) raises this, not DecodeError, for a str that is not UTF-8.
+        raise BadMessage(f"bad message: a string is not UTF-8 ({error.reason})") from None
