@@ -1,0 +1,275 @@
+"""A storage node as a running program: the shard hosts of one node over RocksDB, behind
+the RPC server (ADR 0005). Work in progress for the cluster issue: assignments are
+given by the caller (the shard-manager process is not wired in yet).
+
+Rules of this module:
+- one asyncio loop moves bytes; one storage thread owns the RocksStore and every
+  ShardHost, so RocksDB and fsync never block the loop (PITFALLS 11);
+- inputs reach the storage thread through one bounded queue; the thread applies all
+  queued inputs, flushes every host with work, syncs once (group commit across shards)
+  and only then are messages and replies released (PITFALLS 4);
+- a data directory carries an incarnation id chosen when it is created, so a node
+  restarted on a wiped disk is a new member (PITFALLS 19);
+- every task is owned by the node and stopped by `close()`; queues are bounded, and a
+  full outbound queue to a peer drops messages (the protocol re-sends) and counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loom.core.ids import Incarnation, NodeId, ShardId
+from loom.core.time import Instant, WallMs
+from loom.host.requests import ClientReply, ClientRequest, ErrorCode, ErrorReply
+from loom.host.shard import HostOutput, ShardHost
+from loom.paxos.messages import Envelope
+from loom.paxos.params import ReplicaParams
+from loom.paxos.replica import Assignment
+from loom.runtime.codec import ClientAnswer, ClientCall, PeerMessage, decode, encode
+from loom.runtime.rpc import RpcClient, RpcServer
+from loom.storage.rocks import RocksStore
+
+TICK_MS = 10.0
+INPUTS_MAX = 10_000
+PEER_QUEUE_MAX = 4_096
+PEER_CALL_TIMEOUT_S = 2.0
+CLIENT_CALL_TIMEOUT_S = 10.0
+INCARNATION_FILE = "INCARNATION"
+
+
+def load_incarnation(data_dir: Path) -> Incarnation:
+    """The data directory's incarnation, created once with the directory."""
+    path = data_dir / INCARNATION_FILE
+    if path.exists():
+        return Incarnation(int(path.read_text().strip()))
+    incarnation = secrets.randbelow(2**31 - 1) + 1
+    path.write_text(f"{incarnation}\n")
+    return Incarnation(incarnation)
+
+
+@dataclass(slots=True)
+class _Inputs:
+    """Everything the storage thread applies in one turn."""
+
+    messages: list[Envelope] = field(default_factory=list)
+    calls: list[tuple[int, ShardId, ClientRequest]] = field(default_factory=list)
+    assignments: list[tuple[ShardId, Assignment]] = field(default_factory=list)
+    tick: bool = False
+
+
+class NodeRuntime:
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        data_dir: Path,
+        params: ReplicaParams,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.node = node
+        self.data_dir = data_dir
+        self.params = params
+        self.server = RpcServer(self._handle, host, port)
+        self.peers: dict[NodeId, tuple[str, int]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"storage-{node}")
+        self.inputs: asyncio.Queue[Callable[[_Inputs], None]] = asyncio.Queue(INPUTS_MAX)
+        self.calls: dict[int, asyncio.Future[ClientReply]] = {}
+        self.call_ids = itertools.count(1)
+        self.outboxes: dict[NodeId, asyncio.Queue[bytes]] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.dropped_messages = 0
+        # Owned by the storage thread:
+        self.store: RocksStore | None = None
+        self.incarnation = Incarnation(0)
+        self.hosts: dict[ShardId, ShardHost] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.pool, self._open)
+        await self.server.start()
+        self.tasks.append(loop.create_task(self._pump()))
+        self.tasks.append(loop.create_task(self._ticker()))
+
+    def _open(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.incarnation = load_incarnation(self.data_dir)
+        self.store = RocksStore(str(self.data_dir / "rocksdb"))
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def connect_peers(self, peers: dict[NodeId, tuple[str, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        for peer, address in sorted(peers.items()):
+            if peer == self.node or peer in self.outboxes:
+                continue
+            self.peers[peer] = address
+            self.outboxes[peer] = asyncio.Queue(PEER_QUEUE_MAX)
+            self.tasks.append(loop.create_task(self._send_to(peer)))
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.close()
+        for future in self.calls.values():
+            future.cancel()
+        await asyncio.get_running_loop().run_in_executor(self.pool, self._close_store)
+        self.pool.shutdown(wait=True)
+
+    def _close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    # ---------------------------------------------------------------- inputs
+
+    def assign(self, shard: ShardId, assignment: Assignment) -> None:
+        self._enqueue(lambda i: i.assignments.append((shard, assignment)))
+
+    def _enqueue(self, add: Callable[[_Inputs], None]) -> None:
+        self.inputs.put_nowait(add)  # QueueFull reaches the caller: it answers Overloaded
+
+    async def _handle(self, body: bytes) -> bytes:
+        message = decode(body)
+        match message:
+            case PeerMessage():
+                envelope = message.envelope
+                self._enqueue(lambda i: i.messages.append(envelope))
+                return b""
+            case ClientCall():
+                return await self._client_call(message)
+            case ClientAnswer():
+                raise ValueError("a node does not take answers")
+
+    async def _client_call(self, call: ClientCall) -> bytes:
+        call_id = next(self.call_ids)
+        future: asyncio.Future[ClientReply] = asyncio.get_running_loop().create_future()
+        self.calls[call_id] = future
+        try:
+            self._enqueue(lambda i: i.calls.append((call_id, call.shard, call.request)))
+            async with asyncio.timeout(CLIENT_CALL_TIMEOUT_S):
+                reply = await future
+        except TimeoutError:
+            reply = ErrorReply(token=call.request.token, code=ErrorCode.TIMEOUT, retry_after_ms=10)
+        except asyncio.QueueFull:
+            reply = ErrorReply(
+                token=call.request.token, code=ErrorCode.OVERLOADED, retry_after_ms=20
+            )
+        finally:
+            self.calls.pop(call_id, None)
+        return encode(ClientAnswer(reply=reply))
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_MS / 1000)
+            with contextlib.suppress(asyncio.QueueFull):
+                self._enqueue(_request_tick)
+
+    # ---------------------------------------------------------------- storage thread
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = _Inputs()
+            (await self.inputs.get())(batch)
+            while not self.inputs.empty():
+                self.inputs.get_nowait()(batch)
+            outputs = await loop.run_in_executor(self.pool, self._turn, batch)
+            self._dispatch(outputs)
+
+    def _turn(self, batch: _Inputs) -> list[HostOutput]:
+        """In the storage thread: apply every input, flush every host, sync once."""
+        assert self.store is not None
+        now = Instant(time.monotonic() * 1000)
+        wall = WallMs(int(time.time() * 1000))
+        for shard, assignment in batch.assignments:
+            self._host(shard, now).assign(assignment, now)
+        for envelope in batch.messages:
+            self._host(envelope.shard, now).on_message(envelope, now)
+        for call_id, shard, request in batch.calls:
+            self._host(shard, now).submit(call_id, request, now, wall)
+        if batch.tick:
+            for shard in sorted(self.hosts):
+                self.hosts[shard].tick(now)
+        outputs = [self.hosts[shard].flush(now, wall) for shard in sorted(self.hosts)]
+        self.store.sync()  # nothing leaves the node before its state is durable
+        return outputs
+
+    def _host(self, shard: ShardId, now: Instant) -> ShardHost:
+        host = self.hosts.get(shard)
+        if host is None:
+            assert self.store is not None
+            host = ShardHost(
+                shard=shard,
+                node=self.node,
+                incarnation=self.incarnation,
+                store=self.store,
+                params=self.params,
+                now=now,
+            )
+            self.hosts[shard] = host
+        return host
+
+    # ---------------------------------------------------------------- outputs
+
+    def _dispatch(self, outputs: list[HostOutput]) -> None:
+        for out in outputs:
+            for envelope in out.messages:
+                self._send(envelope)
+            for origin, reply in out.replies:
+                future = self.calls.get(origin) if isinstance(origin, int) else None
+                if future is not None and not future.done():
+                    future.set_result(reply)
+
+    def _send(self, envelope: Envelope) -> None:
+        if envelope.dst == self.node:
+            self._enqueue(lambda i: i.messages.append(envelope))
+            return
+        outbox = self.outboxes.get(envelope.dst)
+        if outbox is None or outbox.full():
+            self.dropped_messages += 1
+            return
+        outbox.put_nowait(encode(PeerMessage(envelope=envelope)))
+
+    async def _send_to(self, peer: NodeId) -> None:
+        """One owned sender per peer: reconnects, batches what is queued, drops on errors
+        (replication re-sends what matters)."""
+        host, port = self.peers[peer]
+        outbox = self.outboxes[peer]
+        client: RpcClient | None = None
+        try:
+            while True:
+                bodies = [await outbox.get()]
+                while not outbox.empty() and len(bodies) < 64:
+                    bodies.append(outbox.get_nowait())
+                try:
+                    if client is None:
+                        client = await RpcClient.connect(host, port)
+                    await client.call_many(bodies, timeout_s=PEER_CALL_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - any failure: drop, reconnect next time
+                    self.dropped_messages += len(bodies)
+                    if client is not None:
+                        await client.close()
+                    client = None
+        finally:
+            if client is not None:
+                await client.close()
+
+
+def _request_tick(inputs: _Inputs) -> None:
+    inputs.tick = True
