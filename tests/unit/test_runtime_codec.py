@@ -57,16 +57,23 @@ from loom.paxos.messages import (
     SnapshotAck,
     SnapshotChunk,
 )
+from loom.paxos.ready import SmEvent, SmEventKind
+from loom.paxos.replica import Assignment
 from loom.runtime.codec import (
     MESSAGE_BYTES_MAX,
+    AssignMessage,
     BadMessage,
     ClientAnswer,
     ClientCall,
+    CreateShard,
+    ManagerEvent,
     NodeMessage,
+    NodeReportMessage,
     PeerMessage,
     decode,
     encode,
 )
+from loom.shardmgr.core import NodeReport, ShardProgress
 
 BALLOT = Ballot(epoch=Epoch(7), node=NodeId("n2"), incarnation=Incarnation(3))
 OLDER = Ballot(epoch=Epoch(6), node=NodeId("n1"), incarnation=Incarnation(1))
@@ -163,6 +170,40 @@ REPLIES: tuple[ClientReply, ...] = (
     ErrorReply(token=7, code=ErrorCode.OVERLOADED, retry_after_ms=10),
 )
 
+_ASSIGNMENT = Assignment(
+    epoch=Epoch(4),
+    primary=NodeId("n2"),
+    primary_incarnation=Incarnation(9),
+    config=Config(Epoch(4), (NodeId("n1"), NodeId("n2"), NodeId("n3")), (NodeId("n4"),)),
+    prior_configs=(Config(Epoch(3), (NodeId("n1"), NodeId("n2"), NodeId("n3")), ()),),
+    activated_epoch=Epoch(3),
+)
+CONTROL: tuple[NodeMessage, ...] = (
+    NodeReportMessage(
+        report=NodeReport(
+            node=NodeId("n1"),
+            incarnation=Incarnation(7),
+            shards=(
+                ShardProgress(
+                    shard=ShardId(3),
+                    last_seq=Seq(9),
+                    commit_seq=Seq(8),
+                    applied_seq=Seq(8),
+                    is_primary=False,
+                ),
+            ),
+        ),
+        host="127.0.0.1",
+        port=7401,
+    ),
+    ManagerEvent(
+        shard=ShardId(3),
+        event=SmEvent(kind=SmEventKind.ACTIVATED, ballot=_ASSIGNMENT.ballot, config=None),
+    ),
+    AssignMessage(shard=ShardId(3), assignment=_ASSIGNMENT),
+    CreateShard(shard=ShardId(3), acceptors=(NodeId("n1"), NodeId("n2"), NodeId("n3"))),
+)
+
 EXAMPLES: tuple[NodeMessage, ...] = (
     *(
         PeerMessage(
@@ -172,6 +213,7 @@ EXAMPLES: tuple[NodeMessage, ...] = (
     ),
     *(ClientCall(shard=ShardId(3), request=r) for r in REQUESTS),
     *(ClientAnswer(reply=r) for r in REPLIES),
+    *CONTROL,
 )
 
 
@@ -290,7 +332,7 @@ def _decodes_or_is_refused(data: bytes) -> None:
         message = decode(data)
     except BadMessage:
         return
-    assert isinstance(message, PeerMessage | ClientCall | ClientAnswer)
+    assert isinstance(message, typing.get_args(NodeMessage))
 
 
 @settings(max_examples=300, deadline=None)

@@ -26,9 +26,12 @@ from typing import Final
 import msgspec
 
 from loom.core.errors import InvalidArgument
-from loom.core.ids import ShardId
+from loom.core.ids import NodeId, ShardId
 from loom.host.requests import ClientReply, ClientRequest
 from loom.paxos.messages import Envelope
+from loom.paxos.ready import SmEvent
+from loom.paxos.replica import Assignment
+from loom.shardmgr.core import NodeReport
 from loom.wire.frames import FRAME_BYTES_MAX
 
 CODEC_VERSION: Final = 1
@@ -62,7 +65,44 @@ class ClientAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="ca1"):
     reply: ClientReply
 
 
-NodeMessage = PeerMessage | ClientCall | ClientAnswer
+class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
+    """A node's heartbeat to the shard manager, with where to reach it."""
+
+    report: NodeReport
+    host: str
+    port: int
+
+
+class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):
+    """Something a replica tells the shard manager (activated, stepped down, ...)."""
+
+    shard: ShardId
+    event: SmEvent
+
+
+class AssignMessage(msgspec.Struct, frozen=True, kw_only=True, tag="as1"):
+    """The shard manager's word to a member of `shard`."""
+
+    shard: ShardId
+    assignment: Assignment
+
+
+class CreateShard(msgspec.Struct, frozen=True, kw_only=True, tag="cs1"):
+    """An operator asks the shard manager for a new p-shard on these acceptors."""
+
+    shard: ShardId
+    acceptors: tuple[NodeId, ...]
+
+
+NodeMessage = (
+    PeerMessage
+    | ClientCall
+    | ClientAnswer
+    | NodeReportMessage
+    | ManagerEvent
+    | AssignMessage
+    | CreateShard
+)
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 # Annotated: mypy cannot infer a union's Decoder type from the call.

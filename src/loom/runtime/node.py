@@ -33,7 +33,18 @@ from loom.host.shard import HostOutput, ShardHost
 from loom.paxos.messages import Envelope
 from loom.paxos.params import ReplicaParams
 from loom.paxos.replica import Assignment
-from loom.runtime.codec import ClientAnswer, ClientCall, PeerMessage, decode, encode
+from loom.runtime.codec import (
+    AssignMessage,
+    BadMessage,
+    ClientAnswer,
+    ClientCall,
+    CreateShard,
+    ManagerEvent,
+    NodeReportMessage,
+    PeerMessage,
+    decode,
+    encode,
+)
 from loom.runtime.rpc import RpcClient, RpcServer
 from loom.storage.rocks import RocksStore
 
@@ -153,8 +164,12 @@ class NodeRuntime:
                 return b""
             case ClientCall():
                 return await self._client_call(message)
-            case ClientAnswer():
-                raise ValueError("a node does not take answers")
+            case AssignMessage():
+                shard, assignment = message.shard, message.assignment
+                self._enqueue(lambda i: i.assignments.append((shard, assignment)))
+                return b""
+            case ClientAnswer() | NodeReportMessage() | ManagerEvent() | CreateShard():
+                raise BadMessage(f"a node does not take {type(message).__name__}")
 
     async def _client_call(self, call: ClientCall) -> bytes:
         call_id = next(self.call_ids)
