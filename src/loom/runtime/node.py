@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import secrets
 import time
@@ -45,13 +46,14 @@ from loom.runtime.codec import (
     decode,
     encode,
 )
-from loom.runtime.rpc import RpcClient, RpcServer
+from loom.runtime.outbound import Outbound
+from loom.runtime.rpc import RpcServer
+from loom.shardmgr.core import NodeReport, ShardProgress
 from loom.storage.rocks import RocksStore
 
 TICK_MS = 10.0
 INPUTS_MAX = 10_000
-PEER_QUEUE_MAX = 4_096
-PEER_CALL_TIMEOUT_S = 2.0
+REPORT_MS = 100.0
 CLIENT_CALL_TIMEOUT_S = 10.0
 INCARNATION_FILE = "INCARNATION"
 
@@ -95,7 +97,8 @@ class NodeRuntime:
         self.inputs: asyncio.Queue[Callable[[_Inputs], None]] = asyncio.Queue(INPUTS_MAX)
         self.calls: dict[int, asyncio.Future[ClientReply]] = {}
         self.call_ids = itertools.count(1)
-        self.outboxes: dict[NodeId, asyncio.Queue[bytes]] = {}
+        self.outboxes: dict[NodeId, Outbound] = {}
+        self.manager: Outbound | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped_messages = 0
         # Owned by the storage thread:
@@ -127,8 +130,43 @@ class NodeRuntime:
             if peer == self.node or peer in self.outboxes:
                 continue
             self.peers[peer] = address
-            self.outboxes[peer] = asyncio.Queue(PEER_QUEUE_MAX)
-            self.tasks.append(loop.create_task(self._send_to(peer)))
+            outbound = self.outboxes[peer] = Outbound(
+                functools.partial(self.peers.__getitem__, peer)
+            )
+            self.tasks.append(loop.create_task(outbound.run()))
+
+    def connect_manager(self, host: str, port: int) -> None:
+        """Report to the shard manager and take its assignments (heartbeats every
+        REPORT_MS; the manager detects failures by their absence)."""
+        loop = asyncio.get_running_loop()
+        self.manager = Outbound(lambda: (host, port))
+        self.tasks.append(loop.create_task(self.manager.run()))
+        self.tasks.append(loop.create_task(self._reporter()))
+
+    async def _reporter(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            report = await loop.run_in_executor(self.pool, self._report)
+            if self.manager is not None:
+                message = NodeReportMessage(report=report, host="127.0.0.1", port=self.port)
+                self.manager.put(encode(message))
+            await asyncio.sleep(REPORT_MS / 1000)
+
+    def _report(self) -> NodeReport:
+        """In the storage thread: this node's progress on each of its shards."""
+        shards = []
+        for shard in sorted(self.hosts):
+            replica = self.hosts[shard].replica
+            shards.append(
+                ShardProgress(
+                    shard=shard,
+                    last_seq=replica.last_seq,
+                    commit_seq=replica.commit_seq,
+                    applied_seq=replica.applied_seq,
+                    is_primary=replica.lead is not None,
+                )
+            )
+        return NodeReport(node=self.node, incarnation=self.incarnation, shards=tuple(shards))
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -207,7 +245,7 @@ class NodeRuntime:
             outputs = await loop.run_in_executor(self.pool, self._turn, batch)
             self._dispatch(outputs)
 
-    def _turn(self, batch: _Inputs) -> list[HostOutput]:
+    def _turn(self, batch: _Inputs) -> list[tuple[ShardId, HostOutput]]:
         """In the storage thread: apply every input, flush every host, sync once."""
         assert self.store is not None
         now = Instant(time.monotonic() * 1000)
@@ -221,7 +259,7 @@ class NodeRuntime:
         if batch.tick:
             for shard in sorted(self.hosts):
                 self.hosts[shard].tick(now)
-        outputs = [self.hosts[shard].flush(now, wall) for shard in sorted(self.hosts)]
+        outputs = [(shard, self.hosts[shard].flush(now, wall)) for shard in sorted(self.hosts)]
         self.store.sync()  # nothing leaves the node before its state is durable
         return outputs
 
@@ -242,10 +280,13 @@ class NodeRuntime:
 
     # ---------------------------------------------------------------- outputs
 
-    def _dispatch(self, outputs: list[HostOutput]) -> None:
-        for out in outputs:
+    def _dispatch(self, outputs: list[tuple[ShardId, HostOutput]]) -> None:
+        for shard, out in outputs:
             for envelope in out.messages:
                 self._send(envelope)
+            for event in out.sm_events:
+                if self.manager is not None:
+                    self.manager.put(encode(ManagerEvent(shard=shard, event=event)))
             for origin, reply in out.replies:
                 future = self.calls.get(origin) if isinstance(origin, int) else None
                 if future is not None and not future.done():
@@ -255,35 +296,11 @@ class NodeRuntime:
         if envelope.dst == self.node:
             self._enqueue(lambda i: i.messages.append(envelope))
             return
-        outbox = self.outboxes.get(envelope.dst)
-        if outbox is None or outbox.full():
+        outbound = self.outboxes.get(envelope.dst)
+        if outbound is None:
             self.dropped_messages += 1
             return
-        outbox.put_nowait(encode(PeerMessage(envelope=envelope)))
-
-    async def _send_to(self, peer: NodeId) -> None:
-        """One owned sender per peer: reconnects, batches what is queued, drops on errors
-        (replication re-sends what matters)."""
-        host, port = self.peers[peer]
-        outbox = self.outboxes[peer]
-        client: RpcClient | None = None
-        try:
-            while True:
-                bodies = [await outbox.get()]
-                while not outbox.empty() and len(bodies) < 64:
-                    bodies.append(outbox.get_nowait())
-                try:
-                    if client is None:
-                        client = await RpcClient.connect(host, port)
-                    await client.call_many(bodies, timeout_s=PEER_CALL_TIMEOUT_S)
-                except Exception:  # noqa: BLE001 - any failure: drop, reconnect next time
-                    self.dropped_messages += len(bodies)
-                    if client is not None:
-                        await client.close()
-                    client = None
-        finally:
-            if client is not None:
-                await client.close()
+        outbound.put(encode(PeerMessage(envelope=envelope)))
 
 
 def _request_tick(inputs: _Inputs) -> None:

@@ -1,0 +1,53 @@
+"""One-way delivery to one peer: a bounded queue and one owned sender task.
+
+Used for replication messages between nodes and for the shard manager's traffic. The
+protocols above re-send whatever matters (Accepts, heartbeats, announcements, reports),
+so a full queue or a failed connection drops messages and counts them: nothing here
+waits or grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from loom.runtime.rpc import RpcClient
+
+QUEUE_MAX = 4_096
+BATCH_MAX = 64
+CALL_TIMEOUT_S = 2.0
+
+
+class Outbound:
+    def __init__(self, address: Callable[[], tuple[str, int]]) -> None:
+        self.address = address
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
+        self.dropped = 0
+
+    def put(self, body: bytes) -> None:
+        if self.queue.full():
+            self.dropped += 1
+            return
+        self.queue.put_nowait(body)
+
+    async def run(self) -> None:
+        """Sends until cancelled: batches what is queued, reconnects after a failure."""
+        client: RpcClient | None = None
+        try:
+            while True:
+                bodies = [await self.queue.get()]
+                while not self.queue.empty() and len(bodies) < BATCH_MAX:
+                    bodies.append(self.queue.get_nowait())
+                try:
+                    if client is None:
+                        host, port = self.address()
+                        client = await RpcClient.connect(host, port)
+                    await client.call_many(bodies, timeout_s=CALL_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - any failure: drop, reconnect next time
+                    self.dropped += len(bodies)
+                    if client is not None:
+                        await client.close()
+                    client = None
+        finally:
+            if client is not None:
+                await client.close()
