@@ -67,10 +67,8 @@ async def scenario(tmp: Path) -> None:
     try:
         for node in nodes.values():
             await node.start()
-        peers = {n: ("127.0.0.1", node.port) for n, node in nodes.items()}
         for node in nodes.values():
-            node.connect_peers(peers)
-            node.connect_manager("127.0.0.1", manager.port)
+            node.connect_manager("127.0.0.1", manager.port)  # peers come with assignments
         await wait_for(lambda: set(NAMES) <= set(manager.addresses))
         async with await RpcClient.connect("127.0.0.1", manager.port) as admin:
             await admin.call(encode(CreateShard(shard=SHARD, acceptors=NAMES)), timeout_s=5)

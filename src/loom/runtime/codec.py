@@ -80,11 +80,18 @@ class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):
     event: SmEvent
 
 
+class PeerAddress(msgspec.Struct, frozen=True, array_like=True):
+    node: NodeId
+    host: str
+    port: int
+
+
 class AssignMessage(msgspec.Struct, frozen=True, kw_only=True, tag="as1"):
-    """The shard manager's word to a member of `shard`."""
+    """The shard manager's word to a member of `shard`, with where its peers listen."""
 
     shard: ShardId
     assignment: Assignment
+    peers: tuple[PeerAddress, ...] = ()
 
 
 class CreateShard(msgspec.Struct, frozen=True, kw_only=True, tag="cs1"):

@@ -30,6 +30,7 @@ from loom.runtime.codec import (
     CreateShard,
     ManagerEvent,
     NodeReportMessage,
+    PeerAddress,
     PeerMessage,
     decode,
     encode,
@@ -166,7 +167,14 @@ class ManagerRuntime:
         return Epoch(int(result.current[0]))
 
     def _announce(self, announce: Announce) -> None:
-        body = encode(AssignMessage(shard=announce.shard, assignment=announce.assignment))
+        members = announce.assignment.config.members()
+        peers = tuple(
+            PeerAddress(node=n, host=self.addresses[n][0], port=self.addresses[n][1])
+            for n in members
+            if n in self.addresses
+        )
+        message = AssignMessage(shard=announce.shard, assignment=announce.assignment, peers=peers)
+        body = encode(message)
         for node in announce.to:
             outbound = self.outboxes.get(node)
             if outbound is not None:

@@ -127,9 +127,11 @@ class NodeRuntime:
     def connect_peers(self, peers: dict[NodeId, tuple[str, int]]) -> None:
         loop = asyncio.get_running_loop()
         for peer, address in sorted(peers.items()):
-            if peer == self.node or peer in self.outboxes:
+            if peer == self.node:
                 continue
-            self.peers[peer] = address
+            self.peers[peer] = address  # a restarted peer may listen elsewhere
+            if peer in self.outboxes:
+                continue
             outbound = self.outboxes[peer] = Outbound(
                 functools.partial(self.peers.__getitem__, peer)
             )
@@ -203,6 +205,7 @@ class NodeRuntime:
             case ClientCall():
                 return await self._client_call(message)
             case AssignMessage():
+                self.connect_peers({p.node: (p.host, p.port) for p in message.peers})
                 shard, assignment = message.shard, message.assignment
                 self._enqueue(lambda i: i.assignments.append((shard, assignment)))
                 return b""
