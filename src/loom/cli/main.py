@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loom import __version__
+from loom.cli.processes import node_command, sm_command
 from loom.cli.sim import sim
 
 
@@ -15,6 +16,8 @@ def main() -> None:
 
 
 main.add_command(sim)
+main.add_command(sm_command)
+main.add_command(node_command)
 
 if __name__ == "__main__":
     main()

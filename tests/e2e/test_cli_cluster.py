@@ -1,0 +1,133 @@
+"""`loom sm` and `loom node` as real processes on 127.0.0.1: a shard is placed, a QUORUM
+write is acknowledged, the primary is killed with SIGKILL, and writes succeed again on
+another node while the acknowledged write is still there."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard
+from loom.host.requests import (
+    Consistency,
+    ErrorReply,
+    ReadReply,
+    ReadRequest,
+    WriteReply,
+    WriteRequest,
+)
+from loom.kv.commands import Applied, Put, encode_command
+from loom.runtime.codec import ClientAnswer, ClientCall, CreateShard, decode, encode
+from loom.runtime.rpc import RpcClient
+
+SHARD = ShardId(0)
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+def start(*args: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loom.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the process prints this line once it is ready
+    match = LISTENING.search(line)
+    assert match is not None, line
+    return proc, int(match.group(1))
+
+
+async def ask(port: int, request: WriteRequest | ReadRequest) -> object:
+    async with await RpcClient.connect("127.0.0.1", port) as client:
+        body = await client.call(encode(ClientCall(shard=SHARD, request=request)), timeout_s=5)
+    answer = decode(body)
+    assert isinstance(answer, ClientAnswer)
+    return answer.reply
+
+
+async def write_anywhere(ports: dict[str, int], seq: int, value: bytes) -> tuple[str, WriteReply]:
+    """What a client library does: try the nodes until the primary accepts (deadline)."""
+    put = Put(
+        request=RequestId(ClientId("e2e"), RequestSeq(seq)), ushard=UShard(1), key=b"k", value=value
+    )
+    request = WriteRequest(token=seq, command=encode_command(put))
+    async with asyncio.timeout(15):
+        while True:
+            for name, port in sorted(ports.items()):
+                try:
+                    reply = await ask(port, request)
+                except Exception:  # noqa: BLE001 - a dead or busy node: try the next
+                    continue
+                if isinstance(reply, WriteReply) and isinstance(reply.result, Applied):
+                    return name, reply
+                assert isinstance(reply, ErrorReply | WriteReply), reply
+            await asyncio.sleep(0.05)
+
+
+async def scenario(tmp: Path) -> None:
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        procs["sm"], sm_port = start("sm", "--listen", "127.0.0.1:0", "--data", str(tmp / "sm"))
+        ports: dict[str, int] = {}
+        for name in ("n1", "n2", "n3"):
+            procs[name], ports[name] = start(
+                "node",
+                "--id",
+                name,
+                "--listen",
+                "127.0.0.1:0",
+                "--sm",
+                f"127.0.0.1:{sm_port}",
+                "--data",
+                str(tmp / name),
+                "--lease-ms",
+                "500",
+            )
+        create = CreateShard(shard=SHARD, acceptors=(NodeId("n1"), NodeId("n2"), NodeId("n3")))
+        async with asyncio.timeout(10):
+            while True:  # the manager learns of the nodes from their first reports
+                try:
+                    async with await RpcClient.connect("127.0.0.1", sm_port) as admin:
+                        await admin.call(encode(create), timeout_s=5)
+                    break
+                except Exception:  # noqa: BLE001 - nodes not known yet
+                    await asyncio.sleep(0.1)
+
+        primary, _ = await write_anywhere(ports, 1, b"before")
+        procs[primary].send_signal(signal.SIGKILL)
+        procs[primary].wait(timeout=10)
+        del ports[primary]
+        killed_at = time.monotonic()
+        survivor, _ = await write_anywhere(ports, 2, b"after")
+        recovered_s = time.monotonic() - killed_at
+        assert survivor != primary
+        assert recovered_s < 10, recovered_s
+        read = await ask(
+            ports[survivor],
+            ReadRequest(token=3, ushard=UShard(1), key=b"k", consistency=Consistency.STRONG),
+        )
+        assert isinstance(read, ReadReply)
+        assert read.item is not None
+        assert read.item.value == b"after"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_writes_resume_on_another_node_after_the_primary_is_killed(tmp_path: Path) -> None:
+    asyncio.run(scenario(tmp_path))
