@@ -13,7 +13,7 @@ from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteReply, 
 from loom.kv.commands import Applied, Put, encode_command
 from loom.paxos.params import ReplicaParams
 from loom.runtime.codec import ClientAnswer, ClientCall, CreateShard, decode, encode
-from loom.runtime.manager import ManagerRuntime, epoch_key
+from loom.runtime.manager import ManagerRuntime, decode_record, epoch_key
 from loom.runtime.node import NodeRuntime
 from loom.runtime.rpc import RpcClient
 from loom.shardmgr.core import SmParams
@@ -56,7 +56,7 @@ async def read(node: NodeRuntime) -> ReadReply:
     return answer.reply
 
 
-async def scenario(tmp: Path) -> None:
+async def scenario(tmp: Path, *, restart_manager: bool) -> None:
     manager = ManagerRuntime(
         metastore_path=tmp / "sm" / "metastore.json",
         params=SmParams(failure_timeout_ms=400.0, announce_interval_ms=200.0),
@@ -84,6 +84,21 @@ async def scenario(tmp: Path) -> None:
         assert isinstance(wrote.result, Applied)
         assert manager.metastore.get(epoch_key(SHARD)) is not None
 
+        if restart_manager:
+            # A new manager on the same metastore and address goes on from the record.
+            port, epoch = manager.port, manager.core.shards[SHARD].current.epoch
+            await manager.close()
+            manager = ManagerRuntime(
+                metastore_path=tmp / "sm" / "metastore.json",
+                params=SmParams(failure_timeout_ms=400.0, announce_interval_ms=200.0),
+                port=port,
+            )
+            await manager.start()
+            restored = manager.core.shards[SHARD]
+            assert restored.current.epoch == epoch
+            assert restored.activated
+            await wait_for(lambda: set(NAMES) <= set(manager.addresses))
+
         await nodes.pop(first).close()  # the primary's node stops
         await wait_for(lambda: active_primary() not in (None, first))
         second = active_primary()
@@ -95,7 +110,7 @@ async def scenario(tmp: Path) -> None:
         assert isinstance(again.result, Applied)
         stored = manager.metastore.get(epoch_key(SHARD))
         assert stored is not None
-        assert int(stored[0]) == manager.core.shards[SHARD].current.epoch
+        assert decode_record(stored[0]).assignment == manager.core.shards[SHARD].current
     finally:
         for node in nodes.values():
             await node.close()
@@ -103,4 +118,8 @@ async def scenario(tmp: Path) -> None:
 
 
 def test_manager_fails_over_when_the_primary_node_stops(tmp_path: Path) -> None:
-    asyncio.run(scenario(tmp_path))
+    asyncio.run(scenario(tmp_path, restart_manager=False))
+
+
+def test_a_restarted_manager_keeps_its_shards_and_still_fails_over(tmp_path: Path) -> None:
+    asyncio.run(scenario(tmp_path, restart_manager=True))

@@ -20,8 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from loom.core.ids import Epoch, NodeId
+import msgspec
+
+from loom.core.ids import Epoch, NodeId, ShardId
 from loom.core.time import Instant
+from loom.paxos.replica import Assignment
 from loom.runtime.codec import (
     AssignMessage,
     BadMessage,
@@ -38,7 +41,7 @@ from loom.runtime.codec import (
 from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.outbound import Outbound
 from loom.runtime.rpc import RpcServer
-from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, SmParams
+from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 
 TICK_MS = 50.0
 INPUTS_MAX = 10_000
@@ -54,8 +57,17 @@ class _Rng:
         return start
 
 
+_ENCODER = msgspec.msgpack.Encoder()
+_RECORD = msgspec.msgpack.Decoder(ShardRecord)
+
+
 def epoch_key(shard: int) -> str:
+    """Where a shard's record lives; its epoch is compare-and-swapped there."""
     return f"shards/{shard}/epoch"
+
+
+def decode_record(value: bytes) -> ShardRecord:
+    return _RECORD.decode(value)
 
 
 class ManagerRuntime:
@@ -74,8 +86,14 @@ class ManagerRuntime:
         self.addresses: dict[NodeId, tuple[str, int]] = {}
         self.outboxes: dict[NodeId, Outbound] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.stored_activation: dict[ShardId, Assignment] = {}
 
     async def start(self) -> None:
+        now = Instant(time.monotonic() * 1000)
+        for shard, record in await asyncio.to_thread(self._load):
+            self.core.restore(shard, record, now)
+            if record.activated:
+                self.stored_activation[shard] = record.assignment
         await self.server.start()
         loop = asyncio.get_running_loop()
         self.tasks.append(loop.create_task(self._run_core()))
@@ -138,12 +156,21 @@ class ManagerRuntime:
             apply = await self.inputs.get()
             apply(Instant(time.monotonic() * 1000))
             await self._drain_outputs()
+            await self._persist_activations()
+
+    async def _persist_activations(self) -> None:
+        for shard in sorted(self.core.shards):
+            record = self.core.record(shard)
+            if record.activated and self.stored_activation.get(shard) != record.assignment:
+                await asyncio.to_thread(self._store_activation, shard, record)
+                self.stored_activation[shard] = record.assignment
 
     async def _drain_outputs(self) -> None:
         while outputs := self.core.outputs():
             for output in outputs:
                 if isinstance(output, PersistEpoch):
-                    stored = await asyncio.to_thread(self._compare_and_swap_epoch, output)
+                    record = self.core.record(output.shard, output.assignment)
+                    stored = await asyncio.to_thread(self._compare_and_swap_epoch, output, record)
                     now = Instant(time.monotonic() * 1000)
                     self.core.epoch_persisted(
                         output.shard, output.assignment, stored_epoch=stored, now=now
@@ -151,20 +178,36 @@ class ManagerRuntime:
                 elif isinstance(output, Announce):
                     self._announce(output)
 
-    def _compare_and_swap_epoch(self, output: PersistEpoch) -> Epoch:
+    def _compare_and_swap_epoch(self, output: PersistEpoch, record: ShardRecord) -> Epoch:
         """Stores the new epoch only over the expected one; returns what is stored after.
         The CAS makes two managers unable to hand out the same epoch (PITFALLS 13)."""
         key = epoch_key(output.shard)
         current = self.metastore.get(key)
-        stored = Epoch(int(current[0])) if current is not None else Epoch(0)
+        stored = _RECORD.decode(current[0]).assignment.epoch if current else Epoch(0)
         if stored != output.expected:
             return stored
         revision = current[1] if current is not None else None
-        new = str(output.assignment.epoch).encode()
-        result = self.metastore.compare_and_swap(key, revision, new)
+        result = self.metastore.compare_and_swap(key, revision, _ENCODER.encode(record))
         if result.current is None:
             return Epoch(0)
-        return Epoch(int(result.current[0]))
+        return _RECORD.decode(result.current[0]).assignment.epoch
+
+    def _store_activation(self, shard: ShardId, record: ShardRecord) -> None:
+        """Records that the stored epoch activated, unless the epoch moved on meanwhile."""
+        key = epoch_key(shard)
+        current = self.metastore.get(key)
+        if current is None:
+            return
+        if _RECORD.decode(current[0]).assignment != record.assignment:
+            return
+        self.metastore.compare_and_swap(key, current[1], _ENCODER.encode(record))
+
+    def _load(self) -> list[tuple[ShardId, ShardRecord]]:
+        records = []
+        for key, value, _revision in self.metastore.list("shards/"):
+            shard = ShardId(int(key.split("/")[1]))
+            records.append((shard, _RECORD.decode(value)))
+        return records
 
     def _announce(self, announce: Announce) -> None:
         members = announce.assignment.config.members()

@@ -57,6 +57,15 @@ SmOutput = PersistEpoch | Announce
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShardRecord:
+    """What the metastore keeps of one shard, so a restarted manager goes on from it."""
+
+    assignment: Assignment
+    activated: bool
+    since_activated: tuple[Config, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SmParams:
     failure_timeout_ms: float = 600.0
     # A primary not activated this long after its announcement is replaced.
@@ -127,6 +136,29 @@ class ShardManagerCore:
         )
         self.shards[shard] = state
         self.out.append(PersistEpoch(shard=shard, expected=Epoch(0), assignment=assignment))
+
+    def record(self, shard: ShardId, assignment: Assignment | None = None) -> ShardRecord:
+        """The durable form of a shard's state (with `assignment` about to be stored)."""
+        state = self.shards[shard]
+        pending = assignment is not None and assignment != state.current
+        return ShardRecord(
+            assignment=assignment or state.current,
+            activated=state.activated and not pending,
+            since_activated=tuple(state.since_activated),
+        )
+
+    def restore(self, shard: ShardId, record: ShardRecord, now: Instant) -> None:
+        """Takes a shard back from the metastore after a restart; the primary keeps its
+        place while its node reports, and is replaced like any other otherwise."""
+        self.shards[shard] = _ShardState(
+            shard=shard,
+            current=record.assignment,
+            announced_at=now,
+            allocated_at=now,
+            activated=record.activated,
+            activated_epoch=record.assignment.epoch if record.activated else Epoch(0),
+            since_activated=list(record.since_activated),
+        )
 
     def on_report(self, report: NodeReport, now: Instant) -> None:
         node = self.nodes.get(report.node)
