@@ -5,6 +5,7 @@ another node while the acknowledged write is still there."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -115,6 +116,29 @@ async def scenario(tmp: Path) -> None:
         assert isinstance(read, ReadReply)
         assert read.item is not None
         assert read.item.value == b"after"
+
+        status_run = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "loom.cli.main",
+                "status",
+                "--sm",
+                f"127.0.0.1:{sm_port}",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        status = json.loads(status_run.stdout)
+        (shard,) = status["shards"]
+        assert shard["primary"] == survivor
+        assert shard["activated"] is True
+        alive = {node["node"]: node["alive"] for node in status["nodes"]}
+        assert alive[survivor] is True
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -69,7 +69,11 @@ from loom.runtime.codec import (
     ManagerEvent,
     NodeMessage,
     NodeReportMessage,
+    NodeStatus,
     PeerMessage,
+    ShardStatus,
+    StatusReply,
+    StatusRequest,
     decode,
     encode,
 )
@@ -202,6 +206,21 @@ CONTROL: tuple[NodeMessage, ...] = (
     ),
     AssignMessage(shard=ShardId(3), assignment=_ASSIGNMENT),
     CreateShard(shard=ShardId(3), acceptors=(NodeId("n1"), NodeId("n2"), NodeId("n3"))),
+    StatusRequest(),
+    StatusReply(
+        nodes=(NodeStatus(node=NodeId("n1"), address="127.0.0.1:7400", alive=True, incarnation=3),),
+        shards=(
+            ShardStatus(
+                shard=ShardId(3),
+                epoch=4,
+                primary=NodeId("n2"),
+                activated=True,
+                acceptors=(NodeId("n1"), NodeId("n2"), NodeId("n3")),
+                followers=(),
+                progress={"n1": (8, 9)},
+            ),
+        ),
+    ),
 )
 
 EXAMPLES: tuple[NodeMessage, ...] = (

@@ -7,6 +7,7 @@ import click
 from loom import __version__
 from loom.cli.processes import node_command, sm_command
 from loom.cli.sim import sim
+from loom.cli.status import status_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,7 @@ def main() -> None:
 main.add_command(sim)
 main.add_command(sm_command)
 main.add_command(node_command)
+main.add_command(status_command)
 
 if __name__ == "__main__":
     main()

@@ -101,6 +101,33 @@ class CreateShard(msgspec.Struct, frozen=True, kw_only=True, tag="cs1"):
     acceptors: tuple[NodeId, ...]
 
 
+class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sq1"):
+    """Asks the shard manager for the cluster's state (`loom status`)."""
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    node: NodeId
+    address: str
+    alive: bool
+    incarnation: int
+
+
+class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
+    shard: ShardId
+    epoch: int
+    primary: NodeId
+    activated: bool
+    acceptors: tuple[NodeId, ...]
+    followers: tuple[NodeId, ...]
+    # Per member: (applied seq, commit seq) from its last report; absent if none yet.
+    progress: dict[str, tuple[int, int]]
+
+
+class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="sr1"):
+    nodes: tuple[NodeStatus, ...]
+    shards: tuple[ShardStatus, ...]
+
+
 NodeMessage = (
     PeerMessage
     | ClientCall
@@ -109,6 +136,8 @@ NodeMessage = (
     | ManagerEvent
     | AssignMessage
     | CreateShard
+    | StatusRequest
+    | StatusReply
 )
 
 _ENCODER: Final = msgspec.msgpack.Encoder()

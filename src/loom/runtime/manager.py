@@ -33,8 +33,12 @@ from loom.runtime.codec import (
     CreateShard,
     ManagerEvent,
     NodeReportMessage,
+    NodeStatus,
     PeerAddress,
     PeerMessage,
+    ShardStatus,
+    StatusReply,
+    StatusRequest,
     decode,
     encode,
 )
@@ -132,9 +136,45 @@ class ManagerRuntime:
                 self.inputs.put_nowait(
                     lambda now: self.core.create_shard(message.shard, message.acceptors, now)
                 )
-            case PeerMessage() | ClientCall() | ClientAnswer() | AssignMessage():
+            case StatusRequest():
+                return encode(self.status())
+            case PeerMessage() | ClientCall() | ClientAnswer() | AssignMessage() | StatusReply():
                 raise BadMessage(f"the shard manager does not take {type(message).__name__}")
         return b""
+
+    def status(self) -> StatusReply:
+        now = Instant(time.monotonic() * 1000)
+        nodes = tuple(
+            NodeStatus(
+                node=node,
+                address=f"{host}:{port}",
+                alive=self.core.is_alive(node, now),
+                incarnation=self.core.nodes[node].incarnation if node in self.core.nodes else 0,
+            )
+            for node, (host, port) in sorted(self.addresses.items())
+        )
+        shards = []
+        for shard in sorted(self.core.shards):
+            state = self.core.shards[shard]
+            config = state.current.config
+            progress = {}
+            for member in config.members():
+                report = self.core.nodes.get(member)
+                seen = report.progress.get(shard) if report is not None else None
+                if seen is not None:
+                    progress[str(member)] = (int(seen.applied_seq), int(seen.commit_seq))
+            shards.append(
+                ShardStatus(
+                    shard=shard,
+                    epoch=int(state.current.epoch),
+                    primary=state.current.primary,
+                    activated=state.activated,
+                    acceptors=config.acceptors,
+                    followers=config.followers,
+                    progress=progress,
+                )
+            )
+        return StatusReply(nodes=nodes, shards=tuple(shards))
 
     def _note_address(self, message: NodeReportMessage) -> None:
         node = message.report.node

@@ -43,6 +43,8 @@ from loom.runtime.codec import (
     ManagerEvent,
     NodeReportMessage,
     PeerMessage,
+    StatusReply,
+    StatusRequest,
     decode,
     encode,
 )
@@ -209,7 +211,14 @@ class NodeRuntime:
                 shard, assignment = message.shard, message.assignment
                 self._enqueue(lambda i: i.assignments.append((shard, assignment)))
                 return b""
-            case ClientAnswer() | NodeReportMessage() | ManagerEvent() | CreateShard():
+            case (
+                ClientAnswer()
+                | NodeReportMessage()
+                | ManagerEvent()
+                | CreateShard()
+                | StatusRequest()
+                | StatusReply()
+            ):
                 raise BadMessage(f"a node does not take {type(message).__name__}")
 
     async def _client_call(self, call: ClientCall) -> bytes:

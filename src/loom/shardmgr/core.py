@@ -237,6 +237,9 @@ class ShardManagerCore:
 
     # ---------------------------------------------------------------- decisions
 
+    def is_alive(self, node: NodeId, now: Instant) -> bool:
+        return self._is_alive(node, now)
+
     def _is_alive(self, node: NodeId, now: Instant) -> bool:
         state = self.nodes.get(node)
         return state is not None and now - state.last_report_at <= self.p.failure_timeout_ms
