@@ -158,18 +158,9 @@ class NodeRuntime:
 
     def _report(self) -> NodeReport:
         """In the storage thread: this node's progress on each of its shards."""
-        shards = []
-        for shard in sorted(self.hosts):
-            replica = self.hosts[shard].replica
-            shards.append(
-                ShardProgress(
-                    shard=shard,
-                    last_seq=replica.last_seq,
-                    commit_seq=replica.commit_seq,
-                    applied_seq=replica.applied_seq,
-                    is_primary=replica.lead is not None,
-                )
-            )
+        shards = [
+            ShardProgress.of(shard, self.hosts[shard].replica) for shard in sorted(self.hosts)
+        ]
         return NodeReport(node=self.node, incarnation=self.incarnation, shards=tuple(shards))
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from loom.core.rng import Rng
 from loom.core.time import Instant
 from loom.paxos.messages import Config
 from loom.paxos.ready import SmEvent, SmEventKind
-from loom.paxos.replica import Assignment
+from loom.paxos.replica import Assignment, Replica
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,6 +27,17 @@ class ShardProgress:
     commit_seq: Seq
     applied_seq: Seq
     is_primary: bool
+
+    @classmethod
+    def of(cls, shard: ShardId, replica: Replica) -> ShardProgress:
+        """What a node reports of one of its replicas."""
+        return cls(
+            shard=shard,
+            last_seq=replica.last_seq,
+            commit_seq=replica.commit_seq,
+            applied_seq=replica.applied_seq,
+            is_primary=replica.lead is not None,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -132,18 +132,9 @@ class SimNode:
         self.sync_done_at = t
 
     def report(self) -> NodeReport:
-        shards = []
-        for shard in sorted(self.hosts):
-            replica = self.hosts[shard].replica
-            shards.append(
-                ShardProgress(
-                    shard=shard,
-                    last_seq=replica.last_seq,
-                    commit_seq=replica.commit_seq,
-                    applied_seq=replica.applied_seq,
-                    is_primary=replica.lead is not None,
-                )
-            )
+        shards = [
+            ShardProgress.of(shard, self.hosts[shard].replica) for shard in sorted(self.hosts)
+        ]
         return NodeReport(node=self.node, incarnation=self.incarnation, shards=tuple(shards))
 
 
