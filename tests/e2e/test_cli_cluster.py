@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,24 +22,10 @@ from loom.host.requests import (
 )
 from loom.kv.commands import Applied, Put, encode_command
 from loom.runtime.codec import ClientAnswer, ClientCall, CreateShard, decode, encode
+from loom.runtime.localcluster import LocalCluster
 from loom.runtime.rpc import RpcClient
 
 SHARD = ShardId(0)
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-
-
-def start(*args: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loom.cli.main", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # the process prints this line once it is ready
-    match = LISTENING.search(line)
-    assert match is not None, line
-    return proc, int(match.group(1))
 
 
 async def ask(port: int, request: WriteRequest | ReadRequest) -> object:
@@ -72,24 +56,12 @@ async def write_anywhere(ports: dict[str, int], seq: int, value: bytes) -> tuple
 
 
 async def scenario(tmp: Path) -> None:
-    procs: dict[str, subprocess.Popen[str]] = {}
+    cluster = LocalCluster(data_dir=tmp, lease_ms=500.0)
     try:
-        procs["sm"], sm_port = start("sm", "--listen", "127.0.0.1:0", "--data", str(tmp / "sm"))
-        ports: dict[str, int] = {}
+        sm_port = cluster.start_manager()
         for name in ("n1", "n2", "n3"):
-            procs[name], ports[name] = start(
-                "node",
-                "--id",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--sm",
-                f"127.0.0.1:{sm_port}",
-                "--data",
-                str(tmp / name),
-                "--lease-ms",
-                "500",
-            )
+            cluster.start_node(name)
+        ports = {name: cluster.ports[name] for name in ("n1", "n2", "n3")}
         create = CreateShard(shard=SHARD, acceptors=(NodeId("n1"), NodeId("n2"), NodeId("n3")))
         async with asyncio.timeout(10):
             while True:  # the manager learns of the nodes from their first reports
@@ -101,8 +73,7 @@ async def scenario(tmp: Path) -> None:
                     await asyncio.sleep(0.1)
 
         primary, _ = await write_anywhere(ports, 1, b"before")
-        procs[primary].send_signal(signal.SIGKILL)
-        procs[primary].wait(timeout=10)
+        cluster.kill(primary)
         del ports[primary]
         killed_at = time.monotonic()
         survivor, _ = await write_anywhere(ports, 2, b"after")
@@ -140,17 +111,7 @@ async def scenario(tmp: Path) -> None:
         alive = {node["node"]: node["alive"] for node in status["nodes"]}
         assert alive[survivor] is True
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        cluster.stop()
 
 
 def test_writes_resume_on_another_node_after_the_primary_is_killed(tmp_path: Path) -> None:

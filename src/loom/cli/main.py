@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loom import __version__
+from loom.cli.bench import bench_group
 from loom.cli.processes import node_command, sm_command
 from loom.cli.sim import sim
 from loom.cli.status import status_command
@@ -20,6 +21,7 @@ main.add_command(sim)
 main.add_command(sm_command)
 main.add_command(node_command)
 main.add_command(status_command)
+main.add_command(bench_group)
 
 if __name__ == "__main__":
     main()

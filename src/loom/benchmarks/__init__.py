@@ -1,0 +1,1 @@
+"""Benchmarks the `loom bench` command runs. They measure; they never assert a time."""
