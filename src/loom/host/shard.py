@@ -52,7 +52,7 @@ from loom.kv.commands import (
     decode_command,
     encode_command,
 )
-from loom.kv.reads import read_item, read_version
+from loom.kv.reads import read_item_and_version
 from loom.paxos.messages import Config, Entry, Envelope, SnapshotAck, SnapshotChunk
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import Ready, RefusalReason, Refused, Sequenced, ServeNow, SmEvent
@@ -366,8 +366,7 @@ class ShardHost:
         now: Instant,
         wall_ms: WallMs,
     ) -> None:
-        item = read_item(self.state, request.ushard, request.key, wall_ms)
-        version = read_version(self.state, request.ushard, request.key)
+        item, version = read_item_and_version(self.state, request.ushard, request.key, wall_ms)
         # A lease read reads first and checks the lease after (PITFALLS 16).
         if decision.lease_read and not self.replica.lease_valid(now):
             self._error(

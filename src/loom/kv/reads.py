@@ -38,16 +38,24 @@ class Item(Struct, frozen=True, kw_only=True):
 
 def read_item(state: StateReader, ushard: UShard, key: bytes, wall_ms: int) -> Item | None:
     """The key's live value, or None if absent, deleted or expired at `wall_ms`."""
+    return read_item_and_version(state, ushard, key, wall_ms)[0]
+
+
+def read_item_and_version(
+    state: StateReader, ushard: UShard, key: bytes, wall_ms: int
+) -> tuple[Item | None, Version | None]:
+    """`read_item` and `read_version` from one lookup (a client read needs both)."""
     stored = state.get(keys.data_key(ushard, key))
     if stored is None:
-        return None
+        return None, None
     record = decode_value_record(stored)
     if not record.is_live(wall_ms):
-        return None
+        return None, record.version
     assert record.value is not None
-    return Item(
+    item = Item(
         key=key, value=record.value, version=record.version, expires_at_ms=record.expires_at_ms
     )
+    return item, record.version
 
 
 def read_version(state: StateReader, ushard: UShard, key: bytes) -> Version | None:
