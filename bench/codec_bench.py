@@ -31,7 +31,7 @@ from loom.core.ids import (
     Version,
 )
 from loom.host.requests import ReadReply, WriteRequest
-from loom.kv.reads import Item
+from loom.kvstate.reads import Item
 from loom.paxos.messages import Accept, Entry, Envelope
 from loom.runtime.codec import ClientAnswer, ClientCall, NodeMessage, PeerMessage, decode, encode
 

@@ -30,7 +30,7 @@ from bench.cluster import NODES, Cluster, Store
 from loom.core.hashing import ushard_of
 from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq
 from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteReply, WriteRequest
-from loom.kv.commands import Applied, Put, encode_command
+from loom.kvstate.commands import Applied, Put, encode_command
 from loom.paxos.params import ReplicaParams
 from loom.storage.memory import MemoryStore
 from loom.storage.rocks import RocksStore

@@ -20,7 +20,7 @@ from loom.host.requests import (
     WriteReply,
     WriteRequest,
 )
-from loom.kv.commands import Applied, Put, encode_command
+from loom.kvstate.commands import Applied, Put, encode_command
 from loom.runtime.codec import ClientAnswer, ClientCall, CreateShard, decode, encode
 from loom.runtime.localcluster import LocalCluster
 from loom.runtime.rpc import RpcClient

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard
 from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteReply, WriteRequest
-from loom.kv.commands import Applied, Put, encode_command
+from loom.kvstate.commands import Applied, Put, encode_command
 from loom.paxos.params import ReplicaParams
 from loom.runtime.codec import ClientAnswer, ClientCall, CreateShard, decode, encode
 from loom.runtime.manager import ManagerRuntime, decode_record, epoch_key

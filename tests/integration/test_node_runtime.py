@@ -18,7 +18,7 @@ from loom.core.ids import (
     UShard,
 )
 from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteReply, WriteRequest
-from loom.kv.commands import Applied, Put, encode_command
+from loom.kvstate.commands import Applied, Put, encode_command
 from loom.paxos.messages import Config
 from loom.paxos.params import ReplicaParams
 from loom.paxos.replica import Assignment

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from loom.core.ids import ClientId, Epoch, Generation, RequestId, RequestSeq, Seq, UShard
 from loom.core.limits import DEFAULT_LIMITS, Limits
 from loom.core.time import WallMs
-from loom.kv.apply import EntryContext, apply_entry
-from loom.kv.commands import Command, Result, encode_command
+from loom.kvstate.apply import EntryContext, apply_entry
+from loom.kvstate.commands import Command, Result, encode_command
 from loom.storage.api import WriteBatch
 
 

@@ -25,7 +25,7 @@ from loom.host.requests import (
     WriteRequest,
 )
 from loom.host.shard import ShardHost
-from loom.kv.commands import Gc, Increment, Put, encode_command
+from loom.kvstate.commands import Gc, Increment, Put, encode_command
 from loom.paxos.params import ReplicaParams
 from loom.storage.memory import MemoryStore
 

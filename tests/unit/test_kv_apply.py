@@ -10,8 +10,8 @@ from kv_state import Harness, U, request
 
 from loom.core.ids import Generation, RequestSeq, Seq, UShard, Version
 from loom.core.limits import Limits
-from loom.kv import keys
-from loom.kv.commands import (
+from loom.kvstate import keys
+from loom.kvstate.commands import (
     Applied,
     Delete,
     Gc,
@@ -21,8 +21,8 @@ from loom.kv.commands import (
     Rejected,
     Result,
 )
-from loom.kv.reads import read_item, read_version
-from loom.kv.records import encode_counter
+from loom.kvstate.reads import read_item, read_version
+from loom.kvstate.records import encode_counter
 
 KEY = b"k"
 
@@ -307,7 +307,7 @@ def test_gc_never_lowers_the_horizon() -> None:
     h.one(Gc(tombstone_horizon=Seq(5), dedupe_before_wall_ms=0))
     h.one(delete(h))  # seq 7
     h.one(Gc(tombstone_horizon=Seq(2), dedupe_before_wall_ms=0))
-    from loom.kv.apply import tombstone_horizon
+    from loom.kvstate.apply import tombstone_horizon
 
     assert tombstone_horizon(h.state) == 5
     assert read_version(h.state, U, KEY) is not None

@@ -8,8 +8,8 @@ from kv_state import Harness, U, request
 
 from loom.core.ids import Epoch, Generation, RequestId, RequestSeq, Seq, Version
 from loom.core.limits import Limits
-from loom.kv import keys
-from loom.kv.commands import (
+from loom.kvstate import keys
+from loom.kvstate.commands import (
     Applied,
     Command,
     Delete,
@@ -23,9 +23,9 @@ from loom.kv.commands import (
     TxnWrite,
     decode_result,
 )
-from loom.kv.overlay import StateReader
-from loom.kv.reads import state_digest
-from loom.kv.records import decode_dedupe_record, decode_uint64, decode_value_record
+from loom.kvstate.overlay import StateReader
+from loom.kvstate.reads import state_digest
+from loom.kvstate.records import decode_dedupe_record, decode_uint64, decode_value_record
 
 user_keys = st.sampled_from([b"a", b"b", b"c"])
 values = st.sampled_from([b"x", b"y", b"\x00" * 8])

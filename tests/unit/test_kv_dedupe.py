@@ -6,10 +6,10 @@ from kv_state import Harness, U, request
 
 from loom.core.ids import ClientId, RequestSeq, Seq, UShard
 from loom.core.limits import Limits
-from loom.kv import keys
-from loom.kv.commands import Applied, Delete, Gc, Increment, Put, Rejected
-from loom.kv.reads import read_item, state_digest
-from loom.kv.records import decode_uint64, encode_counter
+from loom.kvstate import keys
+from loom.kvstate.commands import Applied, Delete, Gc, Increment, Put, Rejected
+from loom.kvstate.reads import read_item, state_digest
+from loom.kvstate.records import decode_uint64, encode_counter
 
 KEY = b"counter"
 
@@ -110,7 +110,7 @@ def test_over_the_limit_the_oldest_stamped_records_go_first() -> None:
     assert dedupe_count(h) == 3
     age = keys.dedupe_age_range(U)
     assert len(list(h.state.scan(age.start, age.end))) == 3
-    # RISK documented in loom.kv.dedupe: a retry of a trimmed request applies again.
+    # RISK documented in loom.kvstate.dedupe: a retry of a trimmed request applies again.
     assert isinstance(h.one(inc(1)), Applied)
     assert counter(h) == encode_counter(6)
 

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loom.core.ids import ClientId, Generation, RequestId, RequestSeq, Seq, UShard, Version
-from loom.kv import keys
-from loom.kv.records import (
+from loom.kvstate import keys
+from loom.kvstate.records import (
     DedupeRecord,
     FloorRecord,
     ValueRecord,

@@ -8,9 +8,9 @@ from kv_state import DictState, Harness, U
 
 from loom.core.ids import UShard
 from loom.core.limits import DEFAULT_LIMITS, Limits
-from loom.kv.commands import Delete, Put
-from loom.kv.overlay import Overlay
-from loom.kv.reads import Item, read_item, read_version, scan_ushard, state_digest
+from loom.kvstate.commands import Delete, Put
+from loom.kvstate.overlay import Overlay
+from loom.kvstate.reads import Item, read_item, read_version, scan_ushard, state_digest
 from loom.storage.api import WriteBatch
 
 

@@ -6,7 +6,7 @@ from kv_state import Harness, U
 
 from loom.core.ids import Epoch, Generation, Seq, Version
 from loom.core.limits import Limits
-from loom.kv.commands import (
+from loom.kvstate.commands import (
     Applied,
     Delete,
     Gc,
@@ -18,7 +18,7 @@ from loom.kv.commands import (
     TxnRead,
     TxnWrite,
 )
-from loom.kv.reads import read_item, read_version
+from loom.kvstate.reads import read_item, read_version
 
 
 def snapshot(h: Harness) -> Version:

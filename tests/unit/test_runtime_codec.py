@@ -36,8 +36,8 @@ from loom.host.requests import (
     WriteReply,
     WriteRequest,
 )
-from loom.kv.commands import Applied, Put, Rejected, Result, encode_command
-from loom.kv.reads import Item
+from loom.kvstate.commands import Applied, Put, Rejected, Result, encode_command
+from loom.kvstate.reads import Item
 from loom.paxos.messages import (
     Accept,
     Accepted,

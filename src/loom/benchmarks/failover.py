@@ -13,7 +13,7 @@ from pathlib import Path
 from loom.core.errors import LoomError
 from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard
 from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteReply, WriteRequest
-from loom.kv.commands import Applied, Put, encode_command
+from loom.kvstate.commands import Applied, Put, encode_command
 from loom.runtime.codec import ClientAnswer, ClientCall, CreateShard, decode, encode
 from loom.runtime.localcluster import LocalCluster
 from loom.runtime.rpc import RpcClient

@@ -5,7 +5,7 @@ C          commit point known to this replica
 A          applied_seq: written in the same atomic batch as the data it covers
 T          truncation point (seq, ballot of that entry)
 L<seq>     log entries, seq as 8 bytes big-endian
-K...       the kv state machine's namespace (loom.kv.keys)
+K...       the kv state machine's namespace (loom.kvstate.keys)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgspec
 
 from loom.core.ids import ZERO_BALLOT, Ballot, Seq
-from loom.kv.overlay import StateReader
+from loom.kvstate.overlay import StateReader
 from loom.paxos.durable import DurableState
 from loom.paxos.messages import Entry
 from loom.paxos.ready import PromiseRecord

@@ -10,8 +10,8 @@ import enum
 from msgspec import Struct
 
 from loom.core.ids import Ballot, Epoch, NodeId, Seq, UShard, Version
-from loom.kv.commands import Result
-from loom.kv.reads import Item
+from loom.kvstate.commands import Result
+from loom.kvstate.reads import Item
 
 
 class Durability(enum.Enum):
@@ -28,7 +28,7 @@ class Consistency(enum.Enum):
 
 class WriteRequest(Struct, frozen=True, tag="write", kw_only=True):
     token: int
-    command: bytes  # an encoded loom.kv.commands write command
+    command: bytes  # an encoded loom.kvstate.commands write command
     durability: Durability = Durability.QUORUM
 
 

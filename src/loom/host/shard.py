@@ -39,8 +39,8 @@ from loom.host.requests import (
     WriteRequest,
 )
 from loom.host.snapshots import SnapshotTransfers
-from loom.kv.apply import EntryContext, apply_entry
-from loom.kv.commands import (
+from loom.kvstate.apply import EntryContext, apply_entry
+from loom.kvstate.commands import (
     Applied,
     Command,
     Delete,
@@ -52,7 +52,7 @@ from loom.kv.commands import (
     decode_command,
     encode_command,
 )
-from loom.kv.reads import read_item_and_version
+from loom.kvstate.reads import read_item_and_version
 from loom.paxos.messages import Config, Entry, Envelope, SnapshotAck, SnapshotChunk
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import Ready, RefusalReason, Refused, Sequenced, ServeNow, SmEvent

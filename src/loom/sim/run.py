@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from loom.core.hashing import ushard_of
 from loom.core.ids import ShardId
 from loom.host.requests import Consistency
-from loom.kv.reads import read_item, state_digest
-from loom.kv.records import decode_counter
+from loom.kvstate.reads import read_item, state_digest
+from loom.kvstate.records import decode_counter
 from loom.sim.chaos import Chaos
 from loom.sim.checkers.counters import check_counters
 from loom.sim.checkers.linearizability import check_history

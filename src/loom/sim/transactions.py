@@ -20,7 +20,7 @@ from typing import Literal
 from loom.core.hashing import ushard_of
 from loom.core.ids import Epoch, Generation, NodeId, RequestId, Seq, Version
 from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteRequest
-from loom.kv.commands import TxnCommit, TxnRead, TxnWrite, encode_command
+from loom.kvstate.commands import TxnCommit, TxnRead, TxnWrite, encode_command
 
 ACCOUNTS = tuple(b"acct:%d" % i for i in range(4))
 INITIAL_BALANCE = 100

@@ -26,7 +26,7 @@ from loom.host.requests import (
     WriteReply,
     WriteRequest,
 )
-from loom.kv.commands import (
+from loom.kvstate.commands import (
     Applied,
     Command,
     Delete,

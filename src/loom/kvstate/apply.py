@@ -14,7 +14,7 @@ Rules:
   if they do not decode, apply raises (crash, don't limp).
 - Every write is exactly-once (PITFALLS 5): a remembered request returns its first
   result and changes nothing; a fresh one is applied and its result remembered, a
-  rejection included (see `loom.kv.dedupe`).
+  rejection included (see `loom.kvstate.dedupe`).
 - A transaction's snapshot names a whole applied entry: a record is newer than the
   snapshot iff its (generation, seq) is greater; the snapshot's index is ignored.
 - An expired value counts as absent for conditions and counters, but keeps its
@@ -33,8 +33,8 @@ import msgspec
 from loom.core.ids import Epoch, Generation, Seq, UShard, Version
 from loom.core.limits import DEFAULT_LIMITS, Limits
 from loom.core.time import WallMs
-from loom.kv import dedupe, keys
-from loom.kv.commands import (
+from loom.kvstate import dedupe, keys
+from loom.kvstate.commands import (
     Applied,
     Delete,
     Gc,
@@ -48,8 +48,8 @@ from loom.kv.commands import (
     WriteCommand,
     decode_command,
 )
-from loom.kv.overlay import Overlay, StateReader
-from loom.kv.records import (
+from loom.kvstate.overlay import Overlay, StateReader
+from loom.kvstate.records import (
     COUNTER_MAX,
     COUNTER_MIN,
     ValueRecord,

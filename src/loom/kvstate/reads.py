@@ -20,9 +20,9 @@ from msgspec import Struct
 
 from loom.core.ids import UShard, Version
 from loom.core.limits import DEFAULT_LIMITS, Limits
-from loom.kv import keys
-from loom.kv.overlay import StateReader
-from loom.kv.records import decode_value_record
+from loom.kvstate import keys
+from loom.kvstate.overlay import StateReader
+from loom.kvstate.records import decode_value_record
 
 _DIGEST_BYTES = 32
 

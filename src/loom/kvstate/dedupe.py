@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from loom.core.ids import ClientId, RequestId, RequestSeq, UShard
 from loom.core.limits import Limits
-from loom.kv import keys
-from loom.kv.commands import Result, decode_result, encode_result
-from loom.kv.overlay import Overlay
-from loom.kv.records import (
+from loom.kvstate import keys
+from loom.kvstate.commands import Result, decode_result, encode_result
+from loom.kvstate.overlay import Overlay
+from loom.kvstate.records import (
     DedupeRecord,
     FloorRecord,
     decode_dedupe_record,
