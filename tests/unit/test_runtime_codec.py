@@ -33,6 +33,8 @@ from loom.host.requests import (
     ErrorReply,
     ReadReply,
     ReadRequest,
+    ScanReply,
+    ScanRequest,
     WriteReply,
     WriteRequest,
 )
@@ -65,12 +67,19 @@ from loom.runtime.codec import (
     BadMessage,
     ClientAnswer,
     ClientCall,
-    CreateShard,
+    CreateKeyspace,
+    Done,
+    DropKeyspace,
+    DropShard,
+    Failure,
+    KeyspaceReply,
     ManagerEvent,
     NodeMessage,
     NodeReportMessage,
     NodeStatus,
     PeerMessage,
+    RoutingPush,
+    RoutingRequest,
     ShardStatus,
     StatusReply,
     StatusRequest,
@@ -78,6 +87,15 @@ from loom.runtime.codec import (
     encode,
 )
 from loom.shardmgr.core import NodeReport, ShardProgress
+from loom.shardmgr.routing import (
+    Keyspace,
+    KeyspaceSpec,
+    NodeInfo,
+    NodeRoute,
+    RoutingTable,
+    ShardPlacement,
+    ShardRoute,
+)
 
 BALLOT = Ballot(epoch=Epoch(7), node=NodeId("n2"), incarnation=Incarnation(3))
 OLDER = Ballot(epoch=Epoch(6), node=NodeId("n1"), incarnation=Incarnation(1))
@@ -151,6 +169,16 @@ REQUESTS: tuple[ClientRequest, ...] = (
         min_version=VERSION,
     ),
     *(ReadRequest(token=5, ushard=UShard(0), key=b"k", consistency=c) for c in Consistency),
+    ScanRequest(token=6, ushard=UShard(1)),
+    ScanRequest(
+        token=7,
+        ushard=UShard(1),
+        prefix=b"user:1/",
+        start_after=b"user:1/a",
+        limit=10,
+        consistency=Consistency.READ_YOUR_WRITES,
+        min_version=VERSION,
+    ),
 )
 
 APPLIED: Result = Applied(version=VERSION, counter=-3, existed=False)
@@ -167,6 +195,14 @@ REPLIES: tuple[ClientReply, ...] = (
         epoch=Epoch(7),
     ),
     ReadReply(token=5, item=None, record_version=None, applied_seq=Seq(0), epoch=Epoch(0)),
+    ScanReply(
+        token=8,
+        items=(Item(key=b"a", value=b"1", version=VERSION),),
+        cursor=b"a",
+        applied_seq=Seq(3),
+        epoch=Epoch(2),
+    ),
+    ScanReply(token=9, items=(), cursor=None, applied_seq=Seq(0), epoch=Epoch(0)),
     *(
         ErrorReply(token=6, code=code, message="ünïcode", primary_hint=NodeId("n1"))
         for code in ErrorCode
@@ -181,6 +217,31 @@ _ASSIGNMENT = Assignment(
     config=Config(Epoch(4), (NodeId("n1"), NodeId("n2"), NodeId("n3")), (NodeId("n4"),)),
     prior_configs=(Config(Epoch(3), (NodeId("n1"), NodeId("n2"), NodeId("n3")), ()),),
     activated_epoch=Epoch(3),
+)
+_SPEC = KeyspaceSpec(name="ks", shards=2, replication=3, ushards=64, regions=("a", "b"))
+_KEYSPACE = Keyspace(
+    spec=_SPEC,
+    placements=(
+        ShardPlacement(ShardId(3), (NodeId("n1"), NodeId("n2"), NodeId("n3"))),
+        ShardPlacement(ShardId(4), (NodeId("n2"), NodeId("n1"), NodeId("n3"))),
+    ),
+    ranges=((0, ShardId(3)), (32, ShardId(4))),
+)
+_TABLE = RoutingTable(
+    version=(1_700_000_000_000, 5),
+    keyspaces=(_KEYSPACE,),
+    shards=(
+        ShardRoute(
+            shard=ShardId(3),
+            keyspace="ks",
+            epoch=4,
+            primary=NodeId("n2"),
+            acceptors=(NodeId("n1"), NodeId("n2"), NodeId("n3")),
+            ready=True,
+        ),
+    ),
+    nodes=(NodeRoute(info=NodeInfo(node=NodeId("n1"), host="h", port=1), alive=False),),
+    manager="127.0.0.1:7300",
 )
 CONTROL: tuple[NodeMessage, ...] = (
     NodeReportMessage(
@@ -197,21 +258,29 @@ CONTROL: tuple[NodeMessage, ...] = (
                 ),
             ),
         ),
-        host="127.0.0.1",
-        port=7401,
+        info=NodeInfo(node=NodeId("n1"), host="127.0.0.1", port=7401, region="a", pid=12),
     ),
     ManagerEvent(
         shard=ShardId(3),
         event=SmEvent(kind=SmEventKind.ACTIVATED, ballot=_ASSIGNMENT.ballot, config=None),
     ),
     AssignMessage(shard=ShardId(3), assignment=_ASSIGNMENT),
-    CreateShard(shard=ShardId(3), acceptors=(NodeId("n1"), NodeId("n2"), NodeId("n3"))),
+    DropShard(shard=ShardId(3)),
+    CreateKeyspace(spec=_SPEC),
+    DropKeyspace(name="ks"),
+    KeyspaceReply(keyspace=_KEYSPACE),
+    Done(),
+    RoutingRequest(),
+    RoutingPush(table=_TABLE),
+    _TABLE,
+    Failure(kind="not_found", message="no keyspace 'x'", retry_after_ms=3),
     StatusRequest(),
     StatusReply(
         nodes=(NodeStatus(node=NodeId("n1"), address="127.0.0.1:7400", alive=True, incarnation=3),),
         shards=(
             ShardStatus(
                 shard=ShardId(3),
+                keyspace="ks",
                 epoch=4,
                 primary=NodeId("n2"),
                 activated=True,

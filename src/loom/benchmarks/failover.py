@@ -1,109 +1,149 @@
-"""`loom bench failover`: kill the primary of a 3-node cluster of real processes while a
-client writes, and measure how long until writes succeed again; count acknowledged
-writes that are gone afterwards (there must be none)."""
+"""`loom bench failover`: kill the primary of a 3-node cluster of real processes while
+clients write, `trials` times, and measure how long until writes succeed again; count
+acknowledged writes that are gone at the end (there must be none).
+
+Each trial: writers run continuously; SIGKILL the node holding the primary of the
+benchmark's p-shard; the recovery time is from the kill to the first acknowledgement
+after it (only a new primary can acknowledge by then). The killed node is restarted
+on its data and the next trial waits until the shard is fully healthy again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from loom import kv
 from loom.core.errors import LoomError
-from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard
-from loom.host.requests import Consistency, ReadReply, ReadRequest, WriteReply, WriteRequest
-from loom.kvstate.commands import Applied, Put, encode_command
-from loom.runtime.codec import ClientAnswer, ClientCall, CreateShard, decode, encode
 from loom.runtime.localcluster import LocalCluster
-from loom.runtime.rpc import RpcClient
 
-SHARD = ShardId(0)
 NODES = ("n1", "n2", "n3")
+KEYSPACE = "failover"
+WRITERS = 8
 RECOVERY_DEADLINE_S = 30.0
-WRITES_BEFORE_KILL = 50
+SETTLE_S = 1.0
+CHECK_BATCH = 256
 
 
-async def _ask(port: int, request: WriteRequest | ReadRequest) -> object:
-    async with await RpcClient.connect("127.0.0.1", port) as client:
-        body = await client.call(encode(ClientCall(shard=SHARD, request=request)), timeout_s=2)
-    answer = decode(body)
-    return answer.reply if isinstance(answer, ClientAnswer) else None
+class _Writers:
+    """Clients writing distinct keys back to back; remembers every acknowledged key."""
+
+    def __init__(self, client: kv.Client) -> None:
+        self.ks = client.keyspace(KEYSPACE)
+        self.acked: list[bytes] = []
+        self.last_ack_at = 0.0  # when the latest acknowledgement arrived
+        self.errors = 0
+        self._stop = asyncio.Event()
+
+    async def run(self, writer: int) -> None:
+        for seq in range(10**9):
+            if self._stop.is_set():
+                return
+            key = b"w%d:%d" % (writer, seq)
+            try:
+                await self.ks.put(key, b"x" * 64)
+            except LoomError:
+                self.errors += 1
+                continue
+            self.acked.append(key)
+            self.last_ack_at = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
-async def _write(ports: dict[str, int], seq: int) -> str:
-    """Writes key k<seq>, trying nodes until one (the primary) acknowledges it."""
-    put = Put(
-        request=RequestId(ClientId("bench"), RequestSeq(seq)),
-        ushard=UShard(seq % 4096),
-        key=b"k%d" % seq,
-        value=b"v%d" % seq,
-    )
-    request = WriteRequest(token=seq, command=encode_command(put))
-    async with asyncio.timeout(RECOVERY_DEADLINE_S):
-        while True:
-            for name, port in sorted(ports.items()):
-                try:
-                    reply = await _ask(port, request)
-                except LoomError:
-                    continue
-                if isinstance(reply, WriteReply) and isinstance(reply.result, Applied):
-                    return name
-            await asyncio.sleep(0.01)
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
-async def _is_stored(port: int, seq: int) -> bool:
-    request = ReadRequest(
-        token=seq, ushard=UShard(seq % 4096), key=b"k%d" % seq, consistency=Consistency.STRONG
-    )
-    reply = await _ask(port, request)
-    return isinstance(reply, ReadReply) and reply.item is not None
+async def _time_to_recover(writers: _Writers) -> float:
+    """From now (just after the kill) until the next acknowledgement arrives."""
+    killed_at = time.monotonic()
+    await _until(lambda: writers.last_ack_at > killed_at, "writes to resume")
+    return writers.last_ack_at - killed_at
 
 
-async def _trial(data_dir: Path, lease_ms: float) -> tuple[float, int]:
-    cluster = LocalCluster(data_dir=data_dir, lease_ms=lease_ms)
-    try:
-        sm_port = cluster.start_manager()
-        for name in NODES:
-            cluster.start_node(name)
-        create = CreateShard(shard=SHARD, acceptors=tuple(NodeId(n) for n in NODES))
-        async with asyncio.timeout(RECOVERY_DEADLINE_S):
-            while True:
-                try:
-                    async with await RpcClient.connect("127.0.0.1", sm_port) as admin:
-                        await admin.call(encode(create), timeout_s=2)
-                    break
-                except LoomError:
-                    await asyncio.sleep(0.05)
-        node_ports = {n: cluster.ports[n] for n in NODES}
-        primary = ""
-        for seq in range(1, WRITES_BEFORE_KILL + 1):
-            primary = await _write(node_ports, seq)
-        cluster.kill(primary)
-        del node_ports[primary]
-        killed_at = time.monotonic()
-        survivor = await _write(node_ports, WRITES_BEFORE_KILL + 1)
-        recovered_s = time.monotonic() - killed_at
-        port = node_ports[survivor]
-        lost = 0
-        for seq in range(1, WRITES_BEFORE_KILL + 2):
-            if not await _is_stored(port, seq):
-                lost += 1
-        return recovered_s, lost
-    finally:
-        cluster.stop()
+async def _primary(client: kv.Client) -> str:
+    table = await client.routing()
+    (route,) = [s for s in table.shards if s.keyspace == KEYSPACE]
+    return route.primary
 
 
-async def run_failover(*, trials: int, lease_ms: float) -> dict[str, object]:
-    results = []
-    for _ in range(trials):
-        with tempfile.TemporaryDirectory(prefix="loom-failover-") as tmp:
-            results.append(await _trial(Path(tmp), lease_ms))
-    times = [round(t, 3) for t, _ in results]
+async def _healthy(client: kv.Client) -> bool:
+    table = await client.routing()
+    (route,) = [s for s in table.shards if s.keyspace == KEYSPACE]
+    alive = {n.info.node for n in table.nodes if n.alive}
+    return route.ready and set(route.acceptors) <= alive
+
+
+async def run_failover(
+    *, trials: int, lease_ms: float, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="loom-failover-") as tmp:
+        cluster = LocalCluster(data_dir=Path(tmp), lease_ms=lease_ms)
+        try:
+            cluster.start_manager()
+            for name in NODES:
+                cluster.start_node(name)
+            return await _trials(cluster, trials, progress)
+        finally:
+            cluster.stop()
+
+
+async def _trials(
+    cluster: LocalCluster, trials: int, progress: Callable[[str], None]
+) -> dict[str, object]:
+    async with kv.connect(cluster.manager_address, timeout_s=RECOVERY_DEADLINE_S) as client:
+        await client.create_keyspace(KEYSPACE, shards=1, replication=3)
+        writers = _Writers(client)
+        tasks = [asyncio.create_task(writers.run(w)) for w in range(WRITERS)]
+        times = []
+        try:
+            for trial in range(1, trials + 1):
+                await asyncio.sleep(SETTLE_S)
+                victim = await _primary(client)
+                cluster.kill(victim)
+                recovered = await _time_to_recover(writers)
+                times.append(round(recovered, 3))
+                progress(
+                    f"trial {trial}/{trials}: killed {victim}, writes back in {recovered:.3f} s"
+                )
+                cluster.restart(victim)
+                deadline = time.monotonic() + RECOVERY_DEADLINE_S
+                while not await _healthy(client):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the cluster did not heal after a restart")
+                    await asyncio.sleep(0.1)
+        finally:
+            writers.stop()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        lost = await _count_lost(writers.ks, writers.acked)
     return {
         "trials_s": times,
         "median_s": round(statistics.median(times), 3),
         "max_s": max(times),
-        "lost_writes": sum(lost for _, lost in results),
-        "lease_ms": lease_ms,
+        "lost_writes": lost,
+        "acknowledged_writes": len(writers.acked),
+        "lease_ms": cluster.lease_ms,
     }
+
+
+async def _count_lost(ks: kv.Keyspace, keys: list[bytes]) -> int:
+    """Acknowledged keys that a STRONG read does not find."""
+    lost = 0
+    for start in range(0, len(keys), CHECK_BATCH):
+        found = await asyncio.gather(*(ks.get(k) for k in keys[start : start + CHECK_BATCH]))
+        lost += sum(1 for item in found if item is None)
+    return lost

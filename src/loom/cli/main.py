@@ -6,6 +6,8 @@ import click
 
 from loom import __version__
 from loom.cli.bench import bench_group
+from loom.cli.cluster import cluster_group
+from loom.cli.data import keyspace_group, kv_group
 from loom.cli.processes import node_command, sm_command
 from loom.cli.sim import sim
 from loom.cli.status import status_command
@@ -22,6 +24,9 @@ main.add_command(sm_command)
 main.add_command(node_command)
 main.add_command(status_command)
 main.add_command(bench_group)
+main.add_command(cluster_group)
+main.add_command(kv_group)
+main.add_command(keyspace_group)
 
 if __name__ == "__main__":
     main()

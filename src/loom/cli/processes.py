@@ -1,21 +1,25 @@
-"""`loom sm` and `loom node`: the cluster's processes (work in progress for the cluster
-issue). Each logs to stderr, prints `listening on HOST:PORT` once ready, and stops
-cleanly on SIGTERM or Ctrl-C."""
+"""`loom sm` and `loom node`: the cluster's processes. Each logs to stderr, prints
+`listening on HOST:PORT` on stdout once ready, and stops cleanly on SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from loom.core.ids import NodeId
+from loom.core.limits import DEFAULT_LIMITS
 from loom.paxos.params import ReplicaParams
 from loom.runtime.manager import ManagerRuntime
+from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.node import NodeRuntime
 from loom.runtime.rpc import run
+from loom.shardmgr.routing import DEFAULT_TIER, LABEL
 
 LISTEN_HELP = "HOST:PORT to listen on (port 0: any free port)."
 DATA_DIR = click.Path(file_okay=False, dir_okay=True, path_type=Path)
@@ -26,6 +30,18 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise click.BadParameter(f"{text!r} is not HOST:PORT")
     return host, int(port)
+
+
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+log = logging.getLogger("loom")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 async def _until_stopped() -> None:
@@ -41,19 +57,25 @@ async def _until_stopped() -> None:
     "--listen", default="127.0.0.1:7300", show_default=True, help="HOST:PORT (port 0: any)"
 )
 @click.option("--data", type=DATA_DIR, required=True, help="Directory of the metastore file.")
-def sm_command(listen: str, data: Path) -> None:
-    """Run the shard manager: node registry, epochs, failover (control plane only)."""
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def sm_command(listen: str, data: Path, log_level: str) -> None:
+    """Run the shard manager: node registry, keyspaces and placement, epochs, failover,
+    the routing table (control plane only: never on the data path)."""
+    setup_logging(log_level)
     host, port = parse_address(listen)
     data.mkdir(parents=True, exist_ok=True)
 
     async def main() -> None:
-        manager = ManagerRuntime(metastore_path=data / "metastore.json", host=host, port=port)
+        metastore = FileMetastore(data / "metastore.json")
+        manager = ManagerRuntime(metastore=metastore, host=host, port=port)
         await manager.start()
+        log.info("shard manager up on %s:%d, metastore %s", host, manager.port, data)
         click.echo(f"loom sm listening on {host}:{manager.port}")
         sys.stdout.flush()
         try:
             await _until_stopped()
         finally:
+            log.info("shard manager stopping")
             await manager.close()
 
     run(main())
@@ -66,22 +88,72 @@ def sm_command(listen: str, data: Path) -> None:
 )
 @click.option("--sm", "manager", required=True, help="The shard manager's HOST:PORT.")
 @click.option("--data", type=DATA_DIR, required=True, help="This node's data directory.")
-@click.option("--lease-ms", type=click.FloatRange(50, 60_000), default=1000.0, show_default=True)
-def node_command(node_id: str, listen: str, manager: str, data: Path, lease_ms: float) -> None:
+@click.option("--region", default="", help="Region label (placement spreads replicas).")
+@click.option("--zone", default="", help="Zone label within the region.")
+@click.option("--tier", default=DEFAULT_TIER, show_default=True, help="Node pool.")
+@click.option(
+    "--lease-ms",
+    type=click.FloatRange(50, 60_000),
+    default=1000.0,
+    show_default=True,
+    help="Primary lease; failover takes about this long plus failure detection.",
+)
+@click.option(
+    "--log-entries-max",
+    type=click.IntRange(16, 1_000_000),
+    default=DEFAULT_LIMITS.log_retained_entries_max,
+    show_default=True,
+    help="Log entries kept per shard; a member further behind gets a snapshot.",
+)
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def node_command(
+    node_id: str,
+    listen: str,
+    manager: str,
+    data: Path,
+    region: str,
+    zone: str,
+    tier: str,
+    lease_ms: float,
+    log_entries_max: int,
+    log_level: str,
+) -> None:
     """Run a storage node: the replicas of its shards over one RocksDB."""
+    setup_logging(log_level)
     host, port = parse_address(listen)
     sm_host, sm_port = parse_address(manager)
-    params = ReplicaParams(lease_ms=lease_ms, heartbeat_interval_ms=min(100.0, lease_ms / 10))
+    for name, label in (("region", region), ("zone", zone), ("tier", tier)):
+        if not LABEL.fullmatch(label):
+            raise click.BadParameter(f"{label!r} is not a valid label", param_hint=f"--{name}")
+    params = ReplicaParams(
+        lease_ms=lease_ms,
+        heartbeat_interval_ms=min(100.0, lease_ms / 10),
+        limits=replace(DEFAULT_LIMITS, log_retained_entries_max=log_entries_max),
+    )
 
     async def main() -> None:
-        node = NodeRuntime(node=NodeId(node_id), data_dir=data, params=params, host=host, port=port)
+        node = NodeRuntime(
+            node=NodeId(node_id),
+            data_dir=data,
+            params=params,
+            host=host,
+            port=port,
+            region=region,
+            zone=zone,
+            tier=tier,
+        )
         await node.start()
         node.connect_manager(sm_host, sm_port)
+        log.info(
+            "node %s up on %s:%d (incarnation %d, region %r), data %s",
+            node_id, host, node.port, node.incarnation, region, data,
+        )  # fmt: skip
         click.echo(f"loom node {node_id} listening on {host}:{node.port}")
         sys.stdout.flush()
         try:
             await _until_stopped()
         finally:
+            log.info("node %s stopping", node_id)
             await node.close()
 
     run(main())

@@ -5,76 +5,110 @@ from __future__ import annotations
 import json
 
 import click
-import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from loom.cli.processes import parse_address
-from loom.core.errors import LoomError
-from loom.runtime.codec import StatusReply, StatusRequest, decode, encode
-from loom.runtime.rpc import RpcClient, run
-
-TIMEOUT_S = 5.0
+from loom.cli.data import cluster_option, connected
+from loom.runtime.codec import ShardStatus, StatusReply
 
 
-async def fetch_status(host: str, port: int) -> StatusReply:
-    async with await RpcClient.connect(host, port) as client:
-        body = await client.call(encode(StatusRequest()), timeout_s=TIMEOUT_S)
-    reply = decode(body)
-    if not isinstance(reply, StatusReply):
-        raise click.ClickException(f"the shard manager answered {type(reply).__name__}")
-    return reply
+def status_json(status: StatusReply) -> dict[str, object]:
+    return {
+        "nodes": [
+            {
+                "id": n.node,
+                "address": n.address,
+                "region": n.region,
+                "zone": n.zone,
+                "alive": n.alive,
+                "pid": n.pid,
+                "incarnation": n.incarnation,
+            }
+            for n in status.nodes
+        ],
+        "shards": [
+            {
+                "id": s.shard,
+                "keyspace": s.keyspace,
+                "members": [*s.acceptors, *s.followers],
+                "acceptors": list(s.acceptors),
+                "followers": list(s.followers),
+                "primary": s.primary,
+                "epoch": s.epoch,
+                "active": s.activated,
+                "applied_seq": _applied(s, s.primary),
+                "commit_seq": s.progress.get(s.primary, (0, 0))[1],
+                "progress": {m: {"applied": a, "commit": c} for m, (a, c) in s.progress.items()},
+            }
+            for s in status.shards
+        ],
+    }
+
+
+def _applied(shard: ShardStatus, member: str) -> int:
+    return shard.progress.get(member, (0, 0))[0]
+
+
+def _lag(shard: ShardStatus) -> int:
+    """How far the slowest member's applied seq trails the primary's commit seq."""
+    commit = shard.progress.get(shard.primary, (0, 0))[1]
+    applied = [a for a, _ in shard.progress.values()]
+    return max(0, commit - min(applied)) if applied else 0
 
 
 @click.command("status")
-@click.option(
-    "--sm",
-    "manager",
-    default="127.0.0.1:7300",
-    show_default=True,
-    help="The shard manager's HOST:PORT.",
-)
+@cluster_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines.")
-def status_command(manager: str, as_json: bool) -> None:
-    """Nodes (address, alive) and shards (members, primary, epoch, applied/commit seq)."""
-    host, port = parse_address(manager)
-    try:
-        status = run(fetch_status(host, port))
-    except LoomError as error:
-        raise click.ClickException(
-            f"cannot reach the shard manager at {manager}: {error}"
-        ) from None
+def status_command(cluster: str, as_json: bool) -> None:
+    """Nodes (address, region, alive) and shards (keyspace, members, primary, epoch,
+    applied/commit seq, lag)."""
+    with connected(cluster) as client:
+        status = client.status()
     if as_json:
-        click.echo(json.dumps(msgspec.to_builtins(status)))
+        click.echo(json.dumps(status_json(status)))
         return
     console = Console()
     nodes = Table(title="nodes")
-    for column in ("node", "address", "alive", "incarnation"):
+    for column in ("node", "address", "region", "zone", "alive", "pid", "incarnation"):
         nodes.add_column(column)
     for node in status.nodes:
         alive = "[green]yes[/green]" if node.alive else "[red]no[/red]"
-        nodes.add_row(node.node, node.address, alive, str(node.incarnation))
+        nodes.add_row(
+            node.node,
+            node.address,
+            node.region or "-",
+            node.zone or "-",
+            alive,
+            str(node.pid),
+            str(node.incarnation),
+        )
     shards = Table(title="shards")
-    for column in (
+    columns = (
         "shard",
+        "keyspace",
         "epoch",
         "primary",
         "active",
-        "acceptors",
-        "followers",
+        "members",
         "applied/commit",
-    ):
+        "lag",
+    )
+    for column in columns:
         shards.add_column(column)
     for shard in status.shards:
-        progress = ", ".join(f"{n} {a}/{c}" for n, (a, c) in sorted(shard.progress.items()))
+        progress = " ".join(f"{n}:{a}/{c}" for n, (a, c) in sorted(shard.progress.items()))
+        members = ",".join(shard.acceptors) + (
+            " +" + ",".join(shard.followers) if shard.followers else ""
+        )
         shards.add_row(
             str(shard.shard),
+            shard.keyspace or "-",
             str(shard.epoch),
             shard.primary,
-            "yes" if shard.activated else "activating",
-            ",".join(shard.acceptors),
-            ",".join(shard.followers) or "-",
+            "yes" if shard.activated else "[yellow]activating[/yellow]",
+            members,
             progress or "-",
+            str(_lag(shard)),
         )
     console.print(nodes)
     console.print(shards)

@@ -41,6 +41,19 @@ class ReadRequest(Struct, frozen=True, tag="read", kw_only=True):
     min_version: Version | None = None
 
 
+class ScanRequest(Struct, frozen=True, tag="scan", kw_only=True):
+    """Live items of one μshard whose key starts with `prefix`, after `start_after`."""
+
+    token: int
+    ushard: UShard
+    prefix: bytes = b""
+    start_after: bytes | None = None
+    limit: int = 100
+    consistency: Consistency = Consistency.STRONG
+    bound_ms: float | None = None
+    min_version: Version | None = None
+
+
 class WriteReply(Struct, frozen=True, tag="wrote", kw_only=True):
     token: int
     result: Result
@@ -53,6 +66,15 @@ class ReadReply(Struct, frozen=True, tag="readreply", kw_only=True):
     item: Item | None
     # The record's version including tombstones, for transactions' read sets.
     record_version: Version | None
+    applied_seq: Seq
+    epoch: Epoch
+
+
+class ScanReply(Struct, frozen=True, tag="scanned", kw_only=True):
+    token: int
+    items: tuple[Item, ...]
+    # Pass as `start_after` for the next page; None when nothing is left.
+    cursor: bytes | None
     applied_seq: Seq
     epoch: Epoch
 
@@ -76,5 +98,6 @@ class ErrorReply(Struct, frozen=True, tag="error", kw_only=True):
     retry_after_ms: int = 0
 
 
-ClientRequest = WriteRequest | ReadRequest
-ClientReply = WriteReply | ReadReply | ErrorReply
+ReadLike = ReadRequest | ScanRequest
+ClientRequest = WriteRequest | ReadRequest | ScanRequest
+ClientReply = WriteReply | ReadReply | ScanReply | ErrorReply

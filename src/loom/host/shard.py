@@ -25,6 +25,7 @@ from loom.core.ids import (
     ShardId,
     Version,
 )
+from loom.core.limits import Limits
 from loom.core.time import Instant, WallMs
 from loom.host import layout
 from loom.host.requests import (
@@ -33,8 +34,11 @@ from loom.host.requests import (
     Durability,
     ErrorCode,
     ErrorReply,
+    ReadLike,
     ReadReply,
     ReadRequest,
+    ScanReply,
+    ScanRequest,
     WriteReply,
     WriteRequest,
 )
@@ -52,7 +56,8 @@ from loom.kvstate.commands import (
     decode_command,
     encode_command,
 )
-from loom.kvstate.reads import read_item_and_version
+from loom.kvstate.keys import is_valid_ushard
+from loom.kvstate.reads import read_item_and_version, scan_ushard
 from loom.paxos.messages import Config, Entry, Envelope, SnapshotAck, SnapshotChunk
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import Ready, RefusalReason, Refused, Sequenced, ServeNow, SmEvent
@@ -136,7 +141,7 @@ class ShardHost:
         self.applied_seq = durable.applied_seq
         self.queue: list[_Queued] = []
         self.awaiting: dict[Seq, list[_Awaiting]] = {}
-        self.reads: dict[int, tuple[Origin, ReadRequest]] = {}
+        self.reads: dict[int, tuple[Origin, ReadLike]] = {}
         self.snapshots = SnapshotTransfers(node=node, shard=shard)
         self.out = HostOutput()
         self.renamed_requests = 0
@@ -159,7 +164,11 @@ class ShardHost:
         self.snapshots.tick(self, now)
 
     def submit(
-        self, origin: Origin, request: WriteRequest | ReadRequest, now: Instant, wall_ms: WallMs
+        self,
+        origin: Origin,
+        request: WriteRequest | ReadRequest | ScanRequest,
+        now: Instant,
+        wall_ms: WallMs,
     ) -> None:
         if isinstance(request, WriteRequest):
             self._submit_write(origin, request)
@@ -197,8 +206,12 @@ class ShardHost:
         return encode_command(msgspec.structs.replace(command, request=request))
 
     def _submit_read(
-        self, origin: Origin, request: ReadRequest, now: Instant, wall_ms: WallMs
+        self, origin: Origin, request: ReadLike, now: Instant, wall_ms: WallMs
     ) -> None:
+        problem = _read_problem(request, self.p.limits)
+        if problem is not None:
+            self._error(origin, request.token, ErrorCode.INVALID, problem)
+            return
         bound = request.bound_ms
         if request.consistency is Consistency.BOUNDED and (
             bound is None or not math.isfinite(bound) or bound <= 0
@@ -361,25 +374,44 @@ class ShardHost:
     def _serve_read(
         self,
         origin: Origin,
-        request: ReadRequest,
+        request: ReadLike,
         decision: ServeNow,
         now: Instant,
         wall_ms: WallMs,
     ) -> None:
-        item, version = read_item_and_version(self.state, request.ushard, request.key, wall_ms)
+        reply: ClientReply
+        if isinstance(request, ScanRequest):
+            items, cursor = scan_ushard(
+                self.state,
+                request.ushard,
+                request.prefix,
+                start_after=request.start_after,
+                limit=request.limit,
+                wall_ms=wall_ms,
+                limits=self.p.limits,
+            )
+            reply = ScanReply(
+                token=request.token,
+                items=tuple(items),
+                cursor=cursor,
+                applied_seq=self.replica.applied_seq,
+                epoch=self.applied_epoch,
+            )
+        else:
+            item, version = read_item_and_version(self.state, request.ushard, request.key, wall_ms)
+            reply = ReadReply(
+                token=request.token,
+                item=item,
+                record_version=version,
+                applied_seq=self.replica.applied_seq,
+                epoch=self.applied_epoch,
+            )
         # A lease read reads first and checks the lease after (PITFALLS 16).
         if decision.lease_read and not self.replica.lease_valid(now):
             self._error(
                 origin, request.token, ErrorCode.NOT_PRIMARY, "lease expired", retry_after_ms=10
             )
             return
-        reply = ReadReply(
-            token=request.token,
-            item=item,
-            record_version=version,
-            applied_seq=self.replica.applied_seq,
-            epoch=self.applied_epoch,
-        )
         self.out.replies.append((origin, reply))
 
     # ------------------------------------------------------------------ helpers
@@ -405,6 +437,21 @@ class ShardHost:
 
     def send(self, env: Envelope) -> None:
         self.out.messages.append(env)
+
+
+def _read_problem(request: ReadLike, limits: Limits) -> str | None:
+    """Why a client may not send this read, or None."""
+    if not is_valid_ushard(request.ushard):
+        return "ushard out of range"
+    if isinstance(request, ScanRequest):
+        keys: tuple[bytes, ...] = (request.prefix, request.start_after or b"")
+        if not 1 <= request.limit <= limits.scan_items_max:
+            return f"scan limit must be 1..{limits.scan_items_max}"
+    else:
+        keys = (request.key,)
+    if any(len(key) > limits.key_bytes_max for key in keys):
+        return f"key over {limits.key_bytes_max} bytes"
+    return None
 
 
 def _write_problem(command: Command, durability: Durability) -> str | None:

@@ -21,7 +21,7 @@ Rules of this module:
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -32,6 +32,7 @@ from loom.paxos.messages import Envelope
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
 from loom.shardmgr.core import NodeReport
+from loom.shardmgr.routing import Keyspace, KeyspaceSpec, NodeInfo, RoutingTable
 from loom.wire.frames import FRAME_BYTES_MAX
 
 CODEC_VERSION: Final = 1
@@ -66,11 +67,10 @@ class ClientAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="ca1"):
 
 
 class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
-    """A node's heartbeat to the shard manager, with where to reach it."""
+    """A node's heartbeat to the shard manager, with where to reach it and its labels."""
 
     report: NodeReport
-    host: str
-    port: int
+    info: NodeInfo
 
 
 class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):
@@ -94,11 +94,50 @@ class AssignMessage(msgspec.Struct, frozen=True, kw_only=True, tag="as1"):
     peers: tuple[PeerAddress, ...] = ()
 
 
-class CreateShard(msgspec.Struct, frozen=True, kw_only=True, tag="cs1"):
-    """An operator asks the shard manager for a new p-shard on these acceptors."""
+class DropShard(msgspec.Struct, frozen=True, kw_only=True, tag="ds1"):
+    """The shard manager tells a node to delete its replica of a dropped p-shard."""
 
     shard: ShardId
-    acceptors: tuple[NodeId, ...]
+
+
+class CreateKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="ck1"):
+    """Create a keyspace (idempotent: the same spec again answers the existing one)."""
+
+    spec: KeyspaceSpec
+
+
+class DropKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="dk1"):
+    name: str
+
+
+class KeyspaceReply(msgspec.Struct, frozen=True, kw_only=True, tag="kr1"):
+    keyspace: Keyspace
+
+
+class Done(msgspec.Struct, frozen=True, kw_only=True, tag="ok1"):
+    """An operation without a result succeeded."""
+
+
+class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True, tag="rq1"):
+    """Asks the shard manager, or any node (its last pushed copy), for the routing table."""
+
+
+class RoutingPush(msgspec.Struct, frozen=True, kw_only=True, tag="rp1"):
+    """The shard manager's routing table, pushed to nodes so they can serve it to clients
+    while the manager is down."""
+
+    table: RoutingTable
+
+
+FailureKind = Literal["invalid", "not_found", "unavailable", "permission"]
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True, tag="er1"):
+    """A typed refusal of an operator or routing call (a client maps `kind` to its error)."""
+
+    kind: FailureKind
+    message: str
+    retry_after_ms: int = 0
 
 
 class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sq1"):
@@ -110,10 +149,14 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     address: str
     alive: bool
     incarnation: int
+    region: str = ""
+    zone: str = ""
+    pid: int = 0
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     shard: ShardId
+    keyspace: str
     epoch: int
     primary: NodeId
     activated: bool
@@ -135,7 +178,15 @@ NodeMessage = (
     | NodeReportMessage
     | ManagerEvent
     | AssignMessage
-    | CreateShard
+    | DropShard
+    | CreateKeyspace
+    | DropKeyspace
+    | KeyspaceReply
+    | Done
+    | RoutingRequest
+    | RoutingPush
+    | RoutingTable
+    | Failure
     | StatusRequest
     | StatusReply
 )

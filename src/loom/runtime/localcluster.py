@@ -1,9 +1,10 @@
-"""A cluster of real `loom sm` and `loom node` processes on 127.0.0.1, for benchmarks,
-end-to-end tests and (later) `loom cluster up`. Every process is a child we started; we
-stop only those, by PID."""
+"""A cluster of real `loom sm` and `loom node` processes on 127.0.0.1, for `loom cluster
+up`, benchmarks and end-to-end tests. Every process is a child we started; we signal
+only those, by PID. Each child's stderr (its log) goes to `DATA/logs/NAME.log`."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -11,47 +12,91 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"listening on [^\s:]+:(\d+)")
 STOP_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 30.0
 
 
 @dataclass(slots=True)
 class LocalCluster:
     data_dir: Path
     lease_ms: float = 1000.0
+    # Extra `loom node` arguments (e.g. a small `--log-entries-max` to force snapshots).
+    node_args: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    # How each process was started, so it can be restarted with the same arguments.
+    commands: dict[str, list[str]] = field(default_factory=dict)
 
-    def _spawn(self, name: str, *args: str) -> None:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            [sys.executable, "-m", "loom.cli.main", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+    @property
+    def manager_address(self) -> str:
+        return f"127.0.0.1:{self.ports['sm']}"
+
+    def _spawn(self, name: str, args: list[str]) -> int:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / f"{name}.log").open("a") as log:
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+                [sys.executable, "-m", "loom.cli.main", *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                # Its own process group: a Ctrl-C in our terminal reaches us, and we stop
+                # the children in order.
+                start_new_session=True,
+            )
         assert proc.stdout is not None
         line = proc.stdout.readline()  # printed once the process listens
         match = LISTENING.search(line)
         if match is None:
             proc.kill()
             proc.wait()
-            raise RuntimeError(f"{name} did not start: {line!r}")
+            _close(proc)
+            raise RuntimeError(
+                f"{name} did not start (see {logs / f'{name}.log'}): {line.strip()!r}"
+            )
         self.processes[name] = proc
         self.ports[name] = int(match.group(1))
-
-    def start_manager(self) -> int:
-        self._spawn("sm", "sm", "--listen", "127.0.0.1:0", "--data", str(self.data_dir / "sm"))
-        return self.ports["sm"]
-
-    def start_node(self, name: str) -> int:
-        self._spawn(
-            name,
-            "node", "--id", name, "--listen", "127.0.0.1:0",
-            "--sm", f"127.0.0.1:{self.ports['sm']}",
-            "--data", str(self.data_dir / name),
-            "--lease-ms", str(self.lease_ms),
-        )  # fmt: skip
+        # A restart listens where this one does (nodes and clients know the address).
+        self.commands[name] = [
+            f"127.0.0.1:{self.ports[name]}" if arg == "127.0.0.1:0" else arg for arg in args
+        ]
         return self.ports[name]
+
+    def start_manager(self, *, port: int = 0, extra: tuple[str, ...] = ()) -> int:
+        data = str(self.data_dir / "sm")
+        return self._spawn("sm", ["sm", "--listen", f"127.0.0.1:{port}", "--data", data, *extra])
+
+    def start_node(
+        self,
+        name: str,
+        *,
+        port: int = 0,
+        region: str = "",
+        zone: str = "",
+        data: Path | None = None,
+    ) -> int:
+        args = [
+            "node", "--id", name, "--listen", f"127.0.0.1:{port}",
+            "--sm", self.manager_address,
+            "--data", str(data or self.data_dir / name),
+            "--lease-ms", str(self.lease_ms),
+            *self.node_args,
+        ]  # fmt: skip
+        if region:
+            args += ["--region", region]
+        if zone:
+            args += ["--zone", zone]
+        return self._spawn(name, args)
+
+    def restart(self, name: str) -> int:
+        """Starts a stopped or killed process again with its arguments (same data)."""
+        assert name not in self.processes, f"{name} is running"
+        return self._spawn(name, self.commands[name])
+
+    def pid(self, name: str) -> int:
+        return self.processes[name].pid
 
     def kill(self, name: str) -> None:
         """SIGKILL: the process gets no chance to flush or say goodbye."""
@@ -61,19 +106,35 @@ class LocalCluster:
         proc.wait(timeout=STOP_TIMEOUT_S)
         _close(proc)
 
-    def stop(self) -> None:
-        for proc in self.processes.values():
+    def pause(self, name: str) -> None:
+        """SIGSTOP: a gray failure — the process holds its sockets but does nothing."""
+        self.processes[name].send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGCONT)
+
+    def stop(self, names: list[str] | None = None) -> None:
+        """SIGTERM (after SIGCONT, in case it is paused), then SIGKILL after a timeout."""
+        chosen = list(self.processes) if names is None else names
+        for name in chosen:
+            proc = self.processes[name]
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes.values():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+                    proc.send_signal(signal.SIGTERM)
+        for name in chosen:
+            proc = self.processes.pop(name)
+            self.ports.pop(name, None)
             try:
                 proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
             _close(proc)
-        self.processes.clear()
-        self.ports.clear()
+
+    def exited(self) -> list[str]:
+        """Processes that ended without being stopped by us."""
+        return [name for name, proc in self.processes.items() if proc.poll() is not None]
 
 
 def _close(proc: subprocess.Popen[str]) -> None:

@@ -1,6 +1,5 @@
 """The shard manager as a running program: the sans-IO `ShardManagerCore` behind the RPC
-server, its epochs in a `Metastore` (a file for one machine). Work in progress for the
-cluster issue: one manager (no etcd leader election yet), no routing table for clients.
+server, its epochs and keyspaces in a `Metastore` (a file for one machine, etcd for HA).
 
 Rules of this module:
 - one task owns the core: reports, events, operator calls and ticks reach it through one
@@ -8,44 +7,68 @@ Rules of this module:
 - an epoch is announced only after the metastore's compare-and-swap stored it (the core
   emits `PersistEpoch` first and announces from `epoch_persisted`); the metastore is
   called off the event loop;
-- the manager is never on the data path: it only sends assignments; each node has one
-  owned sender task and a bounded queue, and a lost assignment is re-announced.
+- keyspace operations are serialized by one lock and made of single compare-and-swaps
+  in an order a restarted manager can finish (`loom.runtime.catalog`);
+- the manager is never on the data path: it sends assignments and the routing table;
+  nodes keep the table and serve it to clients, so the data path goes on without it;
+- each node has one owned sender task and a bounded queue; a lost assignment is
+  re-announced, a lost routing push is re-pushed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
+from loom.core.errors import InvalidArgument, LoomError, NotFound, PermissionDenied, Unavailable
 from loom.core.ids import Epoch, NodeId, ShardId
 from loom.core.time import Instant
 from loom.paxos.replica import Assignment
+from loom.runtime.catalog import Catalog, KeyspaceRecord, shard_record_key
 from loom.runtime.codec import (
     AssignMessage,
     BadMessage,
-    ClientAnswer,
-    ClientCall,
-    CreateShard,
+    CreateKeyspace,
+    Done,
+    DropKeyspace,
+    DropShard,
+    Failure,
+    FailureKind,
+    KeyspaceReply,
     ManagerEvent,
     NodeReportMessage,
     NodeStatus,
     PeerAddress,
-    PeerMessage,
+    RoutingPush,
+    RoutingRequest,
     ShardStatus,
     StatusReply,
     StatusRequest,
     decode,
     encode,
 )
-from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.outbound import Outbound
 from loom.runtime.rpc import RpcServer
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
+from loom.shardmgr.metastore import Metastore
+from loom.shardmgr.routing import (
+    Keyspace,
+    KeyspaceSpec,
+    NodeInfo,
+    NodeRoute,
+    PlacementError,
+    RoutingTable,
+    ShardPlacement,
+    ShardRoute,
+    compact_ranges,
+    place,
+)
 
 TICK_MS = 50.0
 INPUTS_MAX = 10_000
@@ -63,38 +86,63 @@ class _Rng:
 
 _ENCODER = msgspec.msgpack.Encoder()
 _RECORD = msgspec.msgpack.Decoder(ShardRecord)
+T = TypeVar("T")
+ROUTING_PUSH_MS = 100.0
+# A node gets the table again after this long even when nothing changed (a lost push).
+ROUTING_REPUSH_MS = 2_000.0
+_FAILURE_KINDS: tuple[tuple[type[LoomError], FailureKind], ...] = (
+    (InvalidArgument, "invalid"),
+    (NotFound, "not_found"),
+    (PermissionDenied, "permission"),
+    (LoomError, "unavailable"),
+)
 
 
 def epoch_key(shard: int) -> str:
-    """Where a shard's record lives; its epoch is compare-and-swapped there."""
-    return f"shards/{shard}/epoch"
+    return shard_record_key(shard)
 
 
 def decode_record(value: bytes) -> ShardRecord:
     return _RECORD.decode(value)
 
 
+def failure(error: LoomError) -> Failure:
+    kind = next(k for cls, k in _FAILURE_KINDS if isinstance(error, cls))
+    return Failure(kind=kind, message=str(error), retry_after_ms=error.retry_after_ms or 0)
+
+
 class ManagerRuntime:
     def __init__(
         self,
         *,
-        metastore_path: Path,
+        metastore: Metastore,
         params: SmParams | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
-        self.metastore = FileMetastore(metastore_path)
+        self.metastore = metastore
+        self.catalog = Catalog(metastore)
+        self.host = host
         self.server = RpcServer(self._handle, host, port)
         self.inputs: asyncio.Queue[Callable[[Instant], None]] = asyncio.Queue(INPUTS_MAX)
-        self.addresses: dict[NodeId, tuple[str, int]] = {}
+        self.infos: dict[NodeId, NodeInfo] = {}
         self.outboxes: dict[NodeId, Outbound] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.stored_activation: dict[ShardId, Assignment] = {}
+        self.keyspaces: dict[str, Keyspace] = {}
+        self.shard_keyspace: dict[ShardId, str] = {}
+        self.next_shard = 1
+        self.admin_lock = asyncio.Lock()
+        # Routing versions: (term, counter); the term orders tables across restarts.
+        self.term = time.time_ns() // 1_000_000
+        self.routing_counter = 0
+        self.routing_content: object = None
 
     async def start(self) -> None:
         now = Instant(time.monotonic() * 1000)
-        for shard, record in await asyncio.to_thread(self._load):
+        records, keyspaces, self.next_shard = await asyncio.to_thread(self._load)
+        for shard, record in records:
             self.core.restore(shard, record, now)
             if record.activated:
                 self.stored_activation[shard] = record.assignment
@@ -102,6 +150,12 @@ class ManagerRuntime:
         loop = asyncio.get_running_loop()
         self.tasks.append(loop.create_task(self._run_core()))
         self.tasks.append(loop.create_task(self._ticker()))
+        self.tasks.append(loop.create_task(self._push_routing()))
+        for keyspace_record in keyspaces:
+            if keyspace_record.dropping:
+                await self._finish_drop(keyspace_record.keyspace)
+            else:
+                await self._install(keyspace_record.keyspace)
 
     @property
     def port(self) -> int:
@@ -119,39 +173,210 @@ class ManagerRuntime:
 
     async def _handle(self, body: bytes) -> bytes:
         message = decode(body)
-        match message:
-            case NodeReportMessage():
-                self._note_address(message)
-                self.inputs.put_nowait(lambda now: self.core.on_report(message.report, now))
-            case ManagerEvent():
-                self.inputs.put_nowait(
-                    lambda now: self.core.on_event(message.shard, message.event, now)
-                )
-            case CreateShard():
-                if len(message.acceptors) not in (1, 3, 5):
-                    raise BadMessage("a p-shard has 1, 3 or 5 acceptors")
-                unknown = [n for n in message.acceptors if n not in self.addresses]
-                if unknown or message.shard in self.core.shards:
-                    raise BadMessage(f"unknown nodes {unknown} or existing shard")
-                self.inputs.put_nowait(
-                    lambda now: self.core.create_shard(message.shard, message.acceptors, now)
-                )
-            case StatusRequest():
-                return encode(self.status())
-            case PeerMessage() | ClientCall() | ClientAnswer() | AssignMessage() | StatusReply():
-                raise BadMessage(f"the shard manager does not take {type(message).__name__}")
+        try:
+            match message:
+                case NodeReportMessage():
+                    self._on_report(message)
+                case ManagerEvent():
+                    self.inputs.put_nowait(
+                        lambda now: self.core.on_event(message.shard, message.event, now)
+                    )
+                case CreateKeyspace():
+                    return encode(KeyspaceReply(keyspace=await self.create_keyspace(message.spec)))
+                case DropKeyspace():
+                    await self.drop_keyspace(message.name)
+                    return encode(Done())
+                case RoutingRequest():
+                    return encode(self.routing())
+                case StatusRequest():
+                    return encode(self.status())
+                case _:
+                    raise BadMessage(f"the shard manager does not take {type(message).__name__}")
+        except LoomError as error:
+            return encode(failure(error))
         return b""
+
+    def _on_report(self, message: NodeReportMessage) -> None:
+        node = message.report.node
+        if node != message.info.node:
+            raise BadMessage("a report names two nodes")
+        self.infos[node] = message.info
+        if node not in self.outboxes:
+            outbound = self.outboxes[node] = Outbound(lambda: self._address(node))
+            self.tasks.append(asyncio.get_running_loop().create_task(outbound.run()))
+        self.inputs.put_nowait(lambda now: self.core.on_report(message.report, now))
+        for progress in message.report.shards:
+            shard = progress.shard
+            if shard not in self.core.shards and shard < self.next_shard:
+                # A replica of a dropped shard (its node was away during the drop).
+                self.outboxes[node].put(encode(DropShard(shard=shard)))
+
+    def _address(self, node: NodeId) -> tuple[str, int]:
+        info = self.infos[node]
+        return info.host, info.port
+
+    async def _in_core(self, apply: Callable[[Instant], T]) -> T:
+        """Runs `apply` in the core's task and returns its result."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def run(now: Instant) -> None:
+            try:
+                result = apply(now)
+            except LoomError as error:  # the caller's answer; the core task goes on
+                if not future.done():
+                    future.set_exception(error)
+                return
+            if not future.done():
+                future.set_result(result)
+
+        self.inputs.put_nowait(run)
+        return await future
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_MS / 1000)
+            with contextlib.suppress(asyncio.QueueFull):
+                self.inputs.put_nowait(self.core.tick)
+
+    # ---------------------------------------------------------------- keyspaces
+
+    async def create_keyspace(self, spec: KeyspaceSpec) -> Keyspace:
+        problem = spec.problem()
+        if problem is not None:
+            raise InvalidArgument(problem)
+        async with self.admin_lock:
+            existing = self.keyspaces.get(spec.name)
+            if existing is not None:
+                if existing.spec != spec:
+                    raise InvalidArgument(f"keyspace {spec.name!r} exists with another spec")
+                return existing
+            placements = await self._in_core(lambda now: self._place(spec, now))
+            ids = await asyncio.to_thread(self.catalog.allocate_shards, spec.shards)
+            self.next_shard = max(self.next_shard, ids[-1] + 1)
+            keyspace = Keyspace(
+                spec=spec,
+                placements=tuple(
+                    ShardPlacement(shard, p.acceptors)
+                    for shard, p in zip(ids, placements, strict=True)
+                ),
+                ranges=compact_ranges(spec.ushards, ids),
+            )
+            record = await asyncio.to_thread(self.catalog.create, KeyspaceRecord(keyspace=keyspace))
+            await self._install(record.keyspace)
+            return record.keyspace
+
+    def _place(self, spec: KeyspaceSpec, now: Instant) -> tuple[ShardPlacement, ...]:
+        """In the core's task: acceptors for `spec.shards` new p-shards on live nodes."""
+        live = [i for i in self.infos.values() if self.core.is_alive(i.node, now)]
+        replicas: dict[NodeId, int] = {}
+        primaries: dict[NodeId, int] = {}
+        for state in self.core.shards.values():
+            for member in state.current.config.members():
+                replicas[member] = replicas.get(member, 0) + 1
+            primaries[state.current.primary] = primaries.get(state.current.primary, 0) + 1
+        placeholders = [ShardId(0)] * spec.shards
+        try:
+            return place(spec, placeholders, live, replicas, primaries)
+        except PlacementError as error:
+            # Nodes may still be starting: a retry can succeed.
+            raise Unavailable(str(error), retry_after_ms=500) from None
+
+    async def _install(self, keyspace: Keyspace) -> None:
+        """Serves a stored keyspace and creates its p-shards that do not exist yet."""
+        self.keyspaces[keyspace.name] = keyspace
+        for placement in keyspace.placements:
+            self.shard_keyspace[placement.shard] = keyspace.name
+
+        def create_missing(now: Instant) -> None:
+            for placement in keyspace.placements:
+                if placement.shard not in self.core.shards:
+                    self.core.create_shard(placement.shard, placement.acceptors, now)
+
+        await self._in_core(create_missing)
+
+    async def drop_keyspace(self, name: str) -> None:
+        async with self.admin_lock:
+            record = await asyncio.to_thread(self.catalog.mark_dropping, name)
+            await self._finish_drop(record.keyspace)
+
+    async def _finish_drop(self, keyspace: Keyspace) -> None:
+        self.keyspaces.pop(keyspace.name, None)
+        for shard in keyspace.shards():
+            members = await self._in_core(functools.partial(self._drop_shard, shard))
+            await asyncio.to_thread(self.catalog.delete_shard_record, shard)
+            self.stored_activation.pop(shard, None)
+            self.shard_keyspace.pop(shard, None)
+            for node in members:
+                if node in self.outboxes:
+                    self.outboxes[node].put(encode(DropShard(shard=shard)))
+        await asyncio.to_thread(self.catalog.delete, keyspace.name)
+
+    def _drop_shard(self, shard: ShardId, _now: Instant) -> tuple[NodeId, ...]:
+        return self.core.drop_shard(shard)
+
+    # ---------------------------------------------------------------- routing
+
+    def routing(self) -> RoutingTable:
+        """The current routing table; its version moves when its content changes."""
+        now = Instant(time.monotonic() * 1000)
+        keyspaces = tuple(self.keyspaces[name] for name in sorted(self.keyspaces))
+        shards = tuple(
+            ShardRoute(
+                shard=shard,
+                keyspace=self.shard_keyspace.get(shard, ""),
+                epoch=int(state.current.epoch),
+                primary=state.current.primary,
+                acceptors=state.current.config.acceptors,
+                followers=state.current.config.followers,
+                ready=state.activated,
+            )
+            for shard, state in sorted(self.core.shards.items())
+        )
+        nodes = tuple(
+            NodeRoute(info=self.infos[node], alive=self.core.is_alive(node, now))
+            for node in sorted(self.infos)
+        )
+        content = (keyspaces, shards, nodes)
+        if content != self.routing_content:
+            self.routing_content = content
+            self.routing_counter += 1
+        version = (self.term, self.routing_counter)
+        return RoutingTable(
+            version=version,
+            keyspaces=keyspaces,
+            shards=shards,
+            nodes=nodes,
+            manager=f"{self.host}:{self.port}",
+        )
+
+    async def _push_routing(self) -> None:
+        pushed: dict[NodeId, tuple[tuple[int, int], float]] = {}
+        while True:
+            await asyncio.sleep(ROUTING_PUSH_MS / 1000)
+            table = self.routing()
+            body = encode(RoutingPush(table=table))
+            now = time.monotonic() * 1000
+            for node, outbound in self.outboxes.items():
+                version, at = pushed.get(node, ((0, 0), 0.0))
+                if version != table.version or now - at >= ROUTING_REPUSH_MS:
+                    outbound.put(body)
+                    pushed[node] = (table.version, now)
+
+    # ---------------------------------------------------------------- status
 
     def status(self) -> StatusReply:
         now = Instant(time.monotonic() * 1000)
         nodes = tuple(
             NodeStatus(
                 node=node,
-                address=f"{host}:{port}",
+                address=f"{info.host}:{info.port}",
                 alive=self.core.is_alive(node, now),
                 incarnation=self.core.nodes[node].incarnation if node in self.core.nodes else 0,
+                region=info.region,
+                zone=info.zone,
+                pid=info.pid,
             )
-            for node, (host, port) in sorted(self.addresses.items())
+            for node, info in sorted(self.infos.items())
         )
         shards = []
         for shard in sorted(self.core.shards):
@@ -166,6 +391,7 @@ class ManagerRuntime:
             shards.append(
                 ShardStatus(
                     shard=shard,
+                    keyspace=self.shard_keyspace.get(shard, ""),
                     epoch=int(state.current.epoch),
                     primary=state.current.primary,
                     activated=state.activated,
@@ -175,19 +401,6 @@ class ManagerRuntime:
                 )
             )
         return StatusReply(nodes=nodes, shards=tuple(shards))
-
-    def _note_address(self, message: NodeReportMessage) -> None:
-        node = message.report.node
-        self.addresses[node] = (message.host, message.port)
-        if node not in self.outboxes:
-            outbound = self.outboxes[node] = Outbound(lambda: self.addresses[node])
-            self.tasks.append(asyncio.get_running_loop().create_task(outbound.run()))
-
-    async def _ticker(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_MS / 1000)
-            with contextlib.suppress(asyncio.QueueFull):
-                self.inputs.put_nowait(self.core.tick)
 
     # ---------------------------------------------------------------- the core
 
@@ -242,19 +455,19 @@ class ManagerRuntime:
             return
         self.metastore.compare_and_swap(key, current[1], _ENCODER.encode(record))
 
-    def _load(self) -> list[tuple[ShardId, ShardRecord]]:
+    def _load(self) -> tuple[list[tuple[ShardId, ShardRecord]], list[KeyspaceRecord], int]:
         records = []
         for key, value, _revision in self.metastore.list("shards/"):
             shard = ShardId(int(key.split("/")[1]))
             records.append((shard, _RECORD.decode(value)))
-        return records
+        return records, self.catalog.keyspaces(), self.catalog.next_shard()
 
     def _announce(self, announce: Announce) -> None:
         members = announce.assignment.config.members()
         peers = tuple(
-            PeerAddress(node=n, host=self.addresses[n][0], port=self.addresses[n][1])
+            PeerAddress(node=n, host=self.infos[n].host, port=self.infos[n].port)
             for n in members
-            if n in self.addresses
+            if n in self.infos
         )
         message = AssignMessage(shard=announce.shard, assignment=announce.assignment, peers=peers)
         body = encode(message)

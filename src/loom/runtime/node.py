@@ -1,6 +1,7 @@
 """A storage node as a running program: the shard hosts of one node over RocksDB, behind
-the RPC server (ADR 0005). Work in progress for the cluster issue: assignments are
-given by the caller (the shard-manager process is not wired in yet).
+the RPC server (ADR 0005). It reports to the shard manager, takes its assignments and
+keeps its routing table, which it serves to clients (so they can route with the
+manager down).
 
 Rules of this module:
 - one asyncio loop moves bytes; one storage thread owns the RocksStore and every
@@ -20,6 +21,8 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -30,7 +33,8 @@ from pathlib import Path
 from loom.core.ids import Incarnation, NodeId, ShardId
 from loom.core.time import Instant, WallMs
 from loom.host.requests import ClientReply, ClientRequest, ErrorCode, ErrorReply
-from loom.host.shard import HostOutput, ShardHost
+from loom.host.shard import HostOutput, ShardHost, shard_prefix
+from loom.kvstate.keys import prefix_end
 from loom.paxos.messages import Envelope
 from loom.paxos.params import ReplicaParams
 from loom.paxos.replica import Assignment
@@ -39,20 +43,24 @@ from loom.runtime.codec import (
     BadMessage,
     ClientAnswer,
     ClientCall,
-    CreateShard,
+    DropShard,
+    Failure,
     ManagerEvent,
     NodeReportMessage,
     PeerMessage,
-    StatusReply,
-    StatusRequest,
+    RoutingPush,
+    RoutingRequest,
     decode,
     encode,
 )
 from loom.runtime.outbound import Outbound
 from loom.runtime.rpc import RpcServer
 from loom.shardmgr.core import NodeReport, ShardProgress
+from loom.shardmgr.routing import DEFAULT_TIER, EMPTY_TABLE, NodeInfo
+from loom.storage.api import WriteBatch
 from loom.storage.rocks import RocksStore
 
+log = logging.getLogger("loom.node")
 TICK_MS = 10.0
 INPUTS_MAX = 10_000
 REPORT_MS = 100.0
@@ -77,6 +85,7 @@ class _Inputs:
     messages: list[Envelope] = field(default_factory=list)
     calls: list[tuple[int, ShardId, ClientRequest]] = field(default_factory=list)
     assignments: list[tuple[ShardId, Assignment]] = field(default_factory=list)
+    drops: list[ShardId] = field(default_factory=list)
     tick: bool = False
 
 
@@ -89,8 +98,14 @@ class NodeRuntime:
         params: ReplicaParams,
         host: str = "127.0.0.1",
         port: int = 0,
+        region: str = "",
+        zone: str = "",
+        tier: str = DEFAULT_TIER,
     ) -> None:
         self.node = node
+        self.host = host
+        self.labels = (region, zone, tier)
+        self.routing = EMPTY_TABLE
         self.data_dir = data_dir
         self.params = params
         self.server = RpcServer(self._handle, host, port)
@@ -107,6 +122,8 @@ class NodeRuntime:
         self.store: RocksStore | None = None
         self.incarnation = Incarnation(0)
         self.hosts: dict[ShardId, ShardHost] = {}
+        self.orphan_replies: list[tuple[object, ClientReply]] = []
+        self.snapshots_installed: dict[ShardId, int] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -152,7 +169,17 @@ class NodeRuntime:
         while True:
             report = await loop.run_in_executor(self.pool, self._report)
             if self.manager is not None:
-                message = NodeReportMessage(report=report, host="127.0.0.1", port=self.port)
+                region, zone, tier = self.labels
+                info = NodeInfo(
+                    node=self.node,
+                    host=self.host,
+                    port=self.port,
+                    region=region,
+                    zone=zone,
+                    tier=tier,
+                    pid=os.getpid(),
+                )
+                message = NodeReportMessage(report=report, info=info)
                 self.manager.put(encode(message))
             await asyncio.sleep(REPORT_MS / 1000)
 
@@ -194,23 +221,30 @@ class NodeRuntime:
             case PeerMessage():
                 envelope = message.envelope
                 self._enqueue(lambda i: i.messages.append(envelope))
-                return b""
             case ClientCall():
                 return await self._client_call(message)
             case AssignMessage():
                 self.connect_peers({p.node: (p.host, p.port) for p in message.peers})
                 shard, assignment = message.shard, message.assignment
                 self._enqueue(lambda i: i.assignments.append((shard, assignment)))
-                return b""
-            case (
-                ClientAnswer()
-                | NodeReportMessage()
-                | ManagerEvent()
-                | CreateShard()
-                | StatusRequest()
-                | StatusReply()
-            ):
+            case DropShard():
+                dropped = message.shard
+                self._enqueue(lambda i: i.drops.append(dropped))
+            case RoutingPush():
+                if message.table.version > self.routing.version:
+                    self.routing = message.table
+            case RoutingRequest():
+                if self.routing is EMPTY_TABLE:
+                    failure = Failure(
+                        kind="unavailable",
+                        message=f"node {self.node} has no routing table yet",
+                        retry_after_ms=200,
+                    )
+                    return encode(failure)
+                return encode(self.routing)
+            case _:
                 raise BadMessage(f"a node does not take {type(message).__name__}")
+        return b""
 
     async def _client_call(self, call: ClientCall) -> bytes:
         call_id = next(self.call_ids)
@@ -253,18 +287,49 @@ class NodeRuntime:
         assert self.store is not None
         now = Instant(time.monotonic() * 1000)
         wall = WallMs(int(time.time() * 1000))
+        for shard in batch.drops:
+            self._drop(shard)
         for shard, assignment in batch.assignments:
             self._host(shard, now).assign(assignment, now)
         for envelope in batch.messages:
             self._host(envelope.shard, now).on_message(envelope, now)
         for call_id, shard, request in batch.calls:
-            self._host(shard, now).submit(call_id, request, now, wall)
+            host = self.hosts.get(shard)
+            if host is None:
+                self.orphan_replies.append((call_id, _not_hosted(self.node, shard, request)))
+                continue
+            host.submit(call_id, request, now, wall)
         if batch.tick:
             for shard in sorted(self.hosts):
                 self.hosts[shard].tick(now)
         outputs = [(shard, self.hosts[shard].flush(now, wall)) for shard in sorted(self.hosts)]
+        self._log_snapshot_installs()
+        if self.orphan_replies:
+            outputs.append((ShardId(0), HostOutput(replies=self.orphan_replies)))
+            self.orphan_replies = []
         self.store.sync()  # nothing leaves the node before its state is durable
         return outputs
+
+    def _log_snapshot_installs(self) -> None:
+        for shard, host in self.hosts.items():
+            installed = host.snapshots.installed
+            if installed > self.snapshots_installed.get(shard, 0):
+                log.info(
+                    "node %s installed a snapshot of p-shard %d at seq %d",
+                    self.node, shard, host.applied_seq,
+                )  # fmt: skip
+                self.snapshots_installed[shard] = installed
+
+    def _drop(self, shard: ShardId) -> None:
+        """Deletes this node's replica of a dropped p-shard (the manager re-sends the drop
+        while the replica is reported, so a crash halfway through is finished later)."""
+        assert self.store is not None
+        self.hosts.pop(shard, None)
+        log.info("node %s drops its replica of p-shard %d", self.node, shard)
+        batch = WriteBatch()
+        prefix = shard_prefix(shard)
+        batch.delete_range(prefix, prefix_end(prefix))
+        self.store.write(batch, sync=False)
 
     def _host(self, shard: ShardId, now: Instant) -> ShardHost:
         host = self.hosts.get(shard)
@@ -304,6 +369,15 @@ class NodeRuntime:
             self.dropped_messages += 1
             return
         outbound.put(encode(PeerMessage(envelope=envelope)))
+
+
+def _not_hosted(node: NodeId, shard: ShardId, request: ClientRequest) -> ErrorReply:
+    return ErrorReply(
+        token=request.token,
+        code=ErrorCode.NOT_PRIMARY,
+        message=f"node {node} has no replica of p-shard {shard}",
+        retry_after_ms=10,
+    )
 
 
 def _request_tick(inputs: _Inputs) -> None:

@@ -148,6 +148,11 @@ class ShardManagerCore:
         self.shards[shard] = state
         self.out.append(PersistEpoch(shard=shard, expected=Epoch(0), assignment=assignment))
 
+    def drop_shard(self, shard: ShardId) -> tuple[NodeId, ...]:
+        """Forget a dropped p-shard; returns the members that must delete their replica."""
+        state = self.shards.pop(shard, None)
+        return state.current.config.members() if state is not None else ()
+
     def record(self, shard: ShardId, assignment: Assignment | None = None) -> ShardRecord:
         """The durable form of a shard's state (with `assignment` about to be stored)."""
         state = self.shards[shard]
@@ -198,7 +203,9 @@ class ShardManagerCore:
         self, shard: ShardId, assignment: Assignment, *, stored_epoch: Epoch, now: Instant
     ) -> None:
         """The metastore answered the compare-and-swap; `stored_epoch` is what it holds now."""
-        state = self.shards[shard]
+        state = self.shards.get(shard)
+        if state is None:
+            return  # dropped meanwhile
         state.persisting = False
         if stored_epoch != assignment.epoch:
             # Someone else allocated epochs meanwhile: continue above what is stored.

@@ -1,0 +1,74 @@
+"""loom kv: the Python client of loom's distributed key-value store.
+
+    from loom import kv
+
+    async with kv.connect("127.0.0.1:7300") as client:
+        await client.create_keyspace("ks", shards=4, replication=3)
+        ks = client.keyspace("ks")
+        version = await ks.put(b"k", b"v")
+        item = await ks.get(b"k", consistency=kv.bounded(50))
+
+`connect_sync` is the blocking twin. Errors are the typed `loom.core.errors` ones,
+re-exported here.
+"""
+
+from __future__ import annotations
+
+from loom.core.errors import (
+    ConditionFailed,
+    InvalidArgument,
+    LoomError,
+    NotFound,
+    OutcomeUnknown,
+    PermissionDenied,
+    Throttled,
+    TransactionConflict,
+    Unavailable,
+    WriteLost,
+)
+from loom.core.ids import Version
+from loom.kv.client import Client, Keyspace, connect
+from loom.kv.options import (
+    EVENTUAL,
+    FAST_ACK,
+    QUORUM,
+    READ_YOUR_WRITES,
+    STRONG,
+    Item,
+    Page,
+    ReadConsistency,
+    bounded,
+)
+from loom.kv.sync import SyncClient, SyncKeyspace, SyncTransaction, connect_sync
+from loom.kv.transaction import Transaction
+
+__all__ = [
+    "EVENTUAL",
+    "FAST_ACK",
+    "QUORUM",
+    "READ_YOUR_WRITES",
+    "STRONG",
+    "Client",
+    "ConditionFailed",
+    "InvalidArgument",
+    "Item",
+    "Keyspace",
+    "LoomError",
+    "NotFound",
+    "OutcomeUnknown",
+    "Page",
+    "PermissionDenied",
+    "ReadConsistency",
+    "SyncClient",
+    "SyncKeyspace",
+    "SyncTransaction",
+    "Throttled",
+    "Transaction",
+    "TransactionConflict",
+    "Unavailable",
+    "Version",
+    "WriteLost",
+    "bounded",
+    "connect",
+    "connect_sync",
+]

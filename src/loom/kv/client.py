@@ -1,0 +1,791 @@
+"""loom kv's asyncio client: routing, retries, typed errors (DESIGN §5).
+
+How a request travels: key → μshard (stable hash of the shard key) → p-shard (the
+keyspace's mapping in the cached routing table) → node (the primary, or the nearest
+live replica for relaxed reads). Whatever goes wrong on the way is retried inside the
+request's deadline: `NOT_PRIMARY` hints are followed, a failed node or an unknown
+shard refreshes the routing table, overload backs off (exponential, full jitter).
+
+A write keeps its request id (client id + sequence) across every retry, so the
+replicated dedupe table applies it once however many times it is sent (PITFALLS 5);
+the client's floor (every sequence below it is finished) travels with each write so
+the table can forget. A write whose outcome stays unknown at its deadline raises
+`OutcomeUnknown` (never re-run blindly a write that is not idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import math
+import random
+import secrets
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+
+from loom.core.errors import (
+    ConditionFailed,
+    InvalidArgument,
+    LoomError,
+    NotFound,
+    OutcomeUnknown,
+    PermissionDenied,
+    Throttled,
+    TransactionConflict,
+    Unavailable,
+)
+from loom.core.hashing import ushard_of
+from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard, Version
+from loom.core.limits import DEFAULT_LIMITS
+from loom.host.requests import (
+    ClientReply,
+    ClientRequest,
+    Consistency,
+    Durability,
+    ErrorCode,
+    ErrorReply,
+    ReadReply,
+    ReadRequest,
+    ScanReply,
+    ScanRequest,
+    WriteReply,
+    WriteRequest,
+)
+from loom.kv.options import QUORUM, STRONG, Page, ReadConsistency
+from loom.kv.router import Address, Router
+from loom.kv.transaction import Transaction
+from loom.kvstate.commands import (
+    Applied,
+    Delete,
+    Increment,
+    Put,
+    Result,
+    WriteCommand,
+    encode_command,
+)
+from loom.kvstate.reads import Item
+from loom.runtime.codec import (
+    ClientAnswer,
+    ClientCall,
+    CreateKeyspace,
+    Done,
+    DropKeyspace,
+    Failure,
+    KeyspaceReply,
+    NodeMessage,
+    RoutingRequest,
+    StatusReply,
+    StatusRequest,
+    decode,
+    encode,
+)
+from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
+from loom.shardmgr.routing import Keyspace as KeyspaceInfo
+from loom.shardmgr.routing import KeyspaceSpec, RoutingTable
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 10.0
+# One attempt waits at most this long before the client looks elsewhere (a paused
+# primary must not hold a request for the whole deadline).
+ATTEMPT_TIMEOUT_S = 1.5
+BACKOFF_BASE_S = 0.01
+BACKOFF_MAX_S = 0.5
+ROUTING_TIMEOUT_S = 2.0
+KEYSPACE_READY_TIMEOUT_S = 30.0
+TTL_S_MAX = 10 * 365 * 24 * 3600
+INT64 = 2**63
+_CLIENT_LIMITS = RpcLimits(io_timeout_s=2.0)
+
+Target = Literal["primary", "nearest"]
+
+
+def parse_seeds(addresses: str | Sequence[str]) -> list[Address]:
+    """`"host:port"`, `"h1:p1,h2:p2"` or a list of them (the manager and/or any nodes)."""
+    texts = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    seeds = []
+    for text in (t.strip() for t in texts):
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(f"{text!r} is not HOST:PORT")
+        seeds.append((host, int(port)))
+    if not seeds:
+        raise InvalidArgument("no address to connect to")
+    return seeds
+
+
+def _check_bytes(name: str, value: object, bytes_max: int) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidArgument(f"{name} must be bytes, not {type(value).__name__}")
+    if len(value) > bytes_max:
+        raise InvalidArgument(f"{name} of {len(value)} bytes is over the limit of {bytes_max}")
+    return value
+
+
+def _check_key(name: str, value: object) -> bytes:
+    return _check_bytes(name, value, DEFAULT_LIMITS.key_bytes_max)
+
+
+def _result(result: Result) -> Applied:
+    """The applied result, or the typed error a rejection means."""
+    if isinstance(result, Applied):
+        return result
+    match result.reason:
+        case "condition":
+            raise ConditionFailed(
+                result.message + (f" (current version {result.current})" if result.current else "")
+            )
+        case "conflict" | "epoch" | "horizon":
+            raise TransactionConflict(result.message)
+        case _:
+            raise InvalidArgument(result.message)
+
+
+def _raise_failure(failure: Failure) -> None:
+    error: type[LoomError] = {
+        "invalid": InvalidArgument,
+        "not_found": NotFound,
+        "permission": PermissionDenied,
+    }.get(failure.kind, Unavailable)
+    raise error(failure.message, retry_after_ms=failure.retry_after_ms or None)
+
+
+class _RequestIds:
+    """Request ids of this client and its floor: every sequence below it is finished."""
+
+    def __init__(self) -> None:
+        self.client = ClientId(secrets.token_hex(8))
+        self._next = itertools.count(1)
+        self._open: list[int] = []  # a heap; finished ones are dropped lazily
+        self._finished: set[int] = set()
+
+    def open(self) -> RequestId:
+        seq = next(self._next)
+        heapq.heappush(self._open, seq)
+        return RequestId(self.client, RequestSeq(seq))
+
+    def finish(self, request: RequestId) -> None:
+        self._finished.add(request.seq)
+        while self._open and self._open[0] in self._finished:
+            self._finished.discard(heapq.heappop(self._open))
+
+    def floor(self) -> RequestSeq:
+        return RequestSeq(self._open[0]) if self._open else RequestSeq(0)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Attempts:
+    """What one request's attempts learned so far."""
+
+    target: Target
+    is_write: bool
+    hint: NodeId | None = None
+    uncertain: bool = False  # a write attempt got no definite answer
+    overloaded: bool = False
+    problem: str = "no attempt"
+    retry_after_ms: int = 0
+
+
+class Client:
+    """A connection to a loom kv cluster. Make one with `connect()`; share it freely
+    among tasks of one event loop; `close()` it (or use `async with`)."""
+
+    def __init__(
+        self,
+        seeds: Sequence[Address],
+        *,
+        token: str | None = None,
+        region: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not math.isfinite(timeout_s) or not 0 < timeout_s <= 3600:
+            raise InvalidArgument(f"timeout_s must be in (0, 3600], not {timeout_s!r}")
+        # Tokens are checked once the cluster enforces auth (multi-tenancy issue).
+        self.token = token
+        self.timeout_s = timeout_s
+        self.router = Router(seeds, self._fetch_routing, region=region)
+        self.ids = _RequestIds()
+        self._tokens = itertools.count(1)
+        self._connections: dict[Address, RpcClient] = {}
+        self._connecting: dict[Address, asyncio.Task[RpcClient]] = {}
+        # The highest version this client wrote per p-shard (READ_YOUR_WRITES).
+        self._written: dict[ShardId, Version] = {}
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._connecting.values():
+            task.cancel()
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            await connection.close()
+
+    # ---------------------------------------------------------------- operators
+
+    async def create_keyspace(
+        self,
+        name: str,
+        *,
+        shards: int = 1,
+        replication: int = 3,
+        ushards: int = 4096,
+        tier: str = "wildcard",
+        regions: Sequence[str] = (),
+    ) -> KeyspaceInfo:
+        """Create a keyspace (the same spec again is a no-op) and wait until every one
+        of its p-shards has an active primary."""
+        spec = KeyspaceSpec(
+            name=name,
+            shards=shards,
+            replication=replication,
+            ushards=ushards,
+            tier=tier,
+            regions=tuple(regions),
+        )
+        problem = spec.problem()
+        if problem is not None:
+            raise InvalidArgument(problem)
+        reply = await self._admin_retrying(CreateKeyspace(spec=spec))
+        if not isinstance(reply, KeyspaceReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        await self._until_ready(reply.keyspace)
+        return reply.keyspace
+
+    async def _until_ready(self, keyspace: KeyspaceInfo) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + KEYSPACE_READY_TIMEOUT_S
+        while True:
+            await self.router.refresh(force=True)
+            routes = [self.router.shard(s) for s in keyspace.shards()]
+            if all(r is not None and r.ready for r in routes):
+                return
+            if loop.time() > deadline:
+                raise Unavailable(
+                    f"keyspace {keyspace.name!r} was created but not all of its p-shards "
+                    f"have an active primary after {KEYSPACE_READY_TIMEOUT_S:g} s"
+                )
+            await asyncio.sleep(0.05)
+
+    async def drop_keyspace(self, name: str) -> None:
+        """Delete a keyspace and all its data."""
+        reply = await self._admin(DropKeyspace(name=name))
+        if not isinstance(reply, Done):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        await self.router.refresh(force=True)
+
+    async def keyspaces(self) -> list[KeyspaceInfo]:
+        await self.router.refresh(force=True)
+        return list(self.router.table.keyspaces)
+
+    async def routing(self) -> RoutingTable:
+        await self.router.refresh(force=True)
+        return self.router.table
+
+    async def status(self) -> StatusReply:
+        reply = await self._admin(StatusRequest())
+        if not isinstance(reply, StatusReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return reply
+
+    def keyspace(self, name: str) -> Keyspace:
+        """A handle on keyspace `name` (checked at its first request)."""
+        return Keyspace(self, name)
+
+    async def _admin_retrying(self, message: NodeMessage) -> NodeMessage:
+        """`_admin`, again while the manager answers `Unavailable` (e.g. nodes still
+        starting), until the client's timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        for attempt in itertools.count(1):
+            try:
+                return await self._admin(message)
+            except Unavailable as error:
+                if loop.time() + (error.retry_after_ms or 0) / 1000 > deadline:
+                    raise
+                await self._backoff(attempt, deadline, error.retry_after_ms or 0)
+        raise AssertionError("unreachable")
+
+    async def _admin(self, message: NodeMessage) -> NodeMessage:
+        """An operator call to the shard manager (from the routing table, else the seeds)."""
+        if self.router.manager() is None:
+            with contextlib.suppress(LoomError):
+                await self.router.refresh()
+        manager = self.router.manager()
+        candidates = [manager] if manager is not None else []
+        candidates += [s for s in self.router.seeds if s != manager]
+        problems = []
+        for address in candidates:
+            try:
+                reply = await self._call(address, message, timeout_s=self.timeout_s)
+            except (ConnectionLost, CallTimedOut) as error:
+                problems.append(str(error))
+                continue
+            if isinstance(reply, Failure):
+                if reply.kind == "unavailable" and "no routing table" in reply.message:
+                    continue  # a node, not the manager
+                _raise_failure(reply)
+            if isinstance(reply, ClientAnswer):
+                continue
+            return reply
+        raise Unavailable("no shard manager answered: " + "; ".join(problems))
+
+    # ---------------------------------------------------------------- plumbing
+
+    async def _fetch_routing(self, address: Address) -> RoutingTable:
+        reply = await self._call(address, RoutingRequest(), timeout_s=ROUTING_TIMEOUT_S)
+        if isinstance(reply, Failure):
+            _raise_failure(reply)
+        if not isinstance(reply, RoutingTable):
+            raise Unavailable(f"{address} answered {type(reply).__name__} to a routing request")
+        return reply
+
+    async def _connection(self, address: Address) -> RpcClient:
+        connection = self._connections.get(address)
+        if connection is not None:
+            return connection
+        task = self._connecting.get(address)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                RpcClient.connect(*address, limits=_CLIENT_LIMITS)
+            )
+            self._connecting[address] = task
+        try:
+            connection = await asyncio.shield(task)
+        finally:
+            if self._connecting.get(address) is task and task.done():
+                del self._connecting[address]
+        if self._closed:
+            await connection.close()
+            raise Unavailable("the client is closed")
+        self._connections.setdefault(address, connection)
+        return self._connections[address]
+
+    async def _call(
+        self, address: Address, message: NodeMessage, *, timeout_s: float
+    ) -> NodeMessage:
+        if self._closed:
+            raise Unavailable("the client is closed")
+        connection = await self._connection(address)
+        try:
+            body = await connection.call(encode(message), timeout_s=timeout_s)
+        except ConnectionLost:
+            if self._connections.get(address) is connection:
+                del self._connections[address]
+            await connection.close()
+            raise
+        return decode(body)
+
+    async def request(
+        self,
+        keyspace: str,
+        ushard: UShard,
+        build: Callable[[int], ClientRequest],
+        *,
+        target: Target,
+        is_write: bool,
+    ) -> ClientReply:
+        """Sends a request to the p-shard owning `ushard` until it gets a definite answer
+        or the deadline passes. `build(token)` makes the request for one attempt."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        state = _Attempts(target=target, is_write=is_write)
+        for attempt in itertools.count():
+            if attempt:
+                await self._backoff(attempt, deadline, state.retry_after_ms)
+                state.retry_after_ms = 0
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            reply = await self._attempt(keyspace, ushard, build, state, remaining)
+            if reply is not None:
+                return reply
+        message = f"gave up after {self.timeout_s:g} s: {state.problem}"
+        if state.uncertain:
+            raise OutcomeUnknown(message + "; the write may or may not have been applied")
+        raise (Throttled if state.overloaded else Unavailable)(message)
+
+    async def _attempt(
+        self,
+        keyspace: str,
+        ushard: UShard,
+        build: Callable[[int], ClientRequest],
+        state: _Attempts,
+        remaining: float,
+    ) -> ClientReply | None:
+        """One try; the reply, or None after noting in `state` what to do next."""
+        shard, node = await self._route(keyspace, ushard, state.target, state.hint)
+        state.hint = None
+        address = self.router.address(node) if node is not None else None
+        if shard is None or address is None:
+            state.problem = f"no route to μshard {ushard} of {keyspace!r}"
+            await self._refresh_quietly()
+            return None
+        state.overloaded = False
+        try:
+            answer = await self._call(
+                address,
+                ClientCall(shard=shard, request=build(next(self._tokens))),
+                timeout_s=min(remaining, ATTEMPT_TIMEOUT_S),
+            )
+        except Overloaded as error:
+            state.problem, state.overloaded = str(error), True
+            state.retry_after_ms = error.retry_after_ms or 0
+            return None
+        except (ConnectionLost, CallTimedOut) as error:
+            state.uncertain |= state.is_write
+            state.problem = f"node {node}: {error}"
+            state.target = "primary"
+            await self._refresh_quietly()
+            return None
+        if isinstance(answer, Failure):
+            _raise_failure(answer)
+        if not isinstance(answer, ClientAnswer):
+            raise Unavailable(f"node {node} answered {type(answer).__name__}")
+        if not isinstance(answer.reply, ErrorReply):
+            return answer.reply
+        await self._on_refusal(answer.reply, node, state)
+        return None
+
+    async def _on_refusal(self, reply: ErrorReply, node: NodeId | None, state: _Attempts) -> None:
+        state.problem = f"node {node}: {reply.code.value} {reply.message}".rstrip()
+        state.retry_after_ms = reply.retry_after_ms
+        match reply.code:
+            case ErrorCode.INVALID:
+                raise InvalidArgument(reply.message or "invalid request")
+            case ErrorCode.NOT_PRIMARY:
+                state.hint = reply.primary_hint if reply.primary_hint != node else None
+                if state.hint is None:
+                    await self._refresh_quietly()
+            case ErrorCode.TOO_STALE:
+                state.target = "primary"
+            case ErrorCode.TIMEOUT:
+                state.uncertain |= state.is_write
+            case ErrorCode.OVERLOADED:
+                state.overloaded = True
+            case ErrorCode.NOT_READY | ErrorCode.NOT_APPLIED:
+                pass
+
+    async def _route(
+        self, keyspace: str, ushard: UShard, target: Target, hint: NodeId | None
+    ) -> tuple[ShardId | None, NodeId | None]:
+        if not self.router.has_keyspace(keyspace):
+            await self.router.refresh(force=True)
+        info = self.router.keyspace(keyspace)  # NotFound if it does not exist
+        if not 0 <= ushard < info.spec.ushards:
+            raise InvalidArgument(f"μshard {ushard} out of range for {keyspace!r}")
+        shard = info.shard_of(ushard)
+        if hint is not None:
+            return shard, hint
+        node = self.router.primary(shard) if target == "primary" else self.router.nearest(shard)
+        return shard, node
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(LoomError):
+            await self.router.refresh()
+
+    async def _backoff(self, attempt: int, deadline: float, retry_after_ms: int) -> None:
+        """Exponential backoff with full jitter, at least the server's retry-after."""
+        ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 16))
+        delay = max(retry_after_ms / 1000, random.uniform(0, ceiling))
+        remaining = deadline - asyncio.get_running_loop().time()
+        await asyncio.sleep(max(0.0, min(delay, remaining)))
+
+    # ---------------------------------------------------------------- writes
+
+    async def write(
+        self,
+        keyspace: str,
+        ushard: UShard,
+        make: Callable[[RequestId, RequestSeq], WriteCommand],
+        durability: Durability = QUORUM,
+    ) -> Applied:
+        request = self.ids.open()
+        try:
+            command = encode_command(make(request, self.ids.floor()))
+            reply = await self.request(
+                keyspace,
+                ushard,
+                lambda token: WriteRequest(token=token, command=command, durability=durability),
+                target="primary",
+                is_write=True,
+            )
+        finally:
+            self.ids.finish(request)
+        if not isinstance(reply, WriteReply):
+            raise Unavailable(f"a write was answered with {type(reply).__name__}")
+        applied = _result(reply.result)
+        self._note_written(keyspace, ushard, applied.version)
+        return applied
+
+    def _note_written(self, keyspace: str, ushard: UShard, version: Version) -> None:
+        shard = self.router.keyspace(keyspace).shard_of(ushard)
+        current = self._written.get(shard)
+        if current is None or version > current:
+            self._written[shard] = version
+
+    def written(self, keyspace: str, ushard: UShard) -> Version | None:
+        return self._written.get(self.router.keyspace(keyspace).shard_of(ushard))
+
+
+class Keyspace:
+    """Reads and writes of one keyspace. Every method takes an optional `shard_key`:
+    keys with the same shard key share a μshard (scans and transactions need that)."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    async def _ushard(self, key: bytes, shard_key: bytes | None) -> UShard:
+        if not self.client.router.has_keyspace(self.name):
+            await self.client.router.refresh(force=True)
+        info = self.client.router.keyspace(self.name)
+        routing_key = _check_key("shard_key", shard_key) if shard_key is not None else key
+        return ushard_of(routing_key, info.spec.ushards)
+
+    async def put(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        shard_key: bytes | None = None,
+        durability: Durability = QUORUM,
+        if_absent: bool = False,
+        if_version: Version | None = None,
+        if_value: bytes | None = None,
+        ttl_s: float | None = None,
+    ) -> Version:
+        """Store `value` under `key`; returns the write's version. Conditions are checked
+        on the server: `ConditionFailed` if one does not hold (nothing written)."""
+        key = _check_key("key", key)
+        value = _check_bytes("value", value, DEFAULT_LIMITS.value_bytes_max)
+        if if_value is not None:
+            _check_bytes("if_value", if_value, DEFAULT_LIMITS.value_bytes_max)
+        if if_version is not None and not isinstance(if_version, Version):
+            raise InvalidArgument("if_version must be a Version returned by put/get")
+        if not isinstance(durability, Durability):
+            raise InvalidArgument("durability must be kv.QUORUM or kv.FAST_ACK")
+        ttl_ms = None
+        if ttl_s is not None:
+            if not isinstance(ttl_s, int | float) or not 0 < ttl_s <= TTL_S_MAX:
+                raise InvalidArgument(f"ttl_s must be in (0, {TTL_S_MAX}], not {ttl_s!r}")
+            ttl_ms = max(1, math.ceil(ttl_s * 1000))
+        ushard = await self._ushard(key, shard_key)
+
+        def make(request: RequestId, floor: RequestSeq) -> Put:
+            return Put(
+                request=request,
+                ushard=ushard,
+                key=key,
+                value=value,
+                if_absent=if_absent,
+                if_version=if_version,
+                if_value=if_value,
+                ttl_ms=ttl_ms,
+                client_floor=floor,
+            )
+
+        applied = await self.client.write(self.name, ushard, make, durability)
+        return applied.version
+
+    async def get(
+        self, key: bytes, *, shard_key: bytes | None = None, consistency: ReadConsistency = STRONG
+    ) -> Item | None:
+        """The key's live value, or None."""
+        key = _check_key("key", key)
+        reply = await self._read(await self._ushard(key, shard_key), key, consistency)
+        return reply.item
+
+    async def _read(self, ushard: UShard, key: bytes, consistency: ReadConsistency) -> ReadReply:
+        if not isinstance(consistency, ReadConsistency):
+            raise InvalidArgument("consistency must be kv.STRONG, kv.bounded(ms), ...")
+        min_version = self.client.written(self.name, ushard)
+        reply = await self.client.request(
+            self.name,
+            ushard,
+            lambda token: ReadRequest(
+                token=token,
+                ushard=ushard,
+                key=key,
+                consistency=consistency.kind,
+                bound_ms=consistency.bound_ms,
+                min_version=min_version,
+            ),
+            target="primary" if consistency.kind is Consistency.STRONG else "nearest",
+            is_write=False,
+        )
+        if not isinstance(reply, ReadReply):
+            raise Unavailable(f"a read was answered with {type(reply).__name__}")
+        return reply
+
+    async def delete(
+        self,
+        key: bytes,
+        *,
+        shard_key: bytes | None = None,
+        if_exists: bool = False,
+        if_version: Version | None = None,
+        durability: Durability = QUORUM,
+    ) -> bool:
+        """Delete `key`; True if a live value was deleted. `if_exists`: `ConditionFailed`
+        when there is none."""
+        key = _check_key("key", key)
+        ushard = await self._ushard(key, shard_key)
+
+        def make(request: RequestId, floor: RequestSeq) -> Delete:
+            return Delete(
+                request=request,
+                ushard=ushard,
+                key=key,
+                if_exists=if_exists,
+                if_version=if_version,
+                client_floor=floor,
+            )
+
+        applied = await self.client.write(self.name, ushard, make, durability)
+        return applied.existed
+
+    async def increment(self, key: bytes, delta: int = 1, *, shard_key: bytes | None = None) -> int:
+        """Add `delta` to the 64-bit counter at `key` (absent: 0); returns the new value."""
+        key = _check_key("key", key)
+        if not isinstance(delta, int) or not -INT64 <= delta < INT64:
+            raise InvalidArgument("delta must be a signed 64-bit integer")
+        ushard = await self._ushard(key, shard_key)
+
+        def make(request: RequestId, floor: RequestSeq) -> Increment:
+            return Increment(
+                request=request, ushard=ushard, key=key, delta=delta, client_floor=floor
+            )
+
+        applied = await self.client.write(self.name, ushard, make)
+        assert applied.counter is not None
+        return applied.counter
+
+    async def scan(
+        self,
+        *,
+        shard_key: bytes,
+        prefix: bytes = b"",
+        limit: int = 100,
+        cursor: bytes | None = None,
+        consistency: ReadConsistency = STRONG,
+    ) -> Page:
+        """Live items of `shard_key`'s μshard whose key starts with `prefix`, in key
+        order, at most `limit` per page. Other shard keys may hash to the same μshard:
+        give their keys a per-entity prefix (e.g. `user:1/`) and scan with it."""
+        shard_key = _check_key("shard_key", shard_key)
+        prefix = _check_key("prefix", prefix)
+        if cursor is not None:
+            _check_key("cursor", cursor)
+        if not isinstance(limit, int) or not 1 <= limit <= DEFAULT_LIMITS.scan_items_max:
+            raise InvalidArgument(f"limit must be 1..{DEFAULT_LIMITS.scan_items_max}")
+        ushard = await self._ushard(shard_key, None)
+        min_version = self.client.written(self.name, ushard)
+        reply = await self.client.request(
+            self.name,
+            ushard,
+            lambda token: ScanRequest(
+                token=token,
+                ushard=ushard,
+                prefix=prefix,
+                start_after=cursor,
+                limit=limit,
+                consistency=consistency.kind,
+                bound_ms=consistency.bound_ms,
+                min_version=min_version,
+            ),
+            target="primary" if consistency.kind is Consistency.STRONG else "nearest",
+            is_write=False,
+        )
+        if not isinstance(reply, ScanReply):
+            raise Unavailable(f"a scan was answered with {type(reply).__name__}")
+        return Page(items=list(reply.items), cursor=reply.cursor)
+
+    def transaction(self, *, shard_key: bytes) -> Transaction:
+        """An optimistic, serializable transaction over the keys of one μshard:
+        `async with ks.transaction(shard_key=...) as tx:` commits on a clean exit."""
+        return Transaction(self, _check_key("shard_key", shard_key))
+
+    async def run_transaction(
+        self,
+        fn: Callable[[Transaction], Awaitable[T]],
+        *,
+        shard_key: bytes,
+        attempts_max: int = 10,
+    ) -> T:
+        """Run `fn(tx)` and commit, again on `TransactionConflict` (up to `attempts_max`
+        times, with backoff). A commit whose outcome is unknown raises `OutcomeUnknown`
+        and is never re-run blindly."""
+        if not isinstance(attempts_max, int) or not 1 <= attempts_max <= 1000:
+            raise InvalidArgument("attempts_max must be 1..1000")
+        for attempt in range(1, attempts_max + 1):
+            tx = self.transaction(shard_key=shard_key)
+            try:
+                result = await fn(tx)
+                await tx.commit()
+            except TransactionConflict:
+                if attempt == attempts_max:
+                    raise
+                ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)
+                await asyncio.sleep(random.uniform(0, ceiling))
+                continue
+            return result
+        raise AssertionError("unreachable")
+
+
+class _Connecting:
+    """What `connect()` returns: await it, or use it with `async with`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._start().__await__()
+
+    async def _start(self) -> Client:
+        try:
+            await self._client.router.refresh(force=True)
+        except BaseException:
+            await self._client.close()
+            raise
+        return self._client
+
+    async def __aenter__(self) -> Client:
+        return await self._start()
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.close()
+
+
+def connect(
+    address: str | Sequence[str],
+    *,
+    token: str | None = None,
+    region: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> _Connecting:
+    """Connect to a cluster through any of its addresses (the shard manager or nodes:
+    `"127.0.0.1:7300"`, `"h1:p1,h2:p2"`). `region` makes relaxed reads prefer replicas
+    there; `timeout_s` bounds every request, retries included."""
+    client = Client(parse_seeds(address), token=token, region=region, timeout_s=timeout_s)
+    return _Connecting(client)

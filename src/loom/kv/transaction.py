@@ -1,0 +1,128 @@
+"""Optimistic, serializable transactions within one μshard (DESIGN §5).
+
+Reads go to the p-shard's primary; the first one fixes the snapshot (the replica's
+applied seq) and the epoch. A later read that finds a record newer than the snapshot,
+or another epoch, means the snapshot is gone: `TransactionConflict` at once. Keys read
+as absent are in the read set too. Writes are buffered and sent at commit as one
+`TxnCommit` (read set + write set + snapshot); apply rejects it if any key read
+changed after the snapshot. A commit whose answer is lost raises `OutcomeUnknown` (from the client).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from loom.core.errors import InvalidArgument, TransactionConflict
+from loom.core.ids import Epoch, Generation, RequestId, RequestSeq, Seq, UShard, Version
+from loom.core.limits import DEFAULT_LIMITS
+from loom.kv.options import STRONG
+from loom.kvstate.commands import TxnCommit, TxnRead, TxnWrite
+from loom.kvstate.reads import Item
+
+if TYPE_CHECKING:
+    from loom.kv.client import Keyspace
+
+SNAPSHOT_INDEX_MAX = 2**31 - 1
+_PENDING = Version(Generation(0), Seq(0), 0)  # version of a value written in this txn
+
+
+class Transaction:
+    def __init__(self, keyspace: Keyspace, shard_key: bytes) -> None:
+        self.keyspace = keyspace
+        self.shard_key = shard_key
+        self._ushard: UShard | None = None
+        self._reads: dict[bytes, Version | None] = {}
+        self._writes: dict[bytes, bytes | None] = {}
+        self._snapshot: Seq | None = None
+        self._epoch = Epoch(0)
+        self._finished = False
+
+    async def __aenter__(self) -> Transaction:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            await self.commit()
+        self._finished = True
+
+    async def _ushard_of_txn(self) -> UShard:
+        if self._ushard is None:
+            self._ushard = await self.keyspace._ushard(self.shard_key, None)
+        return self._ushard
+
+    def _check_open(self, key: object) -> bytes:
+        if self._finished:
+            raise InvalidArgument("the transaction is finished")
+        if not isinstance(key, bytes) or len(key) > DEFAULT_LIMITS.key_bytes_max:
+            raise InvalidArgument(f"key must be bytes of at most {DEFAULT_LIMITS.key_bytes_max}")
+        return key
+
+    async def get(self, key: bytes) -> Item | None:
+        """The key at the transaction's snapshot (or as this transaction wrote it)."""
+        key = self._check_open(key)
+        if key in self._writes:
+            value = self._writes[key]
+            return None if value is None else Item(key=key, value=value, version=_PENDING)
+        if len(self._reads) >= DEFAULT_LIMITS.txn_reads_max:
+            raise InvalidArgument(f"a transaction reads at most {DEFAULT_LIMITS.txn_reads_max}")
+        reply = await self.keyspace._read(await self._ushard_of_txn(), key, STRONG)
+        if self._snapshot is None:
+            self._snapshot, self._epoch = reply.applied_seq, reply.epoch
+        version = reply.record_version
+        if reply.epoch != self._epoch or (version is not None and version.seq > self._snapshot):
+            raise TransactionConflict(f"{key!r} changed after the transaction's snapshot")
+        self._reads[key] = version
+        return reply.item
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        key = self._check_open(key)
+        if not isinstance(value, bytes) or len(value) > DEFAULT_LIMITS.value_bytes_max:
+            raise InvalidArgument(
+                f"value must be bytes of at most {DEFAULT_LIMITS.value_bytes_max}"
+            )
+        self._buffer(key, value)
+
+    async def delete(self, key: bytes) -> None:
+        self._buffer(self._check_open(key), None)
+
+    def _buffer(self, key: bytes, value: bytes | None) -> None:
+        if key not in self._writes and len(self._writes) >= DEFAULT_LIMITS.txn_writes_max:
+            raise InvalidArgument(f"a transaction writes at most {DEFAULT_LIMITS.txn_writes_max}")
+        self._writes[key] = value
+
+    async def commit(self) -> None:
+        """Commit the buffered writes (a read-only transaction has nothing to send: its
+        reads were checked against the snapshot as they came)."""
+        if self._finished:
+            return
+        self._finished = True
+        if not self._writes:
+            return
+        ushard = await self._ushard_of_txn()
+        if self._snapshot is None:
+            # Blind writes: snapshot at the primary's current state.
+            reply = await self.keyspace._read(ushard, next(iter(self._writes)), STRONG)
+            self._snapshot, self._epoch = reply.applied_seq, reply.epoch
+        snapshot = Version(Generation(0), self._snapshot, SNAPSHOT_INDEX_MAX)
+        reads = tuple(TxnRead(key, version) for key, version in sorted(self._reads.items()))
+        writes = tuple(TxnWrite(key, value) for key, value in sorted(self._writes.items()))
+        epoch = self._epoch
+
+        def make(request: RequestId, floor: RequestSeq) -> TxnCommit:
+            return TxnCommit(
+                request=request,
+                ushard=ushard,
+                snapshot=snapshot,
+                epoch=epoch,
+                reads=reads,
+                writes=writes,
+                client_floor=floor,
+            )
+
+        await self.keyspace.client.write(self.keyspace.name, ushard, make)

@@ -1,0 +1,112 @@
+"""What the shard manager keeps in its metastore besides epochs: keyspaces and the
+p-shard id counter. Synchronous; the manager calls it off the event loop.
+
+Keys:
+- `keyspaces/{name}`  → `KeyspaceRecord` (msgpack)
+- `meta/next_shard`   → the next unallocated p-shard id (decimal)
+- `shards/{id}/epoch` → the shard's `ShardRecord` (written by the manager's epoch CAS)
+
+Crash safety of the multi-step operations (each step is one compare-and-swap):
+- create: allocate ids → store the keyspace record (with its placements) → create the
+  shards. A manager that restarts creates the shards of a stored keyspace that have no
+  shard record yet.
+- drop: mark the record `dropping` → drop each shard (core, shard record, nodes) →
+  delete the record. A manager that restarts finishes a drop it finds marked.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from loom.core.errors import InvalidArgument, NotFound, Unavailable
+from loom.core.ids import ShardId
+from loom.shardmgr.metastore import Metastore
+from loom.shardmgr.routing import Keyspace
+
+KEYSPACES = "keyspaces/"
+NEXT_SHARD = "meta/next_shard"
+CAS_ATTEMPTS_MAX = 16
+
+
+class KeyspaceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    keyspace: Keyspace
+    dropping: bool = False
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(KeyspaceRecord)
+
+
+def shard_record_key(shard: int) -> str:
+    """Where a shard's record lives; its epoch is compare-and-swapped there."""
+    return f"shards/{shard}/epoch"
+
+
+class Catalog:
+    def __init__(self, metastore: Metastore) -> None:
+        self.metastore = metastore
+
+    def keyspaces(self) -> list[KeyspaceRecord]:
+        return [_DECODER.decode(value) for _, value, _ in self.metastore.list(KEYSPACES)]
+
+    def next_shard(self) -> int:
+        current = self.metastore.get(NEXT_SHARD)
+        return int(current[0]) if current else 1
+
+    def allocate_shards(self, count: int) -> list[ShardId]:
+        """`count` fresh p-shard ids, never handed out before (CAS on the counter)."""
+        current = self.metastore.get(NEXT_SHARD)
+        for _ in range(CAS_ATTEMPTS_MAX):
+            first = int(current[0]) if current else 1
+            revision = current[1] if current else None
+            result = self.metastore.compare_and_swap(
+                NEXT_SHARD, revision, str(first + count).encode()
+            )
+            if result.ok:
+                return [ShardId(first + i) for i in range(count)]
+            current = result.current
+        raise Unavailable("could not allocate shard ids: the metastore is contended")
+
+    def create(self, record: KeyspaceRecord) -> KeyspaceRecord:
+        """Stores a new keyspace; the existing record if one with this name exists
+        with the same spec; `InvalidArgument` if it exists with another spec."""
+        key = KEYSPACES + record.keyspace.name
+        result = self.metastore.compare_and_swap(key, None, _ENCODER.encode(record))
+        if result.ok:
+            return record
+        assert result.current is not None
+        existing = _DECODER.decode(result.current[0])
+        if existing.dropping:
+            raise Unavailable(f"keyspace {record.keyspace.name!r} is being dropped; retry")
+        if existing.keyspace.spec != record.keyspace.spec:
+            raise InvalidArgument(
+                f"keyspace {record.keyspace.name!r} exists with another spec: "
+                f"{msgspec.to_builtins(existing.keyspace.spec)}"
+            )
+        return existing
+
+    def mark_dropping(self, name: str) -> KeyspaceRecord:
+        key = KEYSPACES + name
+        current = self.metastore.get(key)
+        if current is None:
+            raise NotFound(f"no keyspace {name!r}")
+        record = _DECODER.decode(current[0])
+        if record.dropping:
+            return record
+        dropping = KeyspaceRecord(keyspace=record.keyspace, dropping=True)
+        result = self.metastore.compare_and_swap(key, current[1], _ENCODER.encode(dropping))
+        if not result.ok:
+            raise Unavailable(f"keyspace {name!r} changed meanwhile; retry")
+        return dropping
+
+    def delete(self, name: str) -> None:
+        key = KEYSPACES + name
+        current = self.metastore.get(key)
+        if current is not None:
+            self.metastore.delete(key, current[1])
+
+    def delete_shard_record(self, shard: ShardId) -> None:
+        key = shard_record_key(shard)
+        current = self.metastore.get(key)
+        if current is not None:
+            self.metastore.delete(key, current[1])
