@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SEEDS ?= 60
 
-.PHONY: install test lint typecheck contracts pytest demo bench sim clean
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: install test lint typecheck contracts pytest demo bench sim clean etcd
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +27,11 @@ typecheck: $(STAMP)
 contracts: $(STAMP)
 	$(VENV)/bin/lint-imports
 
-pytest: $(STAMP)
+# The integration tests and `loom bench kv --peer etcd` start real etcd (Debian's etcd-server).
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; }
+
+pytest: $(STAMP) etcd
 	PYTHONHASHSEED=0 $(VENV)/bin/pytest
 
 test: lint typecheck contracts pytest
@@ -36,7 +42,7 @@ sim: $(STAMP)
 demo: $(STAMP)
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 20 --faults all --verbose
 
-bench: $(STAMP)
+bench: $(STAMP) etcd
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	PYTHONHASHSEED=0 $(PY) -m bench
 	PYTHONHASHSEED=0 $(PY) -m bench.wire_bench --seconds 12
