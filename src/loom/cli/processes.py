@@ -15,10 +15,13 @@ import click
 from loom.core.ids import NodeId
 from loom.core.limits import DEFAULT_LIMITS
 from loom.paxos.params import ReplicaParams
+from loom.runtime.leadership import EtcdLeadership
 from loom.runtime.manager import ManagerRuntime
+from loom.runtime.metastore_etcd import EtcdMetastore
 from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.node import NodeRuntime
 from loom.runtime.rpc import run
+from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.routing import DEFAULT_TIER, LABEL
 
 LISTEN_HELP = "HOST:PORT to listen on (port 0: any free port)."
@@ -44,8 +47,9 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def _until_stopped() -> None:
-    stop = asyncio.Event()
+async def _until_stopped(also: asyncio.Event | None = None) -> None:
+    """Until SIGTERM or Ctrl-C (or `also` is set)."""
+    stop = also or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -56,29 +60,49 @@ async def _until_stopped() -> None:
 @click.option(
     "--listen", default="127.0.0.1:7300", show_default=True, help="HOST:PORT (port 0: any)"
 )
-@click.option("--data", type=DATA_DIR, required=True, help="Directory of the metastore file.")
+@click.option("--data", type=DATA_DIR, help="Directory of the metastore file (one manager).")
+@click.option(
+    "--etcd",
+    help="etcd HOST:PORT[,HOST:PORT…] holding the state; several managers share it and "
+    "one leads (by an etcd lease).",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def sm_command(listen: str, data: Path, log_level: str) -> None:
+def sm_command(listen: str, data: Path | None, etcd: str | None, log_level: str) -> None:
     """Run the shard manager: node registry, keyspaces and placement, epochs, failover,
     the routing table (control plane only: never on the data path)."""
     setup_logging(log_level)
     host, port = parse_address(listen)
-    data.mkdir(parents=True, exist_ok=True)
+    if (data is None) == (etcd is None):
+        raise click.UsageError("give exactly one of --data DIR and --etcd HOST:PORT[,…]")
+    endpoints = [
+        f"http://{h}:{p}" for h, p in map(parse_address, (etcd or "").split(",") if etcd else [])
+    ]
 
-    async def main() -> None:
-        metastore = FileMetastore(data / "metastore.json")
-        manager = ManagerRuntime(metastore=metastore, host=host, port=port)
+    if data is not None:
+        data.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> int:
+        leadership: EtcdLeadership | None = None
+        metastore: Metastore
+        if data is not None:
+            metastore = FileMetastore(data / "metastore.json")
+        else:
+            metastore = EtcdMetastore(endpoints)
+            leadership = EtcdLeadership(endpoints)
+        manager = ManagerRuntime(metastore=metastore, host=host, port=port, leadership=leadership)
         await manager.start()
-        log.info("shard manager up on %s:%d, metastore %s", host, manager.port, data)
+        where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"
+        log.info("shard manager up on %s:%d, %s", host, manager.port, where)
         click.echo(f"loom sm listening on {host}:{manager.port}")
         sys.stdout.flush()
         try:
-            await _until_stopped()
+            await _until_stopped(manager.deposed)
         finally:
             log.info("shard manager stopping")
             await manager.close()
+        return 1 if manager.deposed.is_set() else 0
 
-    run(main())
+    sys.exit(run(main()))
 
 
 @click.command("node")
@@ -86,7 +110,7 @@ def sm_command(listen: str, data: Path, log_level: str) -> None:
 @click.option(
     "--listen", default="127.0.0.1:7400", show_default=True, help="HOST:PORT (port 0: any)"
 )
-@click.option("--sm", "manager", required=True, help="The shard manager's HOST:PORT.")
+@click.option("--sm", "manager", required=True, help="The shard managers' HOST:PORT[,HOST:PORT…].")
 @click.option("--data", type=DATA_DIR, required=True, help="This node's data directory.")
 @click.option("--region", default="", help="Region label (placement spreads replicas).")
 @click.option("--zone", default="", help="Zone label within the region.")
@@ -121,7 +145,7 @@ def node_command(
     """Run a storage node: the replicas of its shards over one RocksDB."""
     setup_logging(log_level)
     host, port = parse_address(listen)
-    sm_host, sm_port = parse_address(manager)
+    managers = [parse_address(a) for a in manager.split(",")]
     for name, label in (("region", region), ("zone", zone), ("tier", tier)):
         if not LABEL.fullmatch(label):
             raise click.BadParameter(f"{label!r} is not a valid label", param_hint=f"--{name}")
@@ -143,7 +167,7 @@ def node_command(
             tier=tier,
         )
         await node.start()
-        node.connect_manager(sm_host, sm_port)
+        node.connect_managers(managers)
         log.info(
             "node %s up on %s:%d (incarnation %d, region %r), data %s",
             node_id, host, node.port, node.incarnation, region, data,

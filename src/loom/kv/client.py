@@ -337,8 +337,9 @@ class Client:
                 problems.append(str(error))
                 continue
             if isinstance(reply, Failure):
-                if reply.kind == "unavailable" and "no routing table" in reply.message:
-                    continue  # a node, not the manager
+                if reply.kind == "unavailable":  # a node or a standby manager: ask on
+                    problems.append(reply.message)
+                    continue
                 _raise_failure(reply)
             if isinstance(reply, ClientAnswer):
                 continue

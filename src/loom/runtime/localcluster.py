@@ -28,9 +28,13 @@ class LocalCluster:
     # How each process was started, so it can be restarted with the same arguments.
     commands: dict[str, list[str]] = field(default_factory=dict)
 
+    # Names of the shard-manager processes (several with etcd).
+    managers: list[str] = field(default_factory=list)
+
     @property
     def manager_address(self) -> str:
-        return f"127.0.0.1:{self.ports['sm']}"
+        """Every shard manager's address, as clients and `--sm` take them."""
+        return ",".join(f"127.0.0.1:{self.ports[m]}" for m in self.managers if m in self.ports)
 
     def _spawn(self, name: str, args: list[str]) -> int:
         logs = self.data_dir / "logs"
@@ -64,9 +68,16 @@ class LocalCluster:
         ]
         return self.ports[name]
 
-    def start_manager(self, *, port: int = 0, extra: tuple[str, ...] = ()) -> int:
-        data = str(self.data_dir / "sm")
-        return self._spawn("sm", ["sm", "--listen", f"127.0.0.1:{port}", "--data", data, *extra])
+    def start_manager(
+        self, name: str = "sm", *, port: int = 0, etcd: str | None = None, data: Path | None = None
+    ) -> int:
+        """A shard manager with a file metastore (in `data`, default DATA/NAME), or
+        (`etcd`: HOST:PORT,…) one of several sharing etcd, one of which leads."""
+        store = ["--etcd", etcd] if etcd else ["--data", str(data or self.data_dir / name)]
+        port = self._spawn(name, ["sm", "--listen", f"127.0.0.1:{port}", *store])
+        if name not in self.managers:
+            self.managers.append(name)
+        return port
 
     def start_node(
         self,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -53,6 +54,7 @@ from loom.runtime.codec import (
     decode,
     encode,
 )
+from loom.runtime.leadership import EtcdLeadership
 from loom.runtime.outbound import Outbound
 from loom.runtime.rpc import RpcServer
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
@@ -87,6 +89,7 @@ class _Rng:
 _ENCODER = msgspec.msgpack.Encoder()
 _RECORD = msgspec.msgpack.Decoder(ShardRecord)
 T = TypeVar("T")
+log = logging.getLogger("loom.sm")
 ROUTING_PUSH_MS = 100.0
 # A node gets the table again after this long even when nothing changed (a lost push).
 ROUTING_REPUSH_MS = 2_000.0
@@ -119,8 +122,14 @@ class ManagerRuntime:
         params: SmParams | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        leadership: EtcdLeadership | None = None,
     ) -> None:
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
+        # With several managers, this one acts only while it leads (etcd lease); it keeps
+        # its node registry warm from reports meanwhile, so a takeover is quick.
+        self.leadership = leadership
+        self.leading = False
+        self.deposed = asyncio.Event()
         self.metastore = metastore
         self.catalog = Catalog(metastore)
         self.host = host
@@ -140,15 +149,40 @@ class ManagerRuntime:
         self.routing_content: object = None
 
     async def start(self) -> None:
+        """Serve at once; act as the manager now (one manager) or once elected."""
+        await self.server.start()
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(self._run_core()))
+        if self.leadership is None:
+            await self._lead()
+        else:
+            self.tasks.append(loop.create_task(self._campaign(self.leadership)))
+
+    async def _campaign(self, leadership: EtcdLeadership) -> None:
+        await leadership.campaign(self.address)
+        log.info("shard manager %s leads", self.address)
+        await self._lead()
+        await leadership.lost.wait()
+        # Stop acting at once; the process exits and comes back as a standby.
+        self.leading = False
+        log.error("shard manager %s lost its leadership: %s", self.address, leadership.lost_reason)
+        self.deposed.set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def _lead(self) -> None:
+        """Takes the state over from the metastore and starts deciding."""
         now = Instant(time.monotonic() * 1000)
         records, keyspaces, self.next_shard = await asyncio.to_thread(self._load)
         for shard, record in records:
             self.core.restore(shard, record, now)
             if record.activated:
                 self.stored_activation[shard] = record.assignment
-        await self.server.start()
+        self.term = time.time_ns() // 1_000_000
+        self.leading = True
         loop = asyncio.get_running_loop()
-        self.tasks.append(loop.create_task(self._run_core()))
         self.tasks.append(loop.create_task(self._ticker()))
         self.tasks.append(loop.create_task(self._push_routing()))
         for keyspace_record in keyspaces:
@@ -162,6 +196,9 @@ class ManagerRuntime:
         return self.server.port
 
     async def close(self) -> None:
+        if self.leadership is not None:
+            with contextlib.suppress(LoomError):
+                await self.leadership.close()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -173,10 +210,13 @@ class ManagerRuntime:
 
     async def _handle(self, body: bytes) -> bytes:
         message = decode(body)
+        if isinstance(message, NodeReportMessage):
+            self._on_report(message)
+            return b""
+        if not self.leading:
+            return encode(await self._standby_answer())
         try:
             match message:
-                case NodeReportMessage():
-                    self._on_report(message)
                 case ManagerEvent():
                     self.inputs.put_nowait(
                         lambda now: self.core.on_event(message.shard, message.event, now)
@@ -196,6 +236,17 @@ class ManagerRuntime:
             return encode(failure(error))
         return b""
 
+    async def _standby_answer(self) -> Failure:
+        leader = None
+        if self.leadership is not None:
+            with contextlib.suppress(LoomError):
+                leader = await self.leadership.leader()
+        return Failure(
+            kind="unavailable",
+            message=f"shard manager {self.address} is a standby; the leader is {leader or '?'}",
+            retry_after_ms=200,
+        )
+
     def _on_report(self, message: NodeReportMessage) -> None:
         node = message.report.node
         if node != message.info.node:
@@ -205,6 +256,8 @@ class ManagerRuntime:
             outbound = self.outboxes[node] = Outbound(lambda: self._address(node))
             self.tasks.append(asyncio.get_running_loop().create_task(outbound.run()))
         self.inputs.put_nowait(lambda now: self.core.on_report(message.report, now))
+        if not self.leading:
+            return
         for progress in message.report.shards:
             shard = progress.shard
             if shard not in self.core.shards and shard < self.next_shard:
@@ -415,7 +468,11 @@ class ManagerRuntime:
         for shard in sorted(self.core.shards):
             record = self.core.record(shard)
             if record.activated and self.stored_activation.get(shard) != record.assignment:
-                await asyncio.to_thread(self._store_activation, shard, record)
+                try:
+                    await asyncio.to_thread(self._store_activation, shard, record)
+                except LoomError as error:
+                    log.warning("activation of p-shard %d not stored: %s", shard, error)
+                    return  # tried again after the next input
                 self.stored_activation[shard] = record.assignment
 
     async def _drain_outputs(self) -> None:
@@ -423,7 +480,15 @@ class ManagerRuntime:
             for output in outputs:
                 if isinstance(output, PersistEpoch):
                     record = self.core.record(output.shard, output.assignment)
-                    stored = await asyncio.to_thread(self._compare_and_swap_epoch, output, record)
+                    try:
+                        stored = await asyncio.to_thread(
+                            self._compare_and_swap_epoch, output, record
+                        )
+                    except LoomError as error:
+                        # Not known to be stored: announce nothing; the core decides
+                        # again from the old epoch, and the next CAS tells the truth.
+                        log.warning("epoch of p-shard %d not stored: %s", output.shard, error)
+                        stored = output.expected
                     now = Instant(time.monotonic() * 1000)
                     self.core.epoch_persisted(
                         output.shard, output.assignment, stored_epoch=stored, now=now
@@ -438,6 +503,10 @@ class ManagerRuntime:
         current = self.metastore.get(key)
         stored = _RECORD.decode(current[0]).assignment.epoch if current else Epoch(0)
         if stored != output.expected:
+            log.info(
+                "p-shard %d: epoch %d is already allocated (expected %d); going on from it",
+                output.shard, stored, output.expected,
+            )  # fmt: skip
             return stored
         revision = current[1] if current is not None else None
         result = self.metastore.compare_and_swap(key, revision, _ENCODER.encode(record))

@@ -106,6 +106,7 @@ class NodeRuntime:
         self.host = host
         self.labels = (region, zone, tier)
         self.routing = EMPTY_TABLE
+        self.epochs_seen: dict[ShardId, int] = {}
         self.data_dir = data_dir
         self.params = params
         self.server = RpcServer(self._handle, host, port)
@@ -115,7 +116,7 @@ class NodeRuntime:
         self.calls: dict[int, asyncio.Future[ClientReply]] = {}
         self.call_ids = itertools.count(1)
         self.outboxes: dict[NodeId, Outbound] = {}
-        self.manager: Outbound | None = None
+        self.managers: list[Outbound] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped_messages = 0
         # Owned by the storage thread:
@@ -157,30 +158,38 @@ class NodeRuntime:
             self.tasks.append(loop.create_task(outbound.run()))
 
     def connect_manager(self, host: str, port: int) -> None:
-        """Report to the shard manager and take its assignments (heartbeats every
-        REPORT_MS; the manager detects failures by their absence)."""
+        self.connect_managers([(host, port)])
+
+    def connect_managers(self, addresses: list[tuple[str, int]]) -> None:
+        """Report to the shard managers and take their assignments (heartbeats every
+        REPORT_MS; the leader detects failures by their absence, standbys keep their
+        registry warm with them)."""
         loop = asyncio.get_running_loop()
-        self.manager = Outbound(lambda: (host, port))
-        self.tasks.append(loop.create_task(self.manager.run()))
+        for address in addresses:
+            outbound = Outbound(functools.partial(lambda a: a, address))
+            self.managers.append(outbound)
+            self.tasks.append(loop.create_task(outbound.run()))
         self.tasks.append(loop.create_task(self._reporter()))
+
+    def _to_managers(self, body: bytes) -> None:
+        for outbound in self.managers:
+            outbound.put(body)
 
     async def _reporter(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             report = await loop.run_in_executor(self.pool, self._report)
-            if self.manager is not None:
-                region, zone, tier = self.labels
-                info = NodeInfo(
-                    node=self.node,
-                    host=self.host,
-                    port=self.port,
-                    region=region,
-                    zone=zone,
-                    tier=tier,
-                    pid=os.getpid(),
-                )
-                message = NodeReportMessage(report=report, info=info)
-                self.manager.put(encode(message))
+            region, zone, tier = self.labels
+            info = NodeInfo(
+                node=self.node,
+                host=self.host,
+                port=self.port,
+                region=region,
+                zone=zone,
+                tier=tier,
+                pid=os.getpid(),
+            )
+            self._to_managers(encode(NodeReportMessage(report=report, info=info)))
             await asyncio.sleep(REPORT_MS / 1000)
 
     def _report(self) -> NodeReport:
@@ -226,6 +235,7 @@ class NodeRuntime:
             case AssignMessage():
                 self.connect_peers({p.node: (p.host, p.port) for p in message.peers})
                 shard, assignment = message.shard, message.assignment
+                self._log_assignment(shard, assignment)
                 self._enqueue(lambda i: i.assignments.append((shard, assignment)))
             case DropShard():
                 dropped = message.shard
@@ -245,6 +255,16 @@ class NodeRuntime:
             case _:
                 raise BadMessage(f"a node does not take {type(message).__name__}")
         return b""
+
+    def _log_assignment(self, shard: ShardId, assignment: Assignment) -> None:
+        """Logs each new epoch once (the manager re-announces every few hundred ms)."""
+        if self.epochs_seen.get(shard, 0) < assignment.epoch:
+            self.epochs_seen[shard] = assignment.epoch
+            log.info(
+                "p-shard %d epoch %d primary %s acceptors %s",
+                shard, assignment.epoch, assignment.primary,
+                ",".join(assignment.config.acceptors),
+            )  # fmt: skip
 
     async def _client_call(self, call: ClientCall) -> bytes:
         call_id = next(self.call_ids)
@@ -353,8 +373,7 @@ class NodeRuntime:
             for envelope in out.messages:
                 self._send(envelope)
             for event in out.sm_events:
-                if self.manager is not None:
-                    self.manager.put(encode(ManagerEvent(shard=shard, event=event)))
+                self._to_managers(encode(ManagerEvent(shard=shard, event=event)))
             for origin, reply in out.replies:
                 future = self.calls.get(origin) if isinstance(origin, int) else None
                 if future is not None and not future.done():

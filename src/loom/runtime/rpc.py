@@ -238,6 +238,11 @@ class RpcServer:
         self._connections[connection_id] = task
         try:
             await _ServerConnection(reader, writer, self).serve()
+        except asyncio.CancelledError:
+            # `close()` cancelled this connection and waits for it. Ending normally keeps
+            # asyncio's stream callback from logging the cancelled task as an error; this
+            # is the task's outermost frame, so nothing else needed the cancellation.
+            return
         finally:
             del self._connections[connection_id]
 
