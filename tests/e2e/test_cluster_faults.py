@@ -5,6 +5,8 @@ and from a snapshot, and the shard manager's death — with nothing acknowledged
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +29,10 @@ from loom.kvstate.commands import Put, encode_command
 
 # The bar with default settings (lease 1 s, failure detection 0.6 s).
 FAILOVER_S_MAX = 3.0
+
+
+def _log(tmp: Path, name: str) -> str:
+    return (tmp / "logs" / f"{name}.log").read_text()
 
 
 async def put_many(ks: kv.Keyspace, prefix: bytes, count: int) -> list[bytes]:
@@ -162,5 +168,46 @@ def test_the_data_path_goes_on_without_the_shard_manager(tmp_path: Path) -> None
                 fresh = newcomer.keyspace(KEYSPACE)
                 await fresh.put(b"newcomer", b"v-newcomer")
                 await assert_all_there(fresh, [*keys, b"newcomer"])
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(180)
+def test_a_node_restarted_on_a_wiped_disk_rejoins_as_a_new_member(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_cluster(tmp_path) as (cluster, client):
+            ks = client.keyspace(KEYSPACE)
+            keys = await put_many(ks, b"before", 30)
+            shard = await route(client)
+            victim = NodeId(next(n for n in shard.acceptors if n != shard.primary))
+            old_incarnation = next(
+                n.incarnation for n in (await client.status()).nodes if n.node == victim
+            )
+            cluster.kill(victim)
+            shutil.rmtree(tmp_path / victim)  # the disk is replaced
+            cluster.restart(victim)
+            keys += await put_many(ks, b"while-rejoining", 10)
+            # The manager removes the old member, adds the new one as a follower and,
+            # once it has caught up, makes it an acceptor again.
+            deadline = time.monotonic() + 60
+            while True:
+                status = await client.status()
+                node = next(n for n in status.nodes if n.node == victim)
+                (state,) = [s for s in status.shards if s.shard == shard.shard]
+                if state.activated and victim in state.acceptors and state.epoch > shard.epoch + 2:
+                    break
+                assert time.monotonic() < deadline, f"{victim} did not rejoin: {state}"
+                await asyncio.sleep(0.2)
+            assert node.incarnation != old_incarnation
+            await wait_until_caught_up(client, victim, shard.shard)
+            # It came back through a config without it (never as the member it was).
+            configs = re.findall(r"epoch (\d+) primary \S+ acceptors (\S+)", _log(tmp_path, victim))
+            without = [int(e) for e, acceptors in configs if victim not in acceptors.split(",")]
+            assert without, configs
+            # Without the old primary, the new member and one other are the majority:
+            # everything acknowledged must still be there.
+            cluster.kill(shard.primary)
+            keys += await put_many(ks, b"after", 10)
+            await assert_all_there(ks, keys)
 
     asyncio.run(scenario())

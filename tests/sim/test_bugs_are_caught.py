@@ -11,19 +11,20 @@ from loom.sim.run import run_seed
 
 FIRST_FAILING_SEED = {
     "skip-prepare": 1,
-    "reply-before-persist": 1,
-    "ignore-lease": 85,
-    "stale-epoch-accept": 1,
-    "promise-equal-ballot": 73,
+    "reply-before-persist": 3,
+    "ignore-lease": 72,
+    "stale-epoch-accept": 7,
+    "promise-equal-ballot": 9,
     "commit-stale-entry": 2,
-    "prev-config-unactivated": 9,
+    "prev-config-unactivated": 12,
     "noop-below-commit": 1,
     "lease-from-reply": 57,
     "shared-batch-version": 1,
     "serve-before-catchup": 2,
     "no-dedupe": 1,
     "txn-skip-absent": 2,
-    "fast-ack-visible": 2,
+    "fast-ack-visible": 1,
+    "amnesia": 19,
     "staleness-from-heartbeat": 4,
 }
 

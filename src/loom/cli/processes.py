@@ -21,6 +21,7 @@ from loom.runtime.metastore_etcd import EtcdMetastore
 from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.node import NodeRuntime
 from loom.runtime.rpc import run
+from loom.shardmgr.core import SmParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.routing import DEFAULT_TIER, LABEL
 
@@ -66,8 +67,18 @@ async def _until_stopped(also: asyncio.Event | None = None) -> None:
     help="etcd HOST:PORT[,HOST:PORT…] holding the state; several managers share it and "
     "one leads (by an etcd lease).",
 )
+@click.option(
+    "--replace-after",
+    "replace_after_s",
+    type=click.FloatRange(1, 86_400),
+    default=60.0,
+    show_default=True,
+    help="Seconds a node may stay silent before its replicas move to other nodes.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def sm_command(listen: str, data: Path | None, etcd: str | None, log_level: str) -> None:
+def sm_command(
+    listen: str, data: Path | None, etcd: str | None, replace_after_s: float, log_level: str
+) -> None:
     """Run the shard manager: node registry, keyspaces and placement, epochs, failover,
     the routing table (control plane only: never on the data path)."""
     setup_logging(log_level)
@@ -89,7 +100,10 @@ def sm_command(listen: str, data: Path | None, etcd: str | None, log_level: str)
         else:
             metastore = EtcdMetastore(endpoints)
             leadership = EtcdLeadership(endpoints)
-        manager = ManagerRuntime(metastore=metastore, host=host, port=port, leadership=leadership)
+        params = SmParams(replace_after_ms=replace_after_s * 1000)
+        manager = ManagerRuntime(
+            metastore=metastore, params=params, host=host, port=port, leadership=leadership
+        )
         await manager.start()
         where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"
         log.info("shard manager up on %s:%d, %s", host, manager.port, where)

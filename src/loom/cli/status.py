@@ -23,6 +23,7 @@ def status_json(status: StatusReply) -> dict[str, object]:
                 "alive": n.alive,
                 "pid": n.pid,
                 "incarnation": n.incarnation,
+                "stored_bytes": n.stored_bytes,
             }
             for n in status.nodes
         ],
@@ -38,6 +39,8 @@ def status_json(status: StatusReply) -> dict[str, object]:
                 "active": s.activated,
                 "applied_seq": _applied(s, s.primary),
                 "commit_seq": s.progress.get(s.primary, (0, 0))[1],
+                "lag": _lag(s),
+                "ops_per_s": s.ops_per_s,
                 "progress": {m: {"applied": a, "commit": c} for m, (a, c) in s.progress.items()},
             }
             for s in status.shards
@@ -47,6 +50,15 @@ def status_json(status: StatusReply) -> dict[str, object]:
 
 def _applied(shard: ShardStatus, member: str) -> int:
     return shard.progress.get(member, (0, 0))[0]
+
+
+def _bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} GiB"
 
 
 def _lag(shard: ShardStatus) -> int:
@@ -69,7 +81,7 @@ def status_command(cluster: str, as_json: bool) -> None:
         return
     console = Console()
     nodes = Table(title="nodes")
-    for column in ("node", "address", "region", "zone", "alive", "pid", "incarnation"):
+    for column in ("node", "address", "region", "zone", "alive", "pid", "incarnation", "size"):
         nodes.add_column(column)
     for node in status.nodes:
         alive = "[green]yes[/green]" if node.alive else "[red]no[/red]"
@@ -81,6 +93,7 @@ def status_command(cluster: str, as_json: bool) -> None:
             alive,
             str(node.pid),
             str(node.incarnation),
+            _bytes(node.stored_bytes),
         )
     shards = Table(title="shards")
     columns = (
@@ -92,6 +105,7 @@ def status_command(cluster: str, as_json: bool) -> None:
         "members",
         "applied/commit",
         "lag",
+        "ops/s",
     )
     for column in columns:
         shards.add_column(column)
@@ -109,6 +123,7 @@ def status_command(cluster: str, as_json: bool) -> None:
             members,
             progress or "-",
             str(_lag(shard)),
+            f"{shard.ops_per_s:,.0f}",
         )
     console.print(nodes)
     console.print(shards)

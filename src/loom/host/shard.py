@@ -129,6 +129,7 @@ class ShardHost:
         self.view = PrefixedStore(store, shard_prefix(shard))
         self.state = PrefixedStore(store, shard_prefix(shard) + layout.STATE)
         durable = layout.load(self.view)
+        self.is_member = not durable.is_empty() or params.has_bug("amnesia")
         self.replica = Replica(
             shard=shard,
             node=node,
@@ -145,14 +146,27 @@ class ShardHost:
         self.snapshots = SnapshotTransfers(node=node, shard=shard)
         self.out = HostOutput()
         self.renamed_requests = 0
+        self.applied_commands = 0
         self.next_gc_at = Instant(now + params.gc_interval_ms)
 
     # ------------------------------------------------------------------ inputs
 
     def assign(self, assignment: Assignment, now: Instant) -> None:
+        named = assignment.incarnation_of(self.node)
+        if (
+            named is not None
+            and named != self.replica.incarnation
+            and not self.p.has_bug("amnesia")
+        ):
+            return  # for an earlier incarnation of this node (a wiped disk): not us
+        self.is_member = True
         self.replica.assign(assignment, now)
 
     def on_message(self, env: Envelope, now: Instant) -> None:
+        if not self.is_member:
+            # A replica with nothing on disk is nobody until the manager names this
+            # incarnation: a wiped node must not answer as the member it was (PITFALLS 19).
+            return
         msg = env.message
         if isinstance(msg, SnapshotChunk | SnapshotAck):
             self.snapshots.on_message(env, self, now)
@@ -355,6 +369,7 @@ class ShardHost:
         self.view.add_to(absolute, applied)
         self.store.write(absolute, sync=False)
         self.applied_epoch = entry.epoch
+        self.applied_commands += len(entry.commands)
         self.out.applied.append(entry)
         for waiting in self.awaiting.pop(entry.seq, []):
             index = waiting.index

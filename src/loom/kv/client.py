@@ -109,12 +109,22 @@ def parse_seeds(addresses: str | Sequence[str]) -> list[Address]:
     seeds = []
     for text in (t.strip() for t in texts):
         host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not (port.isascii() and port.isdigit()):
+            raise InvalidArgument(f"{text!r} is not HOST:PORT")
+        if not 0 < int(port) < 65536:
             raise InvalidArgument(f"{text!r} is not HOST:PORT")
         seeds.append((host, int(port)))
     if not seeds:
         raise InvalidArgument("no address to connect to")
     return seeds
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_bytes(name: str, value: object, bytes_max: int) -> bytes:
@@ -583,7 +593,7 @@ class Keyspace:
             raise InvalidArgument("durability must be kv.QUORUM or kv.FAST_ACK")
         ttl_ms = None
         if ttl_s is not None:
-            if not isinstance(ttl_s, int | float) or not 0 < ttl_s <= TTL_S_MAX:
+            if not _is_number(ttl_s) or not 0 < ttl_s <= TTL_S_MAX:
                 raise InvalidArgument(f"ttl_s must be in (0, {TTL_S_MAX}], not {ttl_s!r}")
             ttl_ms = max(1, math.ceil(ttl_s * 1000))
         ushard = await self._ushard(key, shard_key)
@@ -664,7 +674,7 @@ class Keyspace:
     async def increment(self, key: bytes, delta: int = 1, *, shard_key: bytes | None = None) -> int:
         """Add `delta` to the 64-bit counter at `key` (absent: 0); returns the new value."""
         key = _check_key("key", key)
-        if not isinstance(delta, int) or not -INT64 <= delta < INT64:
+        if not _is_int(delta) or not -INT64 <= delta < INT64:
             raise InvalidArgument("delta must be a signed 64-bit integer")
         ushard = await self._ushard(key, shard_key)
 
@@ -693,8 +703,10 @@ class Keyspace:
         prefix = _check_key("prefix", prefix)
         if cursor is not None:
             _check_key("cursor", cursor)
-        if not isinstance(limit, int) or not 1 <= limit <= DEFAULT_LIMITS.scan_items_max:
+        if not _is_int(limit) or not 1 <= limit <= DEFAULT_LIMITS.scan_items_max:
             raise InvalidArgument(f"limit must be 1..{DEFAULT_LIMITS.scan_items_max}")
+        if not isinstance(consistency, ReadConsistency):
+            raise InvalidArgument("consistency must be kv.STRONG, kv.bounded(ms), ...")
         ushard = await self._ushard(shard_key, None)
         min_version = self.client.written(self.name, ushard)
         reply = await self.client.request(

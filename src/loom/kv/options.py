@@ -36,7 +36,8 @@ EVENTUAL = ReadConsistency(Consistency.EVENTUAL)
 def bounded(ms: float) -> ReadConsistency:
     """A read never staler than `ms` milliseconds, served by the nearest replica that can
     prove it (else by the primary)."""
-    if not isinstance(ms, int | float) or not math.isfinite(ms) or not 0 < ms <= BOUNDED_MS_MAX:
+    number = isinstance(ms, int | float) and not isinstance(ms, bool)
+    if not number or not math.isfinite(ms) or not 0 < ms <= BOUNDED_MS_MAX:
         raise InvalidArgument(f"bounded(ms) needs 0 < ms <= {BOUNDED_MS_MAX:g}, not {ms!r}")
     return ReadConsistency(Consistency.BOUNDED, float(ms))
 

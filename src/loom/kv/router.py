@@ -48,6 +48,7 @@ class Router:
 
     async def _fetch_any(self) -> None:
         """Ask the seeds, then every known live node, until one answers."""
+        self._refreshed_at = time.monotonic()  # failed rounds are rate-limited too
         failures = []
         candidates = list(self.seeds)
         candidates += [
@@ -62,7 +63,6 @@ class Router:
                 failures.append(f"{address[0]}:{address[1]}: {error}")
                 continue
             self.install(table)
-            self._refreshed_at = time.monotonic()
             return
         raise Unavailable("no routing table from any of: " + "; ".join(failures))
 
@@ -116,7 +116,7 @@ class Router:
 
     def manager(self) -> Address | None:
         host, _, port = self.table.manager.rpartition(":")
-        return (host, int(port)) if host and port.isdigit() else None
+        return (host, int(port)) if host and port.isascii() and port.isdigit() else None
 
 
 def hash_pick(count: int) -> int:

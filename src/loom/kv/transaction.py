@@ -75,7 +75,10 @@ class Transaction:
         if self._snapshot is None:
             self._snapshot, self._epoch = reply.applied_seq, reply.epoch
         version = reply.record_version
-        if reply.epoch != self._epoch or (version is not None and version.seq > self._snapshot):
+        moved = reply.epoch != self._epoch or reply.applied_seq < self._snapshot
+        if moved or (version is not None and version.seq > self._snapshot):
+            # Another epoch, a replica behind the snapshot, or a newer record: the
+            # snapshot cannot be read any more.
             raise TransactionConflict(f"{key!r} changed after the transaction's snapshot")
         self._reads[key] = version
         return reply.item

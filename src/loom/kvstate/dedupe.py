@@ -36,6 +36,9 @@ from loom.kvstate.records import (
     encode_uint64,
 )
 
+# Raising a floor by at most this many seqs looks each one up instead of scanning.
+POINT_LOOKUPS_MAX = 32
+
 
 def lookup(view: Overlay, ushard: UShard, request: RequestId) -> Result | None:
     """The result this request already produced, if the table remembers it."""
@@ -94,8 +97,20 @@ def raise_floor(
         count += 1
     view.put(key, encode_floor_record(FloorRecord(wall_ms=wall_ms, floor=floor)))
     view.put(keys.dedupe_age_key(ushard, wall_ms, client, None), b"")
-    below = keys.client_entries_below(ushard, client, floor)
-    for entry_key, value in list(view.scan(below.start, below.end)):
+    if stored is not None and floor - previous.floor <= POINT_LOOKUPS_MAX:
+        # Entries below the previous floor are gone already: look up the few seqs in
+        # between instead of opening an iterator (a pipelining client raises its floor
+        # by one or two with almost every write).
+        found = []
+        for between in range(previous.floor, floor):
+            entry_key = keys.dedupe_key(ushard, RequestId(client, RequestSeq(between)))
+            value = view.get(entry_key)
+            if value is not None:
+                found.append((entry_key, value))
+    else:
+        below = keys.client_entries_below(ushard, client, floor)
+        found = list(view.scan(below.start, below.end))
+    for entry_key, value in found:
         stamped = decode_dedupe_record(value).wall_ms
         _, _, seq = keys.parse_dedupe_key(entry_key)
         view.delete(entry_key)

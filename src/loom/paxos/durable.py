@@ -21,3 +21,12 @@ class DurableState:
     # Entries at or below this are gone from the log (covered by the applied state).
     truncated_seq: Seq = Seq(0)
     truncated_ballot: Ballot = ZERO_BALLOT
+
+    def is_empty(self) -> bool:
+        """Nothing was ever stored for this shard on this disk."""
+        return (
+            self.promise.ballot == ZERO_BALLOT
+            and not self.entries
+            and self.applied_seq == 0
+            and self.truncated_seq == 0
+        )

@@ -25,6 +25,7 @@ KNOWN_BUGS = frozenset(
         "txn-skip-absent",
         "fast-ack-visible",
         "staleness-from-heartbeat",
+        "amnesia",
     }
 )
 

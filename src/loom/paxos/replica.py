@@ -62,10 +62,16 @@ class Assignment:
     config: Config
     prior_configs: tuple[Config, ...] = ()
     activated_epoch: Epoch = Epoch(0)
+    # The incarnation of each member's data directory when it joined: a node whose disk
+    # was wiped since is not that member and must ignore this (PITFALLS 19).
+    incarnations: tuple[tuple[NodeId, Incarnation], ...] = ()
 
     @property
     def ballot(self) -> Ballot:
         return Ballot(self.epoch, self.primary, self.primary_incarnation)
+
+    def incarnation_of(self, node: NodeId) -> Incarnation | None:
+        return next((i for n, i in self.incarnations if n == node), None)
 
 
 class Replica(AcceptorCore):

@@ -152,6 +152,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     region: str = ""
     zone: str = ""
     pid: int = 0
+    stored_bytes: int = 0
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -164,6 +165,8 @@ class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     followers: tuple[NodeId, ...]
     # Per member: (applied seq, commit seq) from its last report; absent if none yet.
     progress: dict[str, tuple[int, int]]
+    # Commands the primary applied per second, over the last reports.
+    ops_per_s: float = 0.0
 
 
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="sr1"):

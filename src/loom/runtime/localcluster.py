@@ -69,12 +69,18 @@ class LocalCluster:
         return self.ports[name]
 
     def start_manager(
-        self, name: str = "sm", *, port: int = 0, etcd: str | None = None, data: Path | None = None
+        self,
+        name: str = "sm",
+        *,
+        port: int = 0,
+        etcd: str | None = None,
+        data: Path | None = None,
+        extra: tuple[str, ...] = (),
     ) -> int:
         """A shard manager with a file metastore (in `data`, default DATA/NAME), or
         (`etcd`: HOST:PORT,…) one of several sharing etcd, one of which leads."""
         store = ["--etcd", etcd] if etcd else ["--data", str(data or self.data_dir / name)]
-        port = self._spawn(name, ["sm", "--listen", f"127.0.0.1:{port}", *store])
+        port = self._spawn(name, ["sm", "--listen", f"127.0.0.1:{port}", *store, *extra])
         if name not in self.managers:
             self.managers.append(name)
         return port

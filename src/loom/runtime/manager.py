@@ -59,7 +59,9 @@ from loom.runtime.outbound import Outbound
 from loom.runtime.rpc import RpcServer
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 from loom.shardmgr.metastore import Metastore
+from loom.shardmgr.rebalance import ReplaceMember, ShardView, TransferPrimary, next_move
 from loom.shardmgr.routing import (
+    DEFAULT_TIER,
     Keyspace,
     KeyspaceSpec,
     NodeInfo,
@@ -91,6 +93,9 @@ _RECORD = msgspec.msgpack.Decoder(ShardRecord)
 T = TypeVar("T")
 log = logging.getLogger("loom.sm")
 ROUTING_PUSH_MS = 100.0
+REBALANCE_MS = 1_000.0
+RATE_MIN_S = 0.5  # between the two counts a rate is taken from
+RATE_SMOOTHING = 0.5
 # A node gets the table again after this long even when nothing changed (a lost push).
 ROUTING_REPUSH_MS = 2_000.0
 _FAILURE_KINDS: tuple[tuple[type[LoomError], FailureKind], ...] = (
@@ -112,6 +117,22 @@ def decode_record(value: bytes) -> ShardRecord:
 def failure(error: LoomError) -> Failure:
     kind = next(k for cls, k in _FAILURE_KINDS if isinstance(error, cls))
     return Failure(kind=kind, message=str(error), retry_after_ms=error.retry_after_ms or 0)
+
+
+class _Rate:
+    """Commands per second of one p-shard, from its primary's cumulative counts."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int] | None = None
+        self.per_s = 0.0
+
+    def add(self, count: int) -> None:
+        now = time.monotonic()
+        if self.last is not None and count >= self.last[1] and now - self.last[0] >= RATE_MIN_S:
+            instant = (count - self.last[1]) / (now - self.last[0])
+            self.per_s = RATE_SMOOTHING * instant + (1 - RATE_SMOOTHING) * self.per_s
+        if self.last is None or now - self.last[0] >= RATE_MIN_S or count < self.last[1]:
+            self.last = (now, count)
 
 
 class ManagerRuntime:
@@ -147,6 +168,8 @@ class ManagerRuntime:
         self.term = time.time_ns() // 1_000_000
         self.routing_counter = 0
         self.routing_content: object = None
+        self.rates: dict[ShardId, _Rate] = {}
+        self.stored_bytes: dict[NodeId, int] = {}
 
     async def start(self) -> None:
         """Serve at once; act as the manager now (one manager) or once elected."""
@@ -185,6 +208,7 @@ class ManagerRuntime:
         loop = asyncio.get_running_loop()
         self.tasks.append(loop.create_task(self._ticker()))
         self.tasks.append(loop.create_task(self._push_routing()))
+        self.tasks.append(loop.create_task(self._rebalance()))
         for keyspace_record in keyspaces:
             if keyspace_record.dropping:
                 await self._finish_drop(keyspace_record.keyspace)
@@ -258,8 +282,11 @@ class ManagerRuntime:
         self.inputs.put_nowait(lambda now: self.core.on_report(message.report, now))
         if not self.leading:
             return
+        self.stored_bytes[node] = message.report.stored_bytes
         for progress in message.report.shards:
             shard = progress.shard
+            if progress.is_primary:
+                self.rates.setdefault(shard, _Rate()).add(progress.applied_commands)
             if shard not in self.core.shards and shard < self.next_shard:
                 # A replica of a dropped shard (its node was away during the drop).
                 self.outboxes[node].put(encode(DropShard(shard=shard)))
@@ -367,6 +394,54 @@ class ManagerRuntime:
     def _drop_shard(self, shard: ShardId, _now: Instant) -> tuple[NodeId, ...]:
         return self.core.drop_shard(shard)
 
+    # ---------------------------------------------------------------- placement
+
+    async def _rebalance(self) -> None:
+        """Replaces dead members and spreads replicas and primaries (one move at a time;
+        `shardmgr.rebalance` decides, the core carries the move out)."""
+        while True:
+            await asyncio.sleep(REBALANCE_MS / 1000)
+            await self._in_core(self._rebalance_once)
+
+    def _rebalance_once(self, now: Instant) -> None:
+        views = []
+        for shard, state in sorted(self.core.shards.items()):
+            keyspace = self.keyspaces.get(self.shard_keyspace.get(shard, ""))
+            views.append(
+                ShardView(
+                    shard=shard,
+                    config=state.current.config,
+                    primary=state.current.primary,
+                    tier=keyspace.spec.tier if keyspace is not None else DEFAULT_TIER,
+                    settled=state.activated and state.change is None and not state.persisting,
+                )
+            )
+        move = next_move(
+            views,
+            self.infos,
+            {n: s.last_report_at for n, s in self.core.nodes.items()},
+            now,
+            failure_timeout_ms=self.core.p.failure_timeout_ms,
+            replace_after_ms=self.core.p.replace_after_ms,
+        )
+        match move:
+            case ReplaceMember():
+                log.info(
+                    "p-shard %d: replacing %s by %s (%s)",
+                    move.shard,
+                    move.old,
+                    move.new,
+                    move.reason,
+                )
+                self.core.replace_member(move.shard, move.old, move.new)
+            case TransferPrimary():
+                if self.core.transfer_primary(move.shard, move.to, now):
+                    log.info(
+                        "p-shard %d: primary moves to %s (%s)", move.shard, move.to, move.reason
+                    )
+            case None:
+                pass
+
     # ---------------------------------------------------------------- routing
 
     def routing(self) -> RoutingTable:
@@ -428,6 +503,7 @@ class ManagerRuntime:
                 region=info.region,
                 zone=info.zone,
                 pid=info.pid,
+                stored_bytes=self.stored_bytes.get(node, 0),
             )
             for node, info in sorted(self.infos.items())
         )
@@ -451,6 +527,7 @@ class ManagerRuntime:
                     acceptors=config.acceptors,
                     followers=config.followers,
                     progress=progress,
+                    ops_per_s=round(self.rates[shard].per_s, 1) if shard in self.rates else 0.0,
                 )
             )
         return StatusReply(nodes=nodes, shards=tuple(shards))

@@ -7,8 +7,10 @@ Rules of this module:
 - one asyncio loop moves bytes; one storage thread owns the RocksStore and every
   ShardHost, so RocksDB and fsync never block the loop (PITFALLS 11);
 - inputs reach the storage thread through one bounded queue; the thread applies all
-  queued inputs, flushes every host with work, syncs once (group commit across shards)
-  and only then are messages and replies released (PITFALLS 4);
+  queued inputs and flushes every host with work (one turn); a sync thread then makes
+  the turn durable with one fsync for every turn finished before it started (group
+  commit across shards and turns), and only then are that turn's messages and replies
+  released (PITFALLS 4). The next turn runs while the last one's fsync does;
 - a data directory carries an incarnation id chosen when it is created, so a node
   restarted on a wiped disk is a new member (PITFALLS 19);
 - every task is owned by the node and stopped by `close()`; queues are bounded, and a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -62,6 +65,8 @@ from loom.storage.rocks import RocksStore
 
 log = logging.getLogger("loom.node")
 TICK_MS = 10.0
+# Turns whose outputs may wait for an fsync at once (then the storage thread waits).
+UNSYNCED_TURNS_MAX = 64
 INPUTS_MAX = 10_000
 REPORT_MS = 100.0
 CLIENT_CALL_TIMEOUT_S = 10.0
@@ -107,11 +112,17 @@ class NodeRuntime:
         self.labels = (region, zone, tier)
         self.routing = EMPTY_TABLE
         self.epochs_seen: dict[ShardId, int] = {}
+        self.foreign_seen: set[ShardId] = set()
         self.data_dir = data_dir
         self.params = params
         self.server = RpcServer(self._handle, host, port)
         self.peers: dict[NodeId, tuple[str, int]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"storage-{node}")
+        # fsync runs in its own thread, so the next turn overlaps the last one's sync.
+        self.sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sync-{node}")
+        self.unsynced: list[list[tuple[ShardId, HostOutput]]] = []
+        self.sync_wanted = asyncio.Event()
+        self.sync_done = asyncio.Event()
         self.inputs: asyncio.Queue[Callable[[_Inputs], None]] = asyncio.Queue(INPUTS_MAX)
         self.calls: dict[int, asyncio.Future[ClientReply]] = {}
         self.call_ids = itertools.count(1)
@@ -133,6 +144,7 @@ class NodeRuntime:
         await loop.run_in_executor(self.pool, self._open)
         await self.server.start()
         self.tasks.append(loop.create_task(self._pump()))
+        self.tasks.append(loop.create_task(self._syncer()))
         self.tasks.append(loop.create_task(self._ticker()))
 
     def _open(self) -> None:
@@ -195,9 +207,18 @@ class NodeRuntime:
     def _report(self) -> NodeReport:
         """In the storage thread: this node's progress on each of its shards."""
         shards = [
-            ShardProgress.of(shard, self.hosts[shard].replica) for shard in sorted(self.hosts)
+            dataclasses.replace(
+                ShardProgress.of(shard, host.replica), applied_commands=host.applied_commands
+            )
+            for shard, host in sorted(self.hosts.items())
         ]
-        return NodeReport(node=self.node, incarnation=self.incarnation, shards=tuple(shards))
+        assert self.store is not None
+        return NodeReport(
+            node=self.node,
+            incarnation=self.incarnation,
+            shards=tuple(shards),
+            stored_bytes=self.store.approximate_bytes(),
+        )
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -208,6 +229,7 @@ class NodeRuntime:
         await self.server.close()
         for future in self.calls.values():
             future.cancel()
+        self.sync_pool.shutdown(wait=True)  # no sync may run while the store closes
         await asyncio.get_running_loop().run_in_executor(self.pool, self._close_store)
         self.pool.shutdown(wait=True)
 
@@ -258,6 +280,14 @@ class NodeRuntime:
 
     def _log_assignment(self, shard: ShardId, assignment: Assignment) -> None:
         """Logs each new epoch once (the manager re-announces every few hundred ms)."""
+        named = assignment.incarnation_of(self.node)
+        if named is not None and named != self.incarnation and shard not in self.foreign_seen:
+            self.foreign_seen.add(shard)
+            log.warning(
+                "p-shard %d names incarnation %d of node %s, but this data directory is "
+                "incarnation %d (wiped?): ignored until the manager adds it as a new member",
+                shard, named, self.node, self.incarnation,
+            )  # fmt: skip
         if self.epochs_seen.get(shard, 0) < assignment.epoch:
             self.epochs_seen[shard] = assignment.epoch
             log.info(
@@ -295,15 +325,35 @@ class NodeRuntime:
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while len(self.unsynced) >= UNSYNCED_TURNS_MAX:  # the disk is behind: wait
+                self.sync_done.clear()
+                await self.sync_done.wait()
             batch = _Inputs()
             (await self.inputs.get())(batch)
             while not self.inputs.empty():
                 self.inputs.get_nowait()(batch)
             outputs = await loop.run_in_executor(self.pool, self._turn, batch)
-            self._dispatch(outputs)
+            self.unsynced.append(outputs)
+            self.sync_wanted.set()
+
+    async def _syncer(self) -> None:
+        """Group commit, pipelined: one fsync covers every turn finished before it
+        started; only then do those turns' outputs leave (PITFALLS 4). Meanwhile the
+        storage thread runs the next turns, whose outputs wait for the next sync."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.sync_wanted.wait()
+            self.sync_wanted.clear()
+            ready, self.unsynced = self.unsynced, []
+            assert self.store is not None
+            await loop.run_in_executor(self.sync_pool, self.store.sync)
+            for outputs in ready:
+                self._dispatch(outputs)
+            self.sync_done.set()
 
     def _turn(self, batch: _Inputs) -> list[tuple[ShardId, HostOutput]]:
-        """In the storage thread: apply every input, flush every host, sync once."""
+        """In the storage thread: apply every input, flush every host (unsynced: the
+        outputs wait in `unsynced` for the syncer)."""
         assert self.store is not None
         now = Instant(time.monotonic() * 1000)
         wall = WallMs(int(time.time() * 1000))
@@ -327,7 +377,6 @@ class NodeRuntime:
         if self.orphan_replies:
             outputs.append((ShardId(0), HostOutput(replies=self.orphan_replies)))
             self.orphan_replies = []
-        self.store.sync()  # nothing leaves the node before its state is durable
         return outputs
 
     def _log_snapshot_installs(self) -> None:

@@ -27,6 +27,8 @@ class ShardProgress:
     commit_seq: Seq
     applied_seq: Seq
     is_primary: bool
+    # Commands applied since the replica started (for rates in `loom status`).
+    applied_commands: int = 0
 
     @classmethod
     def of(cls, shard: ShardId, replica: Replica) -> ShardProgress:
@@ -45,6 +47,7 @@ class NodeReport:
     node: NodeId
     incarnation: Incarnation
     shards: tuple[ShardProgress, ...]
+    stored_bytes: int = 0  # the node's whole store, approximately
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +87,8 @@ class SmParams:
     announce_interval_ms: float = 500.0
     # A follower this close to the primary's commit point may become an acceptor.
     catchup_slack_entries: int = 64
+    # A member silent this long is replaced by another node (`shardmgr.rebalance`).
+    replace_after_ms: float = 60_000.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -91,6 +96,19 @@ class _NodeState:
     incarnation: Incarnation
     last_report_at: Instant
     progress: dict[ShardId, ShardProgress] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Change:
+    """One membership change: `add` joins as a follower, then (`as_acceptor`) becomes an
+    acceptor in place of `remove` once caught up. `rejoin`: `add` is a member whose
+    disk was wiped, which must first leave the config as the member it was."""
+
+    add: NodeId
+    remove: NodeId | None = None
+    as_acceptor: bool = True
+    rejoin: bool = False
+    removed: bool = False  # rejoin: the old member has left the config
 
 
 @dataclass(slots=True, kw_only=True)
@@ -105,8 +123,8 @@ class _ShardState:
     since_activated: list[Config] = field(default_factory=list)
     activated_epoch: Epoch = Epoch(0)
     persisting: bool = False
-    # Membership change in progress: (node to add, node to remove).
-    change: tuple[NodeId, NodeId | None] | None = None
+    # Membership change in progress.
+    change: _Change | None = None
 
 
 class ShardManagerCore:
@@ -135,7 +153,11 @@ class ShardManagerCore:
         node = self.nodes.get(primary)
         incarnation = node.incarnation if node else Incarnation(0)
         assignment = Assignment(
-            epoch=Epoch(1), primary=primary, primary_incarnation=incarnation, config=config
+            epoch=Epoch(1),
+            primary=primary,
+            primary_incarnation=incarnation,
+            config=config,
+            incarnations=self._incarnations(config, ()),
         )
         state = _ShardState(
             shard=shard,
@@ -220,7 +242,15 @@ class ShardManagerCore:
             if state.persisting:
                 continue
             stuck = not state.activated and now - state.allocated_at > self.p.activation_timeout_ms
-            dead = not self._is_alive(state.current.primary, now)
+            primary = state.current.primary
+            dead = not self._is_alive(primary, now) or self._is_reborn(state, primary)
+            reborn = [m for m in state.current.config.members() if self._is_reborn(state, m)]
+            rejoining = state.change is not None and state.change.rejoin
+            if reborn and not rejoining and not (dead and reborn == [primary]):
+                # A wiped member comes first, even before a change in progress (which may
+                # be waiting for that very node): the planner can start it again later.
+                was_acceptor = reborn[0] in state.current.config.acceptors
+                state.change = _Change(add=reborn[0], as_acceptor=was_acceptor, rejoin=True)
             # Chaos draws only when it is on, so runs without it keep their random stream.
             chaos = self.chaos_promote_probability > 0 and (
                 self.rng.random() < self.chaos_promote_probability
@@ -239,6 +269,22 @@ class ShardManagerCore:
             if state.current.primary == node and not state.persisting:
                 self._failover(state, now, exclude=node)
 
+    def transfer_primary(self, shard: ShardId, to: NodeId, now: Instant) -> bool:
+        """A planned primary move to acceptor `to` (balancing); False if not possible now."""
+        state = self.shards[shard]
+        config = state.current.config
+        if (
+            state.persisting
+            or not state.activated
+            or to == state.current.primary
+            or to not in config.acceptors
+            or not self._is_alive(to, now)
+            or self._is_reborn(state, to)
+        ):
+            return False
+        self._allocate(state, to, config, now)
+        return True
+
     def announce_all(self, now: Instant) -> None:
         for shard in sorted(self.shards):
             if not self.shards[shard].persisting:
@@ -255,6 +301,23 @@ class ShardManagerCore:
 
     # ---------------------------------------------------------------- decisions
 
+    def _incarnations(
+        self, config: Config, recorded: tuple[tuple[NodeId, Incarnation], ...]
+    ) -> tuple[tuple[NodeId, Incarnation], ...]:
+        """Each member's incarnation: as recorded when it joined, else as it reports now."""
+        known = dict(recorded)
+        for member in config.members():
+            if member not in known and member in self.nodes:
+                known[member] = self.nodes[member].incarnation
+        return tuple(sorted((n, i) for n, i in known.items() if n in config.members()))
+
+    def _is_reborn(self, state: _ShardState, node: NodeId) -> bool:
+        """The node reports from another data directory than the member it was (its disk
+        was wiped): it is not that member any more (PITFALLS 19)."""
+        recorded = state.current.incarnation_of(node)
+        reported = self.nodes.get(node)
+        return recorded is not None and reported is not None and reported.incarnation != recorded
+
     def is_alive(self, node: NodeId, now: Instant) -> bool:
         return self._is_alive(node, now)
 
@@ -266,7 +329,11 @@ class ShardManagerCore:
         if state.persisting:
             return
         config = state.current.config
-        candidates = [n for n in config.acceptors if n != exclude and self._is_alive(n, now)]
+        candidates = [
+            n
+            for n in config.acceptors
+            if n != exclude and self._is_alive(n, now) and not self._is_reborn(state, n)
+        ]
         if not candidates:
             return
         # Prefer the most caught-up acceptor; ties broken by name for determinism.
@@ -296,6 +363,7 @@ class ShardManagerCore:
             config=new_config,
             prior_configs=tuple(state.since_activated),
             activated_epoch=state.activated_epoch,
+            incarnations=self._incarnations(new_config, state.current.incarnations),
         )
         state.since_activated.append(new_config)
         state.activated = False
@@ -311,17 +379,30 @@ class ShardManagerCore:
         """Plan: add `new` as follower, then swap it for `old` among the acceptors."""
         state = self.shards[shard]
         if state.change is None and new not in state.current.config.members():
-            state.change = (new, old)
+            state.change = _Change(add=new, remove=old)
 
     def _maybe_change_membership(self, state: _ShardState, now: Instant) -> None:
-        if state.change is None or not state.activated:
+        change = state.change
+        if change is None or not state.activated:
             return
-        new, old = state.change
+        new, old = change.add, change.remove
         config = state.current.config
         primary = state.current.primary
+        if change.rejoin and not change.removed:
+            if primary == new:
+                return  # failover first
+            # A wiped member leaves the config; it comes back below as a new follower.
+            acceptors = tuple(a for a in config.acceptors if a != new)
+            followers = tuple(f for f in config.followers if f != new)
+            self._allocate(state, primary, Config(config.epoch, acceptors, followers), now)
+            change.removed = True
+            return
         if new not in config.members():
             followers = (*config.followers, new)
             self._allocate(state, primary, Config(config.epoch, config.acceptors, followers), now)
+            return
+        if new in config.followers and not change.as_acceptor:
+            state.change = None
             return
         if new in config.followers and self._caught_up(new, state, now):
             acceptors = (*(a for a in config.acceptors if a != old), new)

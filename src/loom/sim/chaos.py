@@ -13,12 +13,16 @@ from loom.sim.world import SM, World
 
 DOWN_NODES_MAX = 2
 POWER_OUTAGE_PROBABILITY = 0.15
+WIPE_PROBABILITY = 0.05
 
 
 class Chaos:
     def __init__(self, world: World, rng: random.Random) -> None:
         self.world = world
         self.rng = rng
+        # Wiped disks draw from their own stream, so adding them did not reshuffle the
+        # other faults of every seed (seeds found for rare bugs stay meaningful).
+        self.wipe_rng = random.Random(f"wipe-{world.cfg.seed}")
         self.running = False
 
     def start(self) -> None:
@@ -101,6 +105,10 @@ class Chaos:
             world.power_outage_armed = True
             self._later(self.rng.uniform(2000, 5000), self._crash)
             return
+        if down == 0 and self._all_members_whole() and self.wipe_rng.random() < WIPE_PROBABILITY:
+            self._wipe_then_crash_primary()
+            self._later(self.wipe_rng.uniform(2000, 5000), self._crash)
+            return
         if down < DOWN_NODES_MAX and alive:
             victim = self.rng.choice(alive)
             if self.rng.random() < 0.5:
@@ -114,6 +122,53 @@ class Chaos:
             downtime = self.rng.choice([self.rng.uniform(50, 900), self.rng.uniform(1000, 4000)])
             world.at(world.t + downtime, functools.partial(self._restart, victim))
         self._later(self.rng.uniform(800, 3500), self._crash)
+
+    def _wipe_then_crash_primary(self) -> None:
+        """Aimed at amnesia (PITFALLS 19). The third acceptor is cut off from the primary
+        for a while, so recent writes are chosen by the primary and the victim alone;
+        then the victim comes back at once on an empty disk and the primary dies. If the
+        wiped node still counted as the member it was, the third acceptor and it would
+        make a quorum that has never seen those writes."""
+        world = self.world
+        shard = self.wipe_rng.choice(sorted(world.sm.shards))
+        current = world.sm.shards[shard].current
+        primary = current.primary
+        others = [a for a in current.config.acceptors if a != primary]
+        if len(others) < 2:
+            return
+        victim = self.wipe_rng.choice(others)
+        lagging: list[str] = [a for a in others if a != victim]
+        world.net.partition(lagging, [primary], one_way=False)
+        world.note("lag", tuple(lagging), primary)
+        at = world.t + self.wipe_rng.uniform(300, 900)
+        world.at(at, functools.partial(self._wipe, victim))
+        world.at(at + self.wipe_rng.uniform(20, 200), functools.partial(self._restart, victim))
+        crash_at = at + self.wipe_rng.uniform(30, 150)
+        world.at(crash_at, functools.partial(self._crash_now, primary))
+        world.at(crash_at + self.wipe_rng.uniform(50, 300), world.net.heal)
+        downtime = self.wipe_rng.uniform(1000, 4000)
+        world.at(crash_at + downtime, functools.partial(self._restart, primary))
+
+    def _wipe(self, node_id: NodeId) -> None:
+        if self.running and self.world.nodes[node_id].alive:
+            self.world.wipe_node(node_id)
+
+    def _all_members_whole(self) -> bool:
+        """No shard is still replacing a wiped member: wiping a second one meanwhile
+        would lose a majority's disks, which no protocol survives (outside the model)."""
+        world = self.world
+        for state in world.sm.shards.values():
+            current = state.current
+            if state.change is not None or not state.activated:
+                return False
+            for member in current.config.members():
+                if current.incarnation_of(member) != world.nodes[member].incarnation:
+                    return False
+        return True
+
+    def _crash_now(self, node_id: NodeId) -> None:
+        if self.running and self.world.nodes[node_id].alive:
+            self.world.crash_node(node_id)
 
     def _restart(self, node_id: NodeId) -> None:
         if not self.world.nodes[node_id].alive:

@@ -70,6 +70,10 @@ class Transaction:
         if self.snapshot_seq is None:
             self.snapshot_seq = reply.applied_seq
             self.epoch = reply.epoch
+        if reply.applied_seq < self.snapshot_seq:
+            # The replica is behind the snapshot (it lost unsynced state in a crash, or
+            # its disk was wiped): what it has is not the snapshot's state.
+            return False
         version = reply.record_version
         if version is not None and version.seq > self.snapshot_seq:
             return False

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loom.core.ids import Ballot, Epoch, NodeId, ShardId
+from loom.core.ids import Ballot, Epoch, Incarnation, NodeId, ShardId
 from loom.core.limits import Limits
 from loom.core.time import Instant
 from loom.host.requests import ClientReply, ReadRequest, WriteReply, WriteRequest
@@ -34,6 +34,7 @@ from loom.sim.workload import (
     Routing,
     SimClient,
 )
+from loom.storage.memory import MemoryStore
 
 NODE_TICK_MS = 10.0
 REPORT_MS = 100.0
@@ -482,6 +483,15 @@ class World:
     def crash_node(self, node_id: NodeId) -> None:
         self.note("crash", node_id)
         self.nodes[node_id].crash()
+
+    def wipe_node(self, node_id: NodeId) -> None:
+        """The node dies and comes back on an empty disk: a new incarnation, with the
+        same name (PITFALLS 19)."""
+        self.note("wipe", node_id)
+        node = self.nodes[node_id]
+        node.crash()
+        node.store = MemoryStore()
+        node.incarnation = Incarnation(node.incarnation + 1)
 
     def restart_node(self, node_id: NodeId) -> None:
         self.note("restart", node_id)

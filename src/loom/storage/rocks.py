@@ -15,7 +15,9 @@ Rules:
   interpreter's critical path writes with sync=False and calls `sync()` from a
   storage thread;
 - every call is blocking IO: asyncio code calls this from a storage thread, never on
-  the event loop. Errors from RocksDB propagate; the caller treats them as fatal.
+  the event loop. `sync()` may run in one thread while another writes (RocksDB allows
+  it): it covers at least every batch written before it started. Errors from RocksDB
+  propagate; the caller treats them as fatal.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class RocksStoreStats:
     batches: int = 0
     # Durability points: sync() calls and write(..., sync=True).
     syncs: int = 0
+    # sync() calls with nothing unsynced since the last one (no fsync needed).
+    skipped_syncs: int = 0
 
 
 def _options() -> Options:
@@ -60,7 +64,16 @@ def _options() -> Options:
 class RocksStore:
     """A `KVStore` in a RocksDB directory at `path` (created if missing)."""
 
-    __slots__ = ("_db", "_is_closed", "_write_synced", "_write_unsynced", "path", "stats")
+    __slots__ = (
+        "_db",
+        "_is_closed",
+        "_synced",
+        "_write_synced",
+        "_write_unsynced",
+        "_written",
+        "path",
+        "stats",
+    )
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -69,6 +82,12 @@ class RocksStore:
         self._write_synced = WriteOptions()
         self._write_synced.sync = True
         self._is_closed = False
+        # Batches written, and how many of them the last sync covered: a sync with
+        # nothing new is skipped (a turn that only served reads must not wait for an
+        # fsync of nothing). Counters, not a flag: a sync may run in another thread
+        # while writes go on, and covers only what was written before it started.
+        self._written = 0
+        self._synced = 0
         self.stats = RocksStoreStats()
 
     def get(self, key: bytes) -> bytes | None:
@@ -113,6 +132,7 @@ class RocksStore:
                 rocks_batch.put(key, value)
         self._db.write(rocks_batch, self._write_synced if sync else self._write_unsynced)
         self.stats.batches += 1
+        self._written += 1
         if sync:
             self.stats.syncs += 1
 
@@ -120,8 +140,20 @@ class RocksStore:
         assert not self._is_closed, "store used after close()"
         # Writes reach the OS at once (manual_wal_flush is off); this fdatasyncs the
         # WAL, which covers every batch written so far.
+        target = self._written
+        if target == self._synced:
+            self.stats.skipped_syncs += 1
+            return
         self._db.flush_wal(True)
+        self._synced = max(self._synced, target)
         self.stats.syncs += 1
+
+    def approximate_bytes(self) -> int:
+        """Live data on disk plus memtables, as RocksDB estimates them."""
+        total = 0
+        for name in ("rocksdb.estimate-live-data-size", "rocksdb.cur-size-all-mem-tables"):
+            total += self._db.property_int_value(name) or 0
+        return total
 
     def close(self) -> None:
         """Sync, flush the memtable and close. A scan iterator still alive keeps the DB
