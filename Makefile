@@ -46,6 +46,9 @@ bench: $(STAMP) etcd
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	PYTHONHASHSEED=0 $(PY) -m bench
 	PYTHONHASHSEED=0 $(PY) -m bench.wire_bench --seconds 12
+	$(VENV)/bin/loom bench failover --trials 5
+	$(VENV)/bin/loom bench kv --workload W --clients 64 --duration 10 --peer etcd
+	$(VENV)/bin/loom bench kv --workload C --clients 64 --duration 10 --peer etcd
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
