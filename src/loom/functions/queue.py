@@ -1,0 +1,219 @@
+"""DurableQ: the functions platform's queue, stored in loom kv (DESIGN §8).
+
+First brick of the functions issue: durable, idempotent submission and the due index
+that schedulers will read. Not yet here: leases, dispatch, retries, workers.
+
+Layout — everything about one call lives in one μshard, so a submission is one
+serializable transaction. The μshard is that of the call's partition,
+`shard_key = q/{partition}`, with `partition = hash(call id) % partitions`:
+- `q/{p}/call/{call id}`                 → `CallRecord` (msgpack)
+- `q/{p}/due/{run_after_ms:016x}/{id}`   → b"" (queued calls in due order)
+
+A call's id is derived from its idempotency key when there is one (xxh3-128 of app,
+function and key), so a repeated key finds the same record: the same arguments return
+the existing call; other arguments are `InvalidArgument`. Without a key the id is
+random. The record keeps a digest of the arguments, not a second copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import msgspec
+import xxhash
+
+from loom import kv
+from loom.core.errors import InvalidArgument
+
+KEYSPACE = "__functions"
+PARTITIONS_DEFAULT = 64
+ARGS_BYTES_MAX = 256 * 1024
+NAME = r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}"
+IDEMPOTENCY_KEY_BYTES_MAX = 512
+DUE_PAGE_MAX = 1000
+
+
+class CallState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"  # every attempt failed: in the dead-letter set
+    EXPIRED = "expired"  # past its deadline before it could run
+
+
+class Criticality(enum.Enum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+
+class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
+    call_id: str
+    app: str
+    function: str
+    args: bytes
+    args_digest: bytes
+    state: CallState = CallState.QUEUED
+    attempt: int = 0
+    run_after_ms: int
+    deadline_ms: int | None = None
+    criticality: Criticality = Criticality.NORMAL
+    idempotency_key: str | None = None
+    created_ms: int
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(CallRecord)
+
+
+def call_id_for(app: str, function: str, idempotency_key: str | None) -> str:
+    if idempotency_key is None:
+        return secrets.token_hex(16)
+    name = f"{app}\x00{function}\x00{idempotency_key}".encode()
+    return xxhash.xxh3_128_hexdigest(name)
+
+
+def partition_of(call_id: str, partitions: int) -> int:
+    return xxhash.xxh3_64_intdigest(call_id.encode()) % partitions
+
+
+def shard_key(partition: int) -> bytes:
+    return b"q/%d" % partition
+
+
+def call_key(partition: int, call_id: str) -> bytes:
+    return b"q/%d/call/%s" % (partition, call_id.encode())
+
+
+def due_prefix(partition: int) -> bytes:
+    return b"q/%d/due/" % partition
+
+
+def due_key(partition: int, run_after_ms: int, call_id: str) -> bytes:
+    return due_prefix(partition) + b"%016x/%s" % (run_after_ms, call_id.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    record: CallRecord
+    created: bool  # False: an earlier submission with the same idempotency key
+
+
+class DurableQueue:
+    """Submission and lookup of calls in keyspace `__functions` of a loom kv cluster."""
+
+    def __init__(self, client: kv.Client, *, partitions: int = PARTITIONS_DEFAULT) -> None:
+        if not 1 <= partitions <= 4096:
+            raise InvalidArgument("partitions must be 1..4096")
+        self.client = client
+        self.partitions = partitions
+        self.ks = client.keyspace(KEYSPACE)
+
+    async def ensure_keyspace(self, *, shards: int = 2, replication: int = 3) -> None:
+        """Creates `__functions` if it does not exist (idempotent)."""
+        await self.client.create_keyspace(KEYSPACE, shards=shards, replication=replication)
+
+    async def submit(
+        self,
+        app: str,
+        function: str,
+        args: bytes,
+        *,
+        idempotency_key: str | None = None,
+        run_after_ms: int | None = None,
+        deadline_ms: int | None = None,
+        criticality: Criticality = Criticality.NORMAL,
+    ) -> Submitted:
+        """Durable once it returns (QUORUM). A repeated idempotency key returns the
+        existing call; the same key with other arguments is `InvalidArgument`."""
+        _check_submission(
+            app,
+            function,
+            args,
+            idempotency_key=idempotency_key,
+            run_after_ms=run_after_ms,
+            deadline_ms=deadline_ms,
+        )
+        now_ms = int(time.time() * 1000)
+        call_id = call_id_for(app, function, idempotency_key)
+        partition = partition_of(call_id, self.partitions)
+        record = CallRecord(
+            call_id=call_id,
+            app=app,
+            function=function,
+            args=args,
+            args_digest=hashlib.blake2b(args, digest_size=16).digest(),
+            run_after_ms=run_after_ms if run_after_ms is not None else now_ms,
+            deadline_ms=deadline_ms,
+            criticality=criticality,
+            idempotency_key=idempotency_key,
+            created_ms=now_ms,
+        )
+
+        async def create(tx: kv.Transaction) -> Submitted:
+            existing = await tx.get(call_key(partition, call_id))
+            if existing is not None:
+                return Submitted(record=_DECODER.decode(existing.value), created=False)
+            await tx.put(call_key(partition, call_id), _ENCODER.encode(record))
+            await tx.put(due_key(partition, record.run_after_ms, call_id), b"")
+            return Submitted(record=record, created=True)
+
+        submitted = await self.ks.run_transaction(create, shard_key=shard_key(partition))
+        if not submitted.created and submitted.record.args_digest != record.args_digest:
+            raise InvalidArgument(
+                f"idempotency key {idempotency_key!r} was used for call "
+                f"{submitted.record.call_id} with other arguments"
+            )
+        return submitted
+
+    async def get(self, call_id: str) -> CallRecord | None:
+        partition = partition_of(call_id, self.partitions)
+        item = await self.ks.get(call_key(partition, call_id), shard_key=shard_key(partition))
+        return _DECODER.decode(item.value) if item is not None else None
+
+    async def due(self, partition: int, now_ms: int, *, limit: int = 100) -> list[str]:
+        """Ids of queued calls of `partition` due at `now_ms`, earliest first."""
+        if not 0 <= partition < self.partitions or not 1 <= limit <= DUE_PAGE_MAX:
+            raise InvalidArgument("partition or limit out of range")
+        page = await self.ks.scan(
+            shard_key=shard_key(partition), prefix=due_prefix(partition), limit=limit
+        )
+        ids = []
+        for item in page.items:
+            stamp, _, call_id = item.key[len(due_prefix(partition)) :].partition(b"/")
+            if int(stamp, 16) > now_ms:
+                break
+            ids.append(call_id.decode())
+        return ids
+
+
+def _check_submission(
+    app: str,
+    function: str,
+    args: bytes,
+    *,
+    idempotency_key: str | None,
+    run_after_ms: int | None,
+    deadline_ms: int | None,
+) -> None:
+    for label, name in (("app", app), ("function", function)):
+        if not isinstance(name, str) or not re.fullmatch(NAME, name):
+            raise InvalidArgument(f"{label} name {name!r} is not a valid name")
+    if not isinstance(args, bytes) or len(args) > ARGS_BYTES_MAX:
+        raise InvalidArgument(f"args must be bytes of at most {ARGS_BYTES_MAX}")
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str)
+        or not 1 <= len(idempotency_key.encode()) <= IDEMPOTENCY_KEY_BYTES_MAX
+    ):
+        raise InvalidArgument(f"idempotency_key must be 1..{IDEMPOTENCY_KEY_BYTES_MAX} bytes")
+    for label, value in (("run_after_ms", run_after_ms), ("deadline_ms", deadline_ms)):
+        if value is not None and (not isinstance(value, int) or not 0 <= value < 2**63):
+            raise InvalidArgument(f"{label} must be a wall-clock time in ms")
+    if run_after_ms is not None and deadline_ms is not None and deadline_ms < run_after_ms:
+        raise InvalidArgument("deadline_ms is before run_after_ms")
