@@ -17,6 +17,7 @@ from loom.functions.queue import (
     KEYSPACE,
     CallState,
     DurableQueue,
+    StaleAttempt,
     call_id_for,
     partition_of,
 )
@@ -80,3 +81,61 @@ def test_call_ids_follow_idempotency_keys() -> None:
     assert call_id_for("a", "f", "k") != call_id_for("a", "g", "k")
     assert call_id_for("a", "f", None) != call_id_for("a", "f", None)
     assert 0 <= partition_of(call_id_for("a", "f", "k"), 64) < 64
+
+
+@pytest.mark.timeout(120)
+def test_transitions_are_fenced_by_the_attempt_number(tmp_path: Path) -> None:
+    async def scenario(cluster: LocalCluster) -> None:
+        cluster.start_manager()
+        for name in ("n1", "n2", "n3"):
+            cluster.start_node(name)
+        async with kv.connect(cluster.manager_address, timeout_s=20) as client:
+            queue = DurableQueue(client, partitions=2)
+            await queue.ensure_keyspace(shards=1)
+            now = int(time.time() * 1000)
+            call = (
+                await queue.submit("app", "f", b"1", attempts_max=2, run_after_ms=now)
+            ).record.call_id
+
+            running = await queue.claim(call, worker="w1", lease_ms=1_000, now_ms=now)
+            assert (running.state, running.attempt, running.worker) == (CallState.RUNNING, 1, "w1")
+            with pytest.raises(StaleAttempt):
+                await queue.claim(call, worker="w2", lease_ms=1_000, now_ms=now)
+            partition = partition_of(call, queue.partitions)
+            assert call not in await queue.due(partition, now + 10_000)
+            assert await queue.expired_leases(partition, now) == []
+            assert await queue.expired_leases(partition, now + 1_000) == [call]
+
+            # w1 pauses past its lease; the call is reclaimed and claimed again by w2.
+            with pytest.raises(StaleAttempt):
+                await queue.reclaim(call, now_ms=now + 500)  # the lease is still live
+            await queue.reclaim(call, now_ms=now + 1_500)
+            second = await queue.claim(call, worker="w2", lease_ms=1_000, now_ms=now + 1_500)
+            assert second.attempt == 2
+            with pytest.raises(StaleAttempt):  # w1 wakes up: its attempt is over
+                await queue.complete(call, attempt=1, result=b"late")
+            done = await queue.complete(call, attempt=2, result=b"ok")
+            assert (done.state, done.result) == (CallState.SUCCEEDED, b"ok")
+            with pytest.raises(StaleAttempt):
+                await queue.fail(call, attempt=2, error="x", now_ms=now, jitter=0.5)
+
+            # Failures: back to the queue after a backoff, then dead after the last attempt.
+            flaky = (
+                await queue.submit("app", "f", b"2", attempts_max=2, run_after_ms=now)
+            ).record.call_id
+            await queue.claim(flaky, worker="w1", lease_ms=1_000, now_ms=now)
+            retried = await queue.fail(flaky, attempt=1, error="boom", now_ms=now, jitter=1.0)
+            assert retried.state is CallState.QUEUED
+            assert retried.run_after_ms == now + 1_000  # backoff 1 s for the first retry
+            with pytest.raises(StaleAttempt):  # not due yet
+                await queue.claim(flaky, worker="w1", lease_ms=1_000, now_ms=now)
+            await queue.claim(flaky, worker="w1", lease_ms=1_000, now_ms=now + 1_000)
+            dead = await queue.fail(flaky, attempt=2, error="boom", now_ms=now, jitter=1.0)
+            assert (dead.state, dead.error) == (CallState.DEAD, "boom")
+            assert flaky not in await queue.due(partition_of(flaky, 2), now + 10**9)
+
+    cluster = LocalCluster(data_dir=tmp_path)
+    try:
+        asyncio.run(scenario(cluster))
+    finally:
+        cluster.stop()

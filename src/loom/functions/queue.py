@@ -1,13 +1,17 @@
 """DurableQ: the functions platform's queue, stored in loom kv (DESIGN §8).
 
-First brick of the functions issue: durable, idempotent submission and the due index
-that schedulers will read. Not yet here: leases, dispatch, retries, workers.
+Here so far: durable, idempotent submission; the due index; and the call transitions a
+worker makes (claim with a lease, complete, fail with backoff or dead-letter, reclaim
+after a lease expires), each one transaction conditional on the call's attempt number,
+so a paused worker that wakes after losing its lease changes nothing. Not yet here:
+scheduler partitions and their leases, rate limits, the `App` API, worker processes.
 
 Layout — everything about one call lives in one μshard, so a submission is one
 serializable transaction. The μshard is that of the call's partition,
 `shard_key = q/{partition}`, with `partition = hash(call id) % partitions`:
 - `q/{p}/call/{call id}`                 → `CallRecord` (msgpack)
 - `q/{p}/due/{run_after_ms:016x}/{id}`   → b"" (queued calls in due order)
+- `q/{p}/running/{lease_until:016x}/{id}` → b"" (running calls by lease end)
 
 A call's id is derived from its idempotency key when there is one (xxh3-128 of app,
 function and key), so a repeated key finds the same record: the same arguments return
@@ -22,13 +26,14 @@ import hashlib
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 import xxhash
 
 from loom import kv
-from loom.core.errors import InvalidArgument
+from loom.core.errors import InvalidArgument, NotFound
 
 KEYSPACE = "__functions"
 PARTITIONS_DEFAULT = 64
@@ -66,6 +71,13 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     criticality: Criticality = Criticality.NORMAL
     idempotency_key: str | None = None
     created_ms: int
+    attempts_max: int = 1
+    backoff_ms: int = 1000
+    backoff_max_ms: int = 600_000
+    lease_until_ms: int = 0
+    worker: str | None = None
+    result: bytes | None = None
+    error: str | None = None
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -99,6 +111,24 @@ def due_key(partition: int, run_after_ms: int, call_id: str) -> bytes:
     return due_prefix(partition) + b"%016x/%s" % (run_after_ms, call_id.encode())
 
 
+def running_prefix(partition: int) -> bytes:
+    return b"q/%d/running/" % partition
+
+
+def running_key(partition: int, lease_until_ms: int, call_id: str) -> bytes:
+    return running_prefix(partition) + b"%016x/%s" % (lease_until_ms, call_id.encode())
+
+
+class StaleAttempt(InvalidArgument):
+    """The call moved on (another attempt, or finished): this transition changes nothing."""
+
+
+def backoff_ms(record: CallRecord, rng_fraction: float) -> int:
+    """Exponential backoff with full jitter for the attempt that just failed."""
+    ceiling = min(record.backoff_max_ms, record.backoff_ms * 2 ** max(0, record.attempt - 1))
+    return int(ceiling * rng_fraction)
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     record: CallRecord
@@ -129,6 +159,7 @@ class DurableQueue:
         run_after_ms: int | None = None,
         deadline_ms: int | None = None,
         criticality: Criticality = Criticality.NORMAL,
+        attempts_max: int = 1,
     ) -> Submitted:
         """Durable once it returns (QUORUM). A repeated idempotency key returns the
         existing call; the same key with other arguments is `InvalidArgument`."""
@@ -154,6 +185,7 @@ class DurableQueue:
             criticality=criticality,
             idempotency_key=idempotency_key,
             created_ms=now_ms,
+            attempts_max=attempts_max,
         )
 
         async def create(tx: kv.Transaction) -> Submitted:
@@ -179,18 +211,120 @@ class DurableQueue:
 
     async def due(self, partition: int, now_ms: int, *, limit: int = 100) -> list[str]:
         """Ids of queued calls of `partition` due at `now_ms`, earliest first."""
+        return await self._index(partition, due_prefix(partition), now_ms, limit)
+
+    async def expired_leases(self, partition: int, now_ms: int, *, limit: int = 100) -> list[str]:
+        """Ids of running calls of `partition` whose lease ended by `now_ms`."""
+        return await self._index(partition, running_prefix(partition), now_ms, limit)
+
+    async def _index(self, partition: int, prefix: bytes, until_ms: int, limit: int) -> list[str]:
         if not 0 <= partition < self.partitions or not 1 <= limit <= DUE_PAGE_MAX:
             raise InvalidArgument("partition or limit out of range")
-        page = await self.ks.scan(
-            shard_key=shard_key(partition), prefix=due_prefix(partition), limit=limit
-        )
+        page = await self.ks.scan(shard_key=shard_key(partition), prefix=prefix, limit=limit)
         ids = []
         for item in page.items:
-            stamp, _, call_id = item.key[len(due_prefix(partition)) :].partition(b"/")
-            if int(stamp, 16) > now_ms:
+            stamp, _, call_id = item.key[len(prefix) :].partition(b"/")
+            if int(stamp, 16) > until_ms:
                 break
             ids.append(call_id.decode())
         return ids
+
+    # ---------------------------------------------------------------- transitions
+
+    async def _transition(self, call_id: str, change: _Change) -> CallRecord:
+        """Reads the call and writes `change`'s new record and index entries in one
+        transaction of the call's μshard; `StaleAttempt` if `change` refuses."""
+        partition = partition_of(call_id, self.partitions)
+
+        async def apply(tx: kv.Transaction) -> CallRecord:
+            item = await tx.get(call_key(partition, call_id))
+            if item is None:
+                raise NotFound(f"no call {call_id}")
+            record = _DECODER.decode(item.value)
+            new, drop, add = change(record)
+            for key in drop:
+                await tx.delete(key)
+            for key in add:
+                await tx.put(key, b"")
+            await tx.put(call_key(partition, call_id), _ENCODER.encode(new))
+            return new
+
+        return await self.ks.run_transaction(apply, shard_key=shard_key(partition))
+
+    async def claim(self, call_id: str, *, worker: str, lease_ms: int, now_ms: int) -> CallRecord:
+        """QUEUED and due → RUNNING under a lease, as the next attempt."""
+        partition = partition_of(call_id, self.partitions)
+
+        def change(record: CallRecord) -> tuple[CallRecord, list[bytes], list[bytes]]:
+            if record.state is not CallState.QUEUED or record.run_after_ms > now_ms:
+                raise StaleAttempt(f"call {call_id} is {record.state.value}, not due")
+            lease_until = now_ms + lease_ms
+            new = msgspec.structs.replace(
+                record,
+                state=CallState.RUNNING,
+                attempt=record.attempt + 1,
+                lease_until_ms=lease_until,
+                worker=worker,
+            )
+            drop = [due_key(partition, record.run_after_ms, call_id)]
+            return new, drop, [running_key(partition, lease_until, call_id)]
+
+        return await self._transition(call_id, change)
+
+    async def complete(self, call_id: str, *, attempt: int, result: bytes) -> CallRecord:
+        """RUNNING in `attempt` → SUCCEEDED; a later or earlier attempt changes nothing."""
+        partition = partition_of(call_id, self.partitions)
+
+        def change(record: CallRecord) -> tuple[CallRecord, list[bytes], list[bytes]]:
+            _require_running(record, attempt)
+            new = msgspec.structs.replace(record, state=CallState.SUCCEEDED, result=result)
+            return new, [running_key(partition, record.lease_until_ms, call_id)], []
+
+        return await self._transition(call_id, change)
+
+    async def fail(
+        self, call_id: str, *, attempt: int, error: str, now_ms: int, jitter: float
+    ) -> CallRecord:
+        """RUNNING in `attempt` → QUEUED after a backoff, or DEAD after the last attempt."""
+        partition = partition_of(call_id, self.partitions)
+
+        def change(record: CallRecord) -> tuple[CallRecord, list[bytes], list[bytes]]:
+            _require_running(record, attempt)
+            drop = [running_key(partition, record.lease_until_ms, call_id)]
+            if record.attempt >= record.attempts_max:
+                return msgspec.structs.replace(record, state=CallState.DEAD, error=error), drop, []
+            run_after = now_ms + backoff_ms(record, jitter)
+            new = msgspec.structs.replace(
+                record, state=CallState.QUEUED, run_after_ms=run_after, error=error
+            )
+            return new, drop, [due_key(partition, run_after, call_id)]
+
+        return await self._transition(call_id, change)
+
+    async def reclaim(self, call_id: str, *, now_ms: int) -> CallRecord:
+        """A RUNNING call whose lease ended goes back to the queue (at-least-once); the
+        attempt it was in can no longer complete it."""
+        partition = partition_of(call_id, self.partitions)
+
+        def change(record: CallRecord) -> tuple[CallRecord, list[bytes], list[bytes]]:
+            if record.state is not CallState.RUNNING or record.lease_until_ms > now_ms:
+                raise StaleAttempt(f"call {call_id} holds a live lease or is not running")
+            drop = [running_key(partition, record.lease_until_ms, call_id)]
+            new = msgspec.structs.replace(record, state=CallState.QUEUED, run_after_ms=now_ms)
+            return new, drop, [due_key(partition, now_ms, call_id)]
+
+        return await self._transition(call_id, change)
+
+
+_Change = Callable[[CallRecord], tuple[CallRecord, list[bytes], list[bytes]]]
+
+
+def _require_running(record: CallRecord, attempt: int) -> None:
+    if record.state is not CallState.RUNNING or record.attempt != attempt:
+        raise StaleAttempt(
+            f"call {record.call_id} is {record.state.value} in attempt {record.attempt}, "
+            f"not running in attempt {attempt}"
+        )
 
 
 def _check_submission(
