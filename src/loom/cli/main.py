@@ -8,6 +8,7 @@ from loom import __version__
 from loom.cli.bench import bench_group
 from loom.cli.cluster import cluster_group
 from loom.cli.data import keyspace_group, kv_group
+from loom.cli.functions import worker_command
 from loom.cli.processes import node_command, sm_command
 from loom.cli.sim import sim
 from loom.cli.status import status_command
@@ -27,6 +28,7 @@ main.add_command(bench_group)
 main.add_command(cluster_group)
 main.add_command(kv_group)
 main.add_command(keyspace_group)
+main.add_command(worker_command)
 
 if __name__ == "__main__":
     main()

@@ -48,7 +48,7 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def _until_stopped(also: asyncio.Event | None = None) -> None:
+async def until_stopped(also: asyncio.Event | None = None) -> None:
     """Until SIGTERM or Ctrl-C (or `also` is set)."""
     stop = also or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,7 +110,7 @@ def sm_command(
         click.echo(f"loom sm listening on {host}:{manager.port}")
         sys.stdout.flush()
         try:
-            await _until_stopped(manager.deposed)
+            await until_stopped(manager.deposed)
         finally:
             log.info("shard manager stopping")
             await manager.close()
@@ -189,7 +189,7 @@ def node_command(
         click.echo(f"loom node {node_id} listening on {host}:{node.port}")
         sys.stdout.flush()
         try:
-            await _until_stopped()
+            await until_stopped()
         finally:
             log.info("node %s stopping", node_id)
             await node.close()

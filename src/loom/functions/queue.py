@@ -123,7 +123,7 @@ class StaleAttempt(InvalidArgument):
     """The call moved on (another attempt, or finished): this transition changes nothing."""
 
 
-def backoff_ms(record: CallRecord, rng_fraction: float) -> int:
+def retry_delay_ms(record: CallRecord, rng_fraction: float) -> int:
     """Exponential backoff with full jitter for the attempt that just failed."""
     ceiling = min(record.backoff_max_ms, record.backoff_ms * 2 ** max(0, record.attempt - 1))
     return int(ceiling * rng_fraction)
@@ -160,6 +160,8 @@ class DurableQueue:
         deadline_ms: int | None = None,
         criticality: Criticality = Criticality.NORMAL,
         attempts_max: int = 1,
+        backoff_ms: int = 1000,
+        backoff_max_ms: int = 600_000,
     ) -> Submitted:
         """Durable once it returns (QUORUM). A repeated idempotency key returns the
         existing call; the same key with other arguments is `InvalidArgument`."""
@@ -186,6 +188,8 @@ class DurableQueue:
             idempotency_key=idempotency_key,
             created_ms=now_ms,
             attempts_max=attempts_max,
+            backoff_ms=backoff_ms,
+            backoff_max_ms=backoff_max_ms,
         )
 
         async def create(tx: kv.Transaction) -> Submitted:
@@ -293,7 +297,7 @@ class DurableQueue:
             drop = [running_key(partition, record.lease_until_ms, call_id)]
             if record.attempt >= record.attempts_max:
                 return msgspec.structs.replace(record, state=CallState.DEAD, error=error), drop, []
-            run_after = now_ms + backoff_ms(record, jitter)
+            run_after = now_ms + retry_delay_ms(record, jitter)
             new = msgspec.structs.replace(
                 record, state=CallState.QUEUED, run_after_ms=run_after, error=error
             )

@@ -1,0 +1,84 @@
+"""The functions API end to end on real processes: functions declared on an `App`,
+calls submitted durably, a worker running async and sync functions, results returned,
+failures retried with backoff and then dead-lettered, idempotent submission."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from loom.functions.app import App, CallFailed, Context, Retry
+from loom.functions.queue import CallState
+from loom.functions.worker import Worker
+from loom.runtime.localcluster import LocalCluster
+
+FLAKY_FAILURES = 1
+
+
+def make_app(address: str) -> App:
+    app = App("test", cluster=address, partitions=4)
+    attempts: dict[str, int] = {}
+
+    @app.function(timeout_s=10)
+    async def add(ctx: Context, a: int, b: int) -> int:
+        return a + b
+
+    @app.function(timeout_s=10)
+    def shout(ctx: Context, text: str) -> str:  # sync: runs in the worker's pool
+        return text.upper()
+
+    @app.function(retries=Retry(attempts_max=3, backoff_s=0.05, backoff_max_s=0.2))
+    async def flaky(ctx: Context, key: str) -> int:
+        attempts[key] = attempts.get(key, 0) + 1
+        if attempts[key] <= FLAKY_FAILURES:
+            raise RuntimeError("not yet")
+        return ctx.attempt
+
+    @app.function(retries=Retry(attempts_max=2, backoff_s=0.05, backoff_max_s=0.1))
+    async def broken(ctx: Context) -> None:
+        raise ValueError("always")
+
+    return app
+
+
+@pytest.mark.timeout(120)
+def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
+    async def scenario(cluster: LocalCluster) -> None:
+        cluster.start_manager()
+        for name in ("n1", "n2", "n3"):
+            cluster.start_node(name)
+        app = make_app(cluster.manager_address)
+        stop = asyncio.Event()
+        worker = Worker(app, concurrency=8)
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            fns = app.functions
+            sums = [await fns["add"].submit(i, 100) for i in range(20)]
+            loud = await fns["shout"].submit("quiet")
+            flaky = await fns["flaky"].submit("k1")
+            broken = await fns["broken"].submit()
+            same = await fns["add"].submit(1, 2, idempotency_key="once")
+            again = await fns["add"].submit(1, 2, idempotency_key="once")
+            assert same.call_id == again.call_id
+
+            assert [await c.result(timeout_s=30) for c in sums] == [i + 100 for i in range(20)]
+            assert await loud.result(timeout_s=30) == "QUIET"
+            assert await flaky.result(timeout_s=30) == 2  # succeeded on its second attempt
+            with pytest.raises(CallFailed, match="ValueError: always"):
+                await broken.result(timeout_s=30)
+            assert (await broken.status()).state is CallState.DEAD
+            assert (await broken.status()).attempt == 2
+            assert await same.result(timeout_s=30) == 3
+        finally:
+            stop.set()
+            await running
+            await app.close()
+        assert worker.completed >= 23
+
+    cluster = LocalCluster(data_dir=tmp_path)
+    try:
+        asyncio.run(scenario(cluster))
+    finally:
+        cluster.stop()
