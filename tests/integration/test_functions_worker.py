@@ -5,6 +5,9 @@ failures retried with backoff and then dead-lettered, idempotent submission."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,17 @@ from loom.functions.worker import Worker
 from loom.runtime.localcluster import LocalCluster
 
 FLAKY_FAILURES = 1
+
+
+def loom(*args: str) -> str:
+    done = subprocess.run(  # our own interpreter and arguments
+        [sys.executable, "-m", "loom.cli.main", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout
 
 
 def make_app(address: str) -> App:
@@ -71,6 +85,19 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
             assert (await broken.status()).state is CallState.DEAD
             assert (await broken.status()).attempt == 2
             assert await same.result(timeout_s=30) == 3
+
+            # The dead-letter set, from the command line: listed, replayed, dead again.
+            address = cluster.manager_address
+            listed = await asyncio.to_thread(
+                loom, "functions", "dead-letter", "ls", "--json", "-c", address
+            )
+            assert [c["call_id"] for c in json.loads(listed)] == [broken.call_id]
+            await asyncio.to_thread(
+                loom, "functions", "dead-letter", "replay", broken.call_id, "-c", address
+            )
+            with pytest.raises(CallFailed):
+                await broken.result(timeout_s=30)
+            assert (await broken.status()).attempt == 4  # two more attempts, then dead
         finally:
             stop.set()
             await running

@@ -47,7 +47,15 @@ def cluster_group() -> None:
     help="The shard manager's port (clients connect here; 0: any free port).",
 )
 @click.option("--lease-ms", type=click.FloatRange(50, 60_000), default=1000.0, show_default=True)
-def up_command(nodes: int, regions: str, data: Path, port: int, lease_ms: float) -> None:
+@click.option(
+    "--functions",
+    "functions_app",
+    metavar="MODULE:APP",
+    help="Also run a worker for this loom.functions App (importable from here).",
+)
+def up_command(
+    nodes: int, regions: str, data: Path, port: int, lease_ms: float, functions_app: str | None
+) -> None:
     """Start a shard manager and NODES storage nodes on 127.0.0.1, print the address to
     connect to, and keep them running (restarting any that dies) until Ctrl-C."""
     labels = [r for r in regions.split(",") if r]
@@ -62,7 +70,11 @@ def up_command(nodes: int, regions: str, data: Path, port: int, lease_ms: float)
         for index in range(nodes):
             region = labels[index % len(labels)] if labels else ""
             cluster.start_node(f"n{index + 1}", region=region)
+        if functions_app:
+            cluster.start_worker("worker", functions_app)
         _announce(cluster, data, nodes, labels)
+        if functions_app:
+            click.echo(f"  a worker runs the functions of {functions_app}")
         _supervise(cluster, stopping)
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None

@@ -12,6 +12,7 @@ serializable transaction. The μshard is that of the call's partition,
 - `q/{p}/call/{call id}`                 → `CallRecord` (msgpack)
 - `q/{p}/due/{run_after_ms:016x}/{id}`   → b"" (queued calls in due order)
 - `q/{p}/running/{lease_until:016x}/{id}` → b"" (running calls by lease end)
+- `q/{p}/dead/{id}`                      → b"" (the dead-letter set)
 
 A call's id is derived from its idempotency key when there is one (xxh3-128 of app,
 function and key), so a repeated key finds the same record: the same arguments return
@@ -33,7 +34,7 @@ import msgspec
 import xxhash
 
 from loom import kv
-from loom.core.errors import InvalidArgument, NotFound
+from loom.core.errors import ConditionFailed, InvalidArgument, NotFound
 
 KEYSPACE = "__functions"
 PARTITIONS_DEFAULT = 64
@@ -41,6 +42,7 @@ ARGS_BYTES_MAX = 256 * 1024
 NAME = r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}"
 IDEMPOTENCY_KEY_BYTES_MAX = 512
 DUE_PAGE_MAX = 1000
+PARTITIONS_KEY = b"meta/partitions"
 
 
 class CallState(enum.Enum):
@@ -119,6 +121,14 @@ def running_key(partition: int, lease_until_ms: int, call_id: str) -> bytes:
     return running_prefix(partition) + b"%016x/%s" % (lease_until_ms, call_id.encode())
 
 
+def dead_prefix(partition: int) -> bytes:
+    return b"q/%d/dead/" % partition
+
+
+def dead_key(partition: int, call_id: str) -> bytes:
+    return dead_prefix(partition) + call_id.encode()
+
+
 class StaleAttempt(InvalidArgument):
     """The call moved on (another attempt, or finished): this transition changes nothing."""
 
@@ -146,8 +156,24 @@ class DurableQueue:
         self.ks = client.keyspace(KEYSPACE)
 
     async def ensure_keyspace(self, *, shards: int = 2, replication: int = 3) -> None:
-        """Creates `__functions` if it does not exist (idempotent)."""
+        """Creates `__functions` if it does not exist (idempotent), and records the
+        partition count, which every submitter, worker and tool must share."""
         await self.client.create_keyspace(KEYSPACE, shards=shards, replication=replication)
+        stored = await self.stored_partitions(self.client)
+        if stored is None:
+            try:
+                await self.ks.put(PARTITIONS_KEY, b"%d" % self.partitions, if_absent=True)
+            except ConditionFailed:
+                stored = await self.stored_partitions(self.client)
+        if stored is not None and stored != self.partitions:
+            raise InvalidArgument(
+                f"DurableQ has {stored} partitions in this cluster, not {self.partitions}"
+            )
+
+    @staticmethod
+    async def stored_partitions(client: kv.Client) -> int | None:
+        item = await client.keyspace(KEYSPACE).get(PARTITIONS_KEY)
+        return int(item.value) if item is not None else None
 
     async def submit(
         self,
@@ -233,6 +259,42 @@ class DurableQueue:
             ids.append(call_id.decode())
         return ids
 
+    async def dead_letters(self, *, limit: int = 1000) -> list[str]:
+        """Ids of dead-lettered calls, partition by partition (at most `limit`)."""
+        ids: list[str] = []
+        for partition in range(self.partitions):
+            prefix = dead_prefix(partition)
+            cursor: bytes | None = None
+            while len(ids) < limit:
+                page = await self.ks.scan(
+                    shard_key=shard_key(partition),
+                    prefix=prefix,
+                    limit=min(DUE_PAGE_MAX, limit - len(ids)),
+                    cursor=cursor,
+                )
+                ids += [item.key[len(prefix) :].decode() for item in page.items]
+                cursor = page.cursor
+                if cursor is None:
+                    break
+        return ids[:limit]
+
+    async def replay(self, call_id: str, *, now_ms: int) -> CallRecord:
+        """A dead-lettered call goes back to the queue with a fresh set of attempts."""
+        partition = partition_of(call_id, self.partitions)
+
+        def change(record: CallRecord) -> tuple[CallRecord, list[bytes], list[bytes]]:
+            if record.state is not CallState.DEAD:
+                raise StaleAttempt(f"call {call_id} is {record.state.value}, not dead")
+            new = msgspec.structs.replace(
+                record,
+                state=CallState.QUEUED,
+                run_after_ms=now_ms,
+                attempts_max=record.attempt + record.attempts_max,
+            )
+            return new, [dead_key(partition, call_id)], [due_key(partition, now_ms, call_id)]
+
+        return await self._transition(call_id, change)
+
     # ---------------------------------------------------------------- transitions
 
     async def _transition(self, call_id: str, change: _Change) -> CallRecord:
@@ -296,7 +358,8 @@ class DurableQueue:
             _require_running(record, attempt)
             drop = [running_key(partition, record.lease_until_ms, call_id)]
             if record.attempt >= record.attempts_max:
-                return msgspec.structs.replace(record, state=CallState.DEAD, error=error), drop, []
+                dead = msgspec.structs.replace(record, state=CallState.DEAD, error=error)
+                return dead, drop, [dead_key(partition, call_id)]
             run_after = now_ms + retry_delay_ms(record, jitter)
             new = msgspec.structs.replace(
                 record, state=CallState.QUEUED, run_after_ms=run_after, error=error

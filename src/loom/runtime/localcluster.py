@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LISTENING = re.compile(r"listening on [^\s:]+:(\d+)")
+WORKING = re.compile(r"loom worker \S+ running")
 STOP_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
 
@@ -36,7 +37,7 @@ class LocalCluster:
         """Every shard manager's address, as clients and `--sm` take them."""
         return ",".join(f"127.0.0.1:{self.ports[m]}" for m in self.managers if m in self.ports)
 
-    def _spawn(self, name: str, args: list[str]) -> int:
+    def _spawn(self, name: str, args: list[str], ready: re.Pattern[str] = LISTENING) -> int:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{name}.log").open("a") as log:
@@ -52,7 +53,7 @@ class LocalCluster:
             )
         assert proc.stdout is not None
         line = proc.stdout.readline()  # printed once the process listens
-        match = LISTENING.search(line)
+        match = ready.search(line)
         if match is None:
             proc.kill()
             proc.wait()
@@ -61,6 +62,9 @@ class LocalCluster:
                 f"{name} did not start (see {logs / f'{name}.log'}): {line.strip()!r}"
             )
         self.processes[name] = proc
+        if not match.groups():
+            self.commands[name] = args
+            return 0
         self.ports[name] = int(match.group(1))
         # A restart listens where this one does (nodes and clients know the address).
         self.commands[name] = [
@@ -107,10 +111,16 @@ class LocalCluster:
             args += ["--zone", zone]
         return self._spawn(name, args)
 
+    def start_worker(self, name: str, target: str) -> None:
+        """`loom worker TARGET` (MODULE:APP, importable from the current directory)."""
+        args = ["worker", target, "-c", self.manager_address]
+        self._spawn(name, args, ready=WORKING)
+
     def restart(self, name: str) -> int:
         """Starts a stopped or killed process again with its arguments (same data)."""
         assert name not in self.processes, f"{name} is running"
-        return self._spawn(name, self.commands[name])
+        ready = WORKING if self.commands[name][0] == "worker" else LISTENING
+        return self._spawn(name, self.commands[name], ready=ready)
 
     def pid(self, name: str) -> int:
         return self.processes[name].pid
