@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,16 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
             with pytest.raises(CallFailed):
                 await broken.result(timeout_s=30)
             assert (await broken.status()).attempt == 4  # two more attempts, then dead
+
+            # Past its deadline before it could run: expired, listed, replayable.
+            now = time.time()
+            late = await fns["add"].submit(2, 2, run_after=now - 2, deadline=now - 1)
+            with pytest.raises(CallFailed, match="expired"):
+                await late.result(timeout_s=30)
+            await asyncio.to_thread(
+                loom, "functions", "dead-letter", "replay", late.call_id, "-c", address
+            )
+            assert await late.result(timeout_s=30) == 4
         finally:
             stop.set()
             await running

@@ -12,7 +12,7 @@ serializable transaction. The μshard is that of the call's partition,
 - `q/{p}/call/{call id}`                 → `CallRecord` (msgpack)
 - `q/{p}/due/{run_after_ms:016x}/{id}`   → b"" (queued calls in due order)
 - `q/{p}/running/{lease_until:016x}/{id}` → b"" (running calls by lease end)
-- `q/{p}/dead/{id}`                      → b"" (the dead-letter set)
+- `q/{p}/dead/{id}`                      → b"" (the dead-letter set: dead and expired)
 
 A call's id is derived from its idempotency key when there is one (xxh3-128 of app,
 function and key), so a repeated key finds the same record: the same arguments return
@@ -279,16 +279,18 @@ class DurableQueue:
         return ids[:limit]
 
     async def replay(self, call_id: str, *, now_ms: int) -> CallRecord:
-        """A dead-lettered call goes back to the queue with a fresh set of attempts."""
+        """A dead-lettered or expired call goes back to the queue with a fresh set of
+        attempts (and no deadline: the one it had has passed)."""
         partition = partition_of(call_id, self.partitions)
 
         def change(record: CallRecord) -> tuple[CallRecord, list[bytes], list[bytes]]:
-            if record.state is not CallState.DEAD:
+            if record.state not in (CallState.DEAD, CallState.EXPIRED):
                 raise StaleAttempt(f"call {call_id} is {record.state.value}, not dead")
             new = msgspec.structs.replace(
                 record,
                 state=CallState.QUEUED,
                 run_after_ms=now_ms,
+                deadline_ms=None,
                 attempts_max=record.attempt + record.attempts_max,
             )
             return new, [dead_key(partition, call_id)], [due_key(partition, now_ms, call_id)]
@@ -334,6 +336,21 @@ class DurableQueue:
             )
             drop = [due_key(partition, record.run_after_ms, call_id)]
             return new, drop, [running_key(partition, lease_until, call_id)]
+
+        return await self._transition(call_id, change)
+
+    async def expire(self, call_id: str, *, now_ms: int) -> CallRecord:
+        """A queued call past its deadline becomes EXPIRED: visible in the dead-letter
+        set and replayable, never silently dropped."""
+        partition = partition_of(call_id, self.partitions)
+
+        def change(record: CallRecord) -> tuple[CallRecord, list[bytes], list[bytes]]:
+            deadline = record.deadline_ms
+            if record.state is not CallState.QUEUED or deadline is None or deadline > now_ms:
+                raise StaleAttempt(f"call {call_id} is {record.state.value}, not past a deadline")
+            new = msgspec.structs.replace(record, state=CallState.EXPIRED, error="deadline passed")
+            drop = [due_key(partition, record.run_after_ms, call_id)]
+            return new, drop, [dead_key(partition, call_id)]
 
         return await self._transition(call_id, change)
 

@@ -85,6 +85,10 @@ class Worker:
         function = self.app.functions.get(record.function) if record else None
         if record is None or function is None:
             return None  # another app's call, or gone
+        if record.deadline_ms is not None and record.deadline_ms < now_ms:
+            with contextlib.suppress(StaleAttempt):
+                await queue.expire(call_id, now_ms=now_ms)
+            return None
         lease_ms = int(function.timeout_s * 1000) + LEASE_SLACK_MS
         try:
             return await queue.claim(call_id, worker=self.name, lease_ms=lease_ms, now_ms=now_ms)
