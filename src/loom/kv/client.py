@@ -139,6 +139,11 @@ def _check_key(name: str, value: object) -> bytes:
     return _check_bytes(name, value, DEFAULT_LIMITS.key_bytes_max)
 
 
+def _check_consistency(consistency: object) -> None:
+    if not isinstance(consistency, ReadConsistency):
+        raise InvalidArgument("consistency must be kv.STRONG, kv.bounded(ms), ...")
+
+
 def _result(result: Result) -> Applied:
     """The applied result, or the typed error a rejection means."""
     if isinstance(result, Applied):
@@ -623,13 +628,10 @@ class Keyspace:
         return reply.item
 
     async def _read(self, ushard: UShard, key: bytes, consistency: ReadConsistency) -> ReadReply:
-        if not isinstance(consistency, ReadConsistency):
-            raise InvalidArgument("consistency must be kv.STRONG, kv.bounded(ms), ...")
-        min_version = self.client.written(self.name, ushard)
-        reply = await self.client.request(
-            self.name,
+        reply = await self._read_like(
             ushard,
-            lambda token: ReadRequest(
+            consistency,
+            lambda token, min_version: ReadRequest(
                 token=token,
                 ushard=ushard,
                 key=key,
@@ -637,12 +639,28 @@ class Keyspace:
                 bound_ms=consistency.bound_ms,
                 min_version=min_version,
             ),
-            target="primary" if consistency.kind is Consistency.STRONG else "nearest",
-            is_write=False,
         )
         if not isinstance(reply, ReadReply):
             raise Unavailable(f"a read was answered with {type(reply).__name__}")
         return reply
+
+    async def _read_like(
+        self,
+        ushard: UShard,
+        consistency: ReadConsistency,
+        build: Callable[[int, Version | None], ClientRequest],
+    ) -> ClientReply:
+        """A read or scan: STRONG at the primary, relaxed at the nearest replica; the
+        client's last write to the p-shard is the floor for READ_YOUR_WRITES."""
+        _check_consistency(consistency)
+        min_version = self.client.written(self.name, ushard)
+        return await self.client.request(
+            self.name,
+            ushard,
+            lambda token: build(token, min_version),
+            target="primary" if consistency.kind is Consistency.STRONG else "nearest",
+            is_write=False,
+        )
 
     async def delete(
         self,
@@ -705,14 +723,12 @@ class Keyspace:
             _check_key("cursor", cursor)
         if not _is_int(limit) or not 1 <= limit <= DEFAULT_LIMITS.scan_items_max:
             raise InvalidArgument(f"limit must be 1..{DEFAULT_LIMITS.scan_items_max}")
-        if not isinstance(consistency, ReadConsistency):
-            raise InvalidArgument("consistency must be kv.STRONG, kv.bounded(ms), ...")
+        _check_consistency(consistency)
         ushard = await self._ushard(shard_key, None)
-        min_version = self.client.written(self.name, ushard)
-        reply = await self.client.request(
-            self.name,
+        reply = await self._read_like(
             ushard,
-            lambda token: ScanRequest(
+            consistency,
+            lambda token, min_version: ScanRequest(
                 token=token,
                 ushard=ushard,
                 prefix=prefix,
@@ -722,8 +738,6 @@ class Keyspace:
                 bound_ms=consistency.bound_ms,
                 min_version=min_version,
             ),
-            target="primary" if consistency.kind is Consistency.STRONG else "nearest",
-            is_write=False,
         )
         if not isinstance(reply, ScanReply):
             raise Unavailable(f"a scan was answered with {type(reply).__name__}")
