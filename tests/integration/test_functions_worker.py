@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from loom import kv
 from loom.functions.app import App, CallFailed, Context, Retry
 from loom.functions.queue import CallState
+from loom.functions.scheduler import Scheduler
 from loom.functions.worker import Worker
 from loom.runtime.localcluster import LocalCluster
 
@@ -66,6 +68,8 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
             cluster.start_node(name)
         app = make_app(cluster.manager_address)
         stop = asyncio.Event()
+        scheduler = Scheduler(await kv.connect(cluster.manager_address))
+        scheduling = asyncio.create_task(scheduler.run(stop))
         worker = Worker(app, concurrency=8)
         running = asyncio.create_task(worker.run(stop))
         try:
@@ -112,6 +116,8 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
         finally:
             stop.set()
             await running
+            await scheduling
+            await scheduler.client.close()
             await app.close()
         assert worker.completed >= 23
 

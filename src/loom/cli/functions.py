@@ -1,5 +1,5 @@
-"""`loom worker MODULE:APP`: run the functions of an `App` (functions issue, first form:
-the worker finds due calls itself; schedulers come next)."""
+"""`loom scheduler`, `loom worker MODULE:APP` and `loom functions …`: run and inspect
+the functions platform."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
@@ -20,6 +20,7 @@ from loom.cli.processes import LOG_LEVELS, log, setup_logging, until_stopped
 from loom.core.errors import LoomError
 from loom.functions.app import App
 from loom.functions.queue import CallRecord, DurableQueue
+from loom.functions.scheduler import Scheduler
 from loom.functions.worker import Worker
 from loom.runtime.rpc import run
 
@@ -54,17 +55,44 @@ def worker_command(target: str, cluster: str, concurrency: int, log_level: str) 
 
     async def main() -> None:
         worker = Worker(app, concurrency=concurrency)
-        stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
         log.info("worker %s for app %s on %s", worker.name, app.name, cluster)
-        click.echo(f"loom worker {worker.name} running app {app.name}")
-        sys.stdout.flush()
         try:
-            await until_stopped(stop)
+            await _serve(worker.run, f"loom worker {worker.name} running app {app.name}")
         finally:
-            stop.set()
-            await running
             await app.close()
+
+    run(main())
+
+
+async def _serve(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]], ready: str) -> None:
+    """Runs `body(stop)`, says `ready` on stdout, and stops it on SIGTERM or Ctrl-C."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(body(stop))
+    click.echo(ready)
+    sys.stdout.flush()
+    try:
+        await until_stopped(stop)
+    finally:
+        stop.set()
+        await running
+
+
+@click.command("scheduler")
+@cluster_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Where workers reach it.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="0: any free port.")
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def scheduler_command(cluster: str, host: str, port: int, log_level: str) -> None:
+    """Dispatch due function calls to workers. Several may run: each owns a share of
+    the queue's partitions by leases in the store, and takes over a dead one's."""
+    setup_logging(log_level)
+
+    async def main() -> None:
+        async with kv.connect(cluster) as client:
+            scheduler = Scheduler(client, host=host, port=port)
+            await scheduler.start()
+            ready = f"loom scheduler {scheduler.name} listening on {host}:{scheduler.port}"
+            await _serve(scheduler.run, ready)
 
     run(main())
 

@@ -111,10 +111,14 @@ class LocalCluster:
             args += ["--zone", zone]
         return self._spawn(name, args)
 
-    def start_worker(self, name: str, target: str) -> None:
+    def start_worker(self, name: str, target: str, *, concurrency: int = 16) -> None:
         """`loom worker TARGET` (MODULE:APP, importable from the current directory)."""
-        args = ["worker", target, "-c", self.manager_address]
+        args = ["worker", target, "-c", self.manager_address, "--concurrency", str(concurrency)]
         self._spawn(name, args, ready=WORKING)
+
+    def start_scheduler(self, name: str) -> int:
+        """`loom scheduler`: dispatches due function calls to workers."""
+        return self._spawn(name, ["scheduler", "-c", self.manager_address, "--port", "0"])
 
     def restart(self, name: str) -> int:
         """Starts a stopped or killed process again with its arguments (same data)."""
