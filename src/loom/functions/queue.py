@@ -34,7 +34,7 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -447,6 +447,20 @@ class DurableQueue:
             cursor = page.cursor
             if cursor is None:
                 return found
+
+    async def records(self, partition: int) -> AsyncIterator[CallRecord]:
+        """Every call record of `partition`, page by page, in call-id order."""
+        prefix = b"q/%d/call/" % partition
+        cursor: bytes | None = None
+        while True:
+            page = await self.ks.scan(
+                shard_key=shard_key(partition), prefix=prefix, limit=PAGE_MAX, cursor=cursor
+            )
+            for item in page.items:
+                yield _DECODER.decode(item.value)
+            cursor = page.cursor
+            if cursor is None:
+                return
 
     async def queued_count(self, partition: int) -> int:
         return len(await self._scan_all(partition, b"q/%d/due/" % partition))

@@ -58,6 +58,7 @@ LEASE_S = 3.0
 # A holder stops using a partition this long before others may take it.
 LEASE_MARGIN = 0.75
 MEMBER_TTL_S = 3.0
+MEMBER_FORGET_S = 60.0
 CONFIG_REFRESH_S = 1.0
 SCAN_BUSY_S = 0.01
 SCAN_IDLE_MAX_S = 0.2
@@ -232,6 +233,8 @@ class Scheduler:
         await registry.beat(self.client, member)
         for other in await registry.read_members(self.client):
             self.members.observe(other.name, other.beat)
+            if self.members.silent_for(other.name) > MEMBER_FORGET_S:
+                await registry.leave(self.client, other.name)  # killed: never left itself
         alive = [name for name in self.members.seen if self.members.alive(name)]
         self.live_members = max(1, len(alive))
         target = math.ceil(queue.partitions / self.live_members)

@@ -51,6 +51,7 @@ HEARTBEAT_S = 5.0
 FLUSH_S = 0.003
 THROTTLED_RETRY_MS_MIN = 100
 RPC_TIMEOUT_S = 10.0
+MEMBER_TTL_S = 5.0
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.schedulers: dict[str, RpcClient] = {}
         self.pullers: dict[str, asyncio.Task[None]] = {}
+        self.members = registry.Liveness(ttl_s=MEMBER_TTL_S)
         self.outbox: list[tuple[CallRecord, Outcome, int, list[str]]] = []
         self.outbox_ready = asyncio.Event()
         self.rng = random.Random()
@@ -113,18 +115,20 @@ class Worker:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _discover(self, stop: asyncio.Event) -> None:
-        members = await registry.read_members(await self.app.client())
-        for member in members:
-            address = (member.host, member.port)
-            if member.name in self.pullers and not self.pullers[member.name].done():
+        """Pulls from every live scheduler; a silent one's record may linger in the
+        store (a killed scheduler cannot remove it), so liveness is its beat moving."""
+        for member in await registry.read_members(await self.app.client()):
+            self.members.observe(member.name, member.beat)
+            puller = self.pullers.get(member.name)
+            if not self.members.alive(member.name):
+                if puller is not None:
+                    puller.cancel()
                 continue
-            self.pullers[member.name] = asyncio.create_task(
-                self._pull_loop(member.name, address, stop)
-            )
-        known = {m.name for m in members}
-        for name in list(self.pullers):
-            if name not in known:
-                self.pullers.pop(name).cancel()
+            if puller is None or puller.done():
+                address = (member.host, member.port)
+                self.pullers[member.name] = asyncio.create_task(
+                    self._pull_loop(member.name, address, stop)
+                )
 
     async def _connection(self, scheduler: str, address: tuple[str, int]) -> RpcClient:
         client = self.schedulers.get(scheduler)

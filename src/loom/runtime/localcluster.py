@@ -132,7 +132,7 @@ class LocalCluster:
     def kill(self, name: str) -> None:
         """SIGKILL: the process gets no chance to flush or say goodbye."""
         proc = self.processes.pop(name)
-        self.ports.pop(name)
+        self.ports.pop(name, None)  # workers listen nowhere
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=STOP_TIMEOUT_S)
         _close(proc)
