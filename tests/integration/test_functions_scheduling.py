@@ -166,14 +166,21 @@ def test_a_flooding_tenant_does_not_starve_another(tmp_path: Path) -> None:
             apps.append(app)
         # The shared downstream admits 60 calls/s in all: the tenants compete for it.
         settings = AimdSettings(rate_initial=60, rate_max=60, rate_min=1)
-        async with running(cluster, apps, schedulers=1, aimd=settings):
-            flood = await apps[0].functions["work"].submit_many([[i] for i in range(1500)])
+        async with running(cluster, apps, schedulers=1, aimd=settings) as (scheduler,):
+            deadline = time.monotonic() + 30
+            while {w.pull.app for w in scheduler.waiters} != {"flood", "quiet"}:
+                assert time.monotonic() < deadline, "the workers never pulled"
+                await asyncio.sleep(0.05)
+            await apps[0].functions["work"].submit_many([[i] for i in range(1500)])
+            await asyncio.sleep(1.0)  # the flood is under way
+            since = time.monotonic()
             quiet = await apps[1].functions["work"].submit_many([[i] for i in range(60)])
             for call in quiet:
                 await call.result(timeout_s=60)
-            # The quiet tenant got about half the downstream: its 60 calls were done
-            # long before the flood's 1500 (which need ~25 s alone).
-            assert len(finished["flood"]) < 400, len(finished["flood"])
-            del flood
+            # While the quiet tenant's 60 calls ran, the flood got about as many (its
+            # fair half of the downstream), not the whole downstream until drained.
+            flood_meanwhile = sum(1 for t in finished["flood"] if t > since)
+            assert flood_meanwhile < 3 * 60, flood_meanwhile
+            assert len(finished["flood"]) < 1500
 
     run_scenario(tmp_path, scenario)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import re
@@ -129,6 +130,7 @@ class LeaseHold:
     partition: int
     owner: str
     token: int
+    beat: int = 0
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -393,9 +395,13 @@ class DurableQueue:
     async def _create(
         tx: kv.Transaction, partition: int, records: list[CallRecord]
     ) -> list[Submitted]:
-        found = await asyncio.gather(*(tx.get(call_key(partition, r.call_id)) for r in records))
+        # Only a call with an idempotency key can exist already: a random id is new.
+        keyed = [r for r in records if r.idempotency_key is not None]
+        items = await asyncio.gather(*(tx.get(call_key(partition, r.call_id)) for r in keyed))
+        existing_of = {r.call_id: item for r, item in zip(keyed, items, strict=True)}
         done = []
-        for record, existing in zip(records, found, strict=True):
+        for record in records:
+            existing = existing_of.get(record.call_id)
             if existing is not None:
                 done.append(Submitted(record=_DECODER.decode(existing.value), created=False))
                 continue
@@ -510,13 +516,26 @@ class DurableQueue:
 
         return await self.ks.run_transaction(take, shard_key=shard_key(partition))
 
-    async def renew(self, hold: LeaseHold) -> None:
-        async def beat(tx: kv.Transaction) -> None:
-            current = await self._check_lease(tx, hold)
-            renewed = msgspec.structs.replace(current, beat=current.beat + 1)
-            await tx.put(lease_key(hold.partition), _ENCODER.encode(renewed))
-
-        await self.ks.run_transaction(beat, shard_key=shard_key(hold.partition))
+    async def renew(self, hold: LeaseHold) -> LeaseHold:
+        """Raises the beat: one conditional write on the record as the holder last wrote
+        it (nobody else writes a held record but a taker, whose write fails this one)."""
+        mine = PartitionLease(owner=hold.owner, token=hold.token, beat=hold.beat)
+        renewed = msgspec.structs.replace(mine, beat=hold.beat + 1)
+        try:
+            await self.ks.put(
+                lease_key(hold.partition),
+                _ENCODER.encode(renewed),
+                if_value=_ENCODER.encode(mine),
+                shard_key=shard_key(hold.partition),
+            )
+        except ConditionFailed:
+            current = await self.lease(hold.partition)  # an earlier renewal's lost answer?
+            if current.owner != hold.owner or current.token != hold.token:
+                raise LeaseLost(
+                    f"partition {hold.partition} is no longer held by {hold.owner}"
+                ) from None
+            return dataclasses.replace(hold, beat=current.beat)
+        return dataclasses.replace(hold, beat=renewed.beat)
 
     async def release(self, hold: LeaseHold) -> None:
         async def free(tx: kv.Transaction) -> None:

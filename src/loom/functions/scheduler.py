@@ -54,7 +54,7 @@ from loom.runtime.rpc import RpcServer
 
 log = logging.getLogger("loom.scheduler")
 
-LEASE_S = 3.0
+LEASE_S = 4.0
 # A holder stops using a partition this long before others may take it.
 LEASE_MARGIN = 0.75
 MEMBER_TTL_S = 3.0
@@ -127,6 +127,7 @@ class PartitionView:
     hold: LeaseHold
     valid_until: float
     scan_after: float = 0.0
+    scanned_at: float = 0.0
     idle_s: float = SCAN_BUSY_S
 
 
@@ -288,7 +289,7 @@ class Scheduler:
         assert self.queue is not None
         sent = time.monotonic()
         try:
-            await self.queue.renew(view.hold)
+            view.hold = await self.queue.renew(view.hold)
         except LeaseLost:
             self._lose(view.hold.partition)
             return
@@ -367,7 +368,7 @@ class Scheduler:
     async def _scan_loop(self) -> None:
         while True:
             now = time.monotonic()
-            due = [view for view in self.partitions.values() if view.scan_after <= now]
+            due = [view for view in self.partitions.values() if self._should_scan(view, now)]
             if due:
                 await asyncio.gather(*(self._scan(view) for view in due))
             self._reclaim_silent()
@@ -375,6 +376,15 @@ class Scheduler:
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), SCAN_BUSY_S)
+
+    def _should_scan(self, view: PartitionView, now: float) -> bool:
+        """When due; while the partition still has plenty of candidates, only now and
+        then (to see other functions' calls and new earlier ones)."""
+        if view.scan_after > now:
+            return False
+        partition = view.hold.partition
+        known = sum(len(s.candidates.get(partition, ())) for s in self.functions.values())
+        return known < CANDIDATES_LOW or now - view.scanned_at >= SCAN_IDLE_MAX_S
 
     async def _scan(self, view: PartitionView) -> None:
         """Refreshes the partition's candidates: one scan of its whole due index when
@@ -420,7 +430,8 @@ class Scheduler:
             state.candidates[partition] = deque(calls)
         self._expire_late(view.hold, now_ms)
         view.idle_s = SCAN_BUSY_S if total else min(SCAN_IDLE_MAX_S, view.idle_s * 2)
-        view.scan_after = time.monotonic() + view.idle_s
+        view.scanned_at = time.monotonic()
+        view.scan_after = view.scanned_at + view.idle_s
 
     def _expire_late(self, hold: LeaseHold, now_ms: int) -> None:
         assert self.queue is not None
