@@ -113,6 +113,25 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
                 loom, "functions", "dead-letter", "replay", late.call_id, "-c", address
             )
             assert await late.result(timeout_s=30) == 4
+
+            # What ran, from the command line.
+            listed = json.loads(
+                await asyncio.to_thread(loom, "functions", "ls", "--json", "-c", address)
+            )
+            rows = {row["function"]: row for row in listed["functions"]}
+            assert set(rows) == {"test.add", "test.shout", "test.flaky", "test.broken"}
+            assert rows["test.add"]["queued"] == 0 and rows["test.add"]["dispatched"] >= 20
+            assert listed["schedulers"][0]["partitions"] == (await app.queue()).partitions
+            dead = json.loads(
+                await asyncio.to_thread(
+                    loom, "functions", "calls", "--state", "dead", "--json", "-c", address
+                )
+            )
+            assert [c["call_id"] for c in dead] == [broken.call_id]
+            added = await asyncio.to_thread(
+                loom, "functions", "calls", "--function", "test.add", "--limit", "5", "-c", address
+            )
+            assert added.count("succeeded") == 5
         finally:
             stop.set()
             await running
