@@ -37,10 +37,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from pathlib import Path
-from types import ModuleType
-from typing import Literal, Protocol, cast, get_args
+from types import ModuleType, TracebackType
+from typing import Literal, Protocol, Self, cast, get_args
 
 from loom.benchmarks.calls_figures import CallsFigures
 
@@ -163,7 +163,9 @@ def _log_tail(path: Path) -> str:
 
 
 @contextmanager
-def _child(args: list[str], log_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def _child(
+    args: list[str], log_path: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
     """A child process in a session of its own, output to `log_path`; stopped by PID
     (SIGTERM, SIGKILL after `STOP_TIMEOUT_S`) when the block ends, however it ends."""
     with log_path.open("wb") as log:
@@ -191,10 +193,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
     # The child led a process group of its own (start_new_session): whatever is left in
     # it (a Celery pool process whose parent was killed) is ours to end.
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_until(
@@ -214,7 +214,7 @@ def _wait_until(
         time.sleep(POLL_INTERVAL_S)
 
 
-def _start_redis(stack: ExitStack, workdir: Path) -> tuple[str, _Redis]:
+def _start_redis(stack: ExitStack, workdir: Path) -> tuple[str, _Redis, subprocess.Popen[bytes]]:
     binary = _binary("redis-server")
     redis_module = _import("redis")
     data_dir = workdir / "redis"
@@ -240,12 +240,12 @@ def _start_redis(stack: ExitStack, workdir: Path) -> tuple[str, _Redis]:
         return True
 
     _wait_until(is_up, process, f"redis-server on port {port}", log_path)
-    return url, client
+    return url, client, process
 
 
 def _start_worker(
-    stack: ExitStack, workdir: Path, url: str, client: _Redis, pool: Pool, concurrency: int
-) -> None:
+    stack: ExitStack, workdir: Path, url: str, client: _Redis, *, pool: Pool, concurrency: int
+) -> subprocess.Popen[bytes]:
     _import("celery")
     log_path = workdir / "celery-worker.log"
     args = [
@@ -265,6 +265,7 @@ def _start_worker(
     ]
     process = stack.enter_context(_child(args, log_path, {**_env(), BROKER_URL_ENV: url}))
     _wait_until(lambda: client.get(READY_KEY) is not None, process, "celery worker", log_path)
+    return process
 
 
 def _env() -> dict[str, str]:
@@ -352,6 +353,80 @@ def _redis_settings(client: _Redis) -> str:
     return f"redis {version} ({shown})"
 
 
+class CeleryPeer:
+    """redis-server and a Celery worker (`pool`, `concurrency`) under `workdir`, started
+    on entering and stopped by PID on leaving, however the block ends; `measure` sends
+    the calls. Not reentrant."""
+
+    def __init__(self, workdir: Path, *, pool: Pool = POOL_DEFAULT, concurrency: int) -> None:
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+        if not 1 <= concurrency <= CONCURRENCY_MAX:
+            raise ValueError(f"concurrency must be in 1..{CONCURRENCY_MAX}, not {concurrency}")
+        self.workdir = workdir
+        self.pool = pool
+        self.concurrency = concurrency
+        self._stack = ExitStack()
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._url = ""
+        self._client: _Redis | None = None
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """redis-server's and the worker's; each also leads its own process group."""
+        return tuple(p.pid for p in self._processes)
+
+    def __enter__(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            self._url, self._client, redis_process = _start_redis(stack, self.workdir)
+            self._processes.append(redis_process)
+            worker = _start_worker(
+                stack,
+                self.workdir,
+                self._url,
+                self._client,
+                pool=self.pool,
+                concurrency=self.concurrency,
+            )
+            self._processes.append(worker)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stack.close()
+
+    def describe(self) -> str:
+        assert self._client is not None
+        return (
+            f"{_redis_settings(self._client)} and a worker (pool {self.pool}, concurrency "
+            f"{self.concurrency}, tasks acknowledged on receipt)"
+        )
+
+    def measure(
+        self, calls: int, *, submitters: int, timeout_s: float, progress: Progress
+    ) -> CallsFigures:
+        """Sends `calls` no-op tasks from `submitters` threads and waits up to
+        `timeout_s` from the first submit for them to complete."""
+        assert self._client is not None
+        with ExitStack() as stack:
+            app = _celery_app(self._url)
+            stack.callback(app.close)
+            deadline = time.monotonic() + timeout_s
+            submitted_at, submit_s = _submit_all(app, calls, submitters, deadline)
+            completed_at, repeats = _drain(self._client, calls, deadline)
+        if repeats:
+            progress(f"celery: {repeats} calls ran more than once")
+        return CallsFigures.from_times(
+            submitted_at_s=submitted_at, completed_at_s=completed_at, submit_s=submit_s
+        )
+
+
 def run_celery(
     calls: int,
     *,
@@ -368,25 +443,7 @@ def run_celery(
     figures. Raises ValueError on settings out of range, CeleryMissing when redis-server,
     celery or redis is not installed, CeleryPeerError when a process fails."""
     _check(calls, concurrency, submitters, timeout_s)
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        started = time.monotonic()
-        url, client = _start_redis(stack, workdir)
-        _start_worker(stack, workdir, url, client, pool, concurrency)
-        progress(
-            f"celery: {_redis_settings(client)} and a worker (pool {pool}, concurrency "
-            f"{concurrency}, tasks acknowledged on receipt) ready in "
-            f"{time.monotonic() - started:.1f} s"
-        )
-        app = _celery_app(url)
-        stack.callback(app.close)
-        deadline = time.monotonic() + timeout_s
-        submitted_at, submit_s = _submit_all(app, calls, submitters, deadline)
-        completed_at, repeats = _drain(client, calls, deadline)
-        if repeats:
-            progress(f"celery: {repeats} calls ran more than once")
-    return CallsFigures.from_times(
-        submitted_at_s=submitted_at, completed_at_s=completed_at, submit_s=submit_s
-    )
+    started = time.monotonic()
+    with CeleryPeer(workdir, pool=pool, concurrency=concurrency) as peer:
+        progress(f"celery: {peer.describe()} ready in {time.monotonic() - started:.1f} s")
+        return peer.measure(calls, submitters=submitters, timeout_s=timeout_s, progress=progress)
