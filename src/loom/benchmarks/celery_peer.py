@@ -61,6 +61,8 @@ CALLS_MAX = 1_000_000
 CONCURRENCY_MAX = 512
 SUBMITTERS_MAX = 256
 START_TIMEOUT_S = 30.0
+START_ATTEMPTS_MAX = 3
+PORT_IN_USE = "Address already in use"
 STOP_TIMEOUT_S = 10.0
 SOCKET_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.05
@@ -90,6 +92,8 @@ class _Redis(Protocol):
     def ping(self) -> object: ...
 
     def get(self, name: str) -> bytes | None: ...
+
+    def flushdb(self) -> object: ...
 
     def lpop(self, name: str, count: int | None = None) -> list[bytes] | bytes | None: ...
 
@@ -219,8 +223,27 @@ def _start_redis(stack: ExitStack, workdir: Path) -> tuple[str, _Redis, subproce
     redis_module = _import("redis")
     data_dir = workdir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, START_ATTEMPTS_MAX + 1):
+        with ExitStack() as attempt_stack:
+            try:
+                url, client, process = _start_redis_once(
+                    attempt_stack, binary, redis_module, data_dir
+                )
+            except CeleryPeerError as error:
+                # Another process may take the port between our probe and Redis's bind.
+                if PORT_IN_USE not in str(error) or attempt == START_ATTEMPTS_MAX:
+                    raise
+                continue
+            stack.push(attempt_stack.pop_all())
+            return url, client, process
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _start_redis_once(
+    stack: ExitStack, binary: str, redis_module: ModuleType, data_dir: Path
+) -> tuple[str, _Redis, subprocess.Popen[bytes]]:
     port = _free_port()
-    log_path = workdir / "redis.log"
+    log_path = data_dir.parent / "redis.log"
     args = [binary, "--bind", HOST, "--port", str(port), "--dir", str(data_dir)]
     process = stack.enter_context(_child([*args, "--daemonize", "no"], log_path, _env()))
     url = f"redis://{HOST}:{port}/0"
@@ -240,6 +263,9 @@ def _start_redis(stack: ExitStack, workdir: Path) -> tuple[str, _Redis, subproce
         return True
 
     _wait_until(is_up, process, f"redis-server on port {port}", log_path)
+    # A snapshot left in a reused workdir would bring back old tasks, completions and
+    # a stale readiness mark.
+    client.flushdb()
     return url, client, process
 
 
@@ -314,6 +340,8 @@ def _submit_all(
                 future.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise CeleryPeerError("submitting the calls took longer than the timeout") from None
+        except Exception as error:
+            raise CeleryPeerError(f"a submit failed: {type(error).__name__}: {error}") from error
         finally:
             stop.set()
     return submitted_at, max(acked_at) - min(submitted_at)
