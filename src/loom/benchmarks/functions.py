@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from loom.benchmarks.calls_figures import CallsFigures
+from loom.benchmarks.celery_peer import run_celery
 from loom.benchmarks.fn_bench_app import app, noop
 from loom.functions.queue import CallState, DurableQueue, due_prefix, running_prefix, shard_key
 from loom.runtime.localcluster import LocalCluster
@@ -73,14 +74,13 @@ async def _measure(
 
     began = time.time()
     share = -(-calls // submitters)
-    await asyncio.gather(
-        *(submitter(s, min(calls, s + share)) for s in range(0, calls, share))
-    )
+    await asyncio.gather(*(submitter(s, min(calls, s + share)) for s in range(0, calls, share)))
     submit_s = time.time() - began
     progress(f"loom: submitted in {submit_s:.1f} s; waiting for completions")
     queue = await app.queue()
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and await _pending(queue):
+    # Polls the store: the calls finish in other processes, there is no event to await.
+    while time.monotonic() < deadline and await _pending(queue):  # noqa: ASYNC110
         await asyncio.sleep(POLL_S)
     finished = await _finish_times(queue)
     completed = [finished.get(call_id) for call_id in ids]
@@ -135,8 +135,6 @@ def run(
         progress(f"loom: {ours.completed_per_s:.0f} calls/s completed")
         theirs = None
         if peer == "celery":
-            from loom.benchmarks.celery_peer import run_celery
-
             progress("celery: same calls through Celery with a Redis broker")
             theirs = run_celery(
                 calls,
