@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loom import kv
-from loom.functions.app import App, CallFailed, Context, Retry
+from loom.functions import App, CallFailed, Context, Retry
 from loom.functions.queue import CallState
 from loom.functions.scheduler import Scheduler
 from loom.functions.worker import Worker

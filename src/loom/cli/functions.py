@@ -23,7 +23,7 @@ from loom.core.errors import LoomError
 from loom.functions.app import App
 from loom.functions.overview import Overview, overview
 from loom.functions.queue import CallRecord, CallState, DurableQueue
-from loom.functions.scheduler import Scheduler
+from loom.functions.scheduler import RETENTION_S, RETENTION_S_MAX, RETENTION_S_MIN, Scheduler
 from loom.functions.worker import Worker
 from loom.runtime.rpc import run
 
@@ -84,15 +84,25 @@ async def _serve(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]], rea
 @cluster_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Where workers reach it.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="0: any free port.")
+@click.option(
+    "--retention",
+    "retention_s",
+    type=click.FloatRange(RETENTION_S_MIN, RETENTION_S_MAX),
+    default=RETENTION_S,
+    show_default=True,
+    help="Seconds a succeeded call (its result and idempotency key) is remembered.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def scheduler_command(cluster: str, host: str, port: int, log_level: str) -> None:
+def scheduler_command(
+    cluster: str, host: str, port: int, retention_s: float, log_level: str
+) -> None:
     """Dispatch due function calls to workers. Several may run: each owns a share of
     the queue's partitions by leases in the store, and takes over a dead one's."""
     setup_logging(log_level)
 
     async def main() -> None:
         async with kv.connect(cluster) as client:
-            scheduler = Scheduler(client, host=host, port=port)
+            scheduler = Scheduler(client, host=host, port=port, retention_s=retention_s)
             await scheduler.start()
             ready = f"loom scheduler {scheduler.name} listening on {host}:{scheduler.port}"
             await _serve(scheduler.run, ready)

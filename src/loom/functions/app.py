@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from loom import kv
-from loom.core.errors import InvalidArgument, LoomError, NotFound
+from loom.core.errors import InvalidArgument, NotFound
+from loom.functions.errors import CallFailed
 from loom.functions.limits import allotted_partitions
 from loom.functions.queue import (
     PARTITIONS_DEFAULT,
@@ -29,24 +30,13 @@ from loom.functions.queue import (
     Submission,
 )
 from loom.functions.registry import Batch, FunctionConfig
+from loom.functions.saga import Recovery, Saga, make_saga
 from loom.kv import Transaction
 
 TIMEOUT_S_MAX = 24 * 3600.0
 RESULT_POLL_S = 0.05
 ONCE_PREFIX = b"__once/"
 T = TypeVar("T")
-
-
-class CallFailed(LoomError):
-    """The call ran out of attempts (dead-lettered) or expired; `.record` says why."""
-
-    def __init__(self, message: str, record: CallRecord) -> None:
-        super().__init__(message)
-        self.record = record
-
-
-class NonRetryable(Exception):
-    """Raise from a function to dead-letter the call at once, without further attempts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +301,28 @@ class App:
             return function
 
         return register
+
+    def saga(
+        self,
+        name: str,
+        *,
+        recovery: Recovery = Recovery.FORWARD,
+        retries: Retry | None = None,
+        timeout_s: float = 600.0,
+        criticality: Criticality = Criticality.NORMAL,
+        compensate_when_exhausted: bool = False,
+    ) -> Saga:
+        """Declares a saga: add its steps with `@saga.step(compensate=...)`, then
+        `await saga.submit(argument)`. See `loom.functions.saga`."""
+        return make_saga(
+            self,
+            name,
+            recovery=recovery,
+            retries=retries,
+            timeout_s=timeout_s,
+            criticality=criticality,
+            compensate_when_exhausted=compensate_when_exhausted,
+        )
 
     async def client(self) -> kv.Client:
         if self._client is None:

@@ -16,6 +16,8 @@ scheduler claims many calls of a partition in one:
   function in due order, so one function's backlog never hides another's calls)
 - `q/{p}/running/{id}`                           → `RunningEntry` (running calls)
 - `q/{p}/dead/{id}`                              → b"" (the dead-letter set: dead and expired)
+- `q/{p}/done/{finished:016x}/{id}`              → b"" (succeeded calls, oldest first: the
+  scheduler forgets them after the retention period, and with them their idempotency key)
 
 A call id is `{partition}-{32 hex digits}`, so anyone holding the id finds the call.
 The digits come from the idempotency key when there is one (xxh3-128 of app, function
@@ -193,6 +195,14 @@ def running_prefix(partition: int) -> bytes:
 
 def running_key(partition: int, call_id: str) -> bytes:
     return running_prefix(partition) + call_id.encode()
+
+
+def done_prefix(partition: int) -> bytes:
+    return b"q/%d/done/" % partition
+
+
+def done_key(partition: int, finished_ms: int, call_id: str) -> bytes:
+    return done_prefix(partition) + b"%016x/%s" % (finished_ms, call_id.encode())
 
 
 def dead_prefix(partition: int) -> bytes:
@@ -661,6 +671,30 @@ class DurableQueue:
 
         return await self._transition(call_id, change, hold=hold)
 
+    async def forget_done(self, hold: LeaseHold, *, before_ms: int, limit: int = 100) -> int:
+        """Deletes up to `limit` calls of the held partition that succeeded before
+        `before_ms` (record and index entry; their idempotency keys are free again).
+        Returns how many."""
+        prefix = done_prefix(hold.partition)
+        page = await self.ks.scan(shard_key=shard_key(hold.partition), prefix=prefix, limit=limit)
+        old = []
+        for item in page.items:
+            stamp, _, call_id = item.key[len(prefix) :].partition(b"/")
+            if int(stamp, 16) >= before_ms:
+                break
+            old.append((item.key, call_key(hold.partition, call_id.decode())))
+        if not old:
+            return 0
+
+        async def forget(tx: kv.Transaction) -> None:
+            await self._check_lease(tx, hold)
+            for index_key, record_key in old:
+                await tx.delete(index_key)
+                await tx.delete(record_key)
+
+        await self.ks.run_transaction(forget, shard_key=shard_key(hold.partition))
+        return len(old)
+
     async def finish_many(
         self,
         partition: int,
@@ -751,7 +785,7 @@ def _finish(partition: int, outcome: Outcome, now_ms: int, jitter: Callable[[], 
                 new = msgspec.structs.replace(
                     record, state=CallState.SUCCEEDED, result=result, finished_ms=now_ms
                 )
-                return new, drop, {}
+                return new, drop, {done_key(partition, now_ms, record.call_id): b""}
             case WasThrottled(retry_after_ms=retry_after_ms):
                 new = msgspec.structs.replace(
                     record,

@@ -69,6 +69,11 @@ LEASE_SLACK_MS = 5_000
 HEARTBEAT_LEASE_MS = 30_000
 CLAIMS_IN_FLIGHT_MAX = 32
 TIME_SHIFT_SLACK_MS = 60_000
+# How long a succeeded call (its result, and its idempotency key) is remembered.
+RETENTION_S = 7 * 86_400.0
+RETENTION_S_MIN = 1.0
+RETENTION_S_MAX = 400 * 86_400.0
+RETENTION_CHECK_S = 10.0
 CRITICALITY_RANK = {Criticality.HIGH: 0, Criticality.NORMAL: 1, Criticality.LOW: 2}
 
 
@@ -141,7 +146,11 @@ class Scheduler:
         port: int = 0,
         lease_s: float = LEASE_S,
         aimd: AimdSettings | None = None,
+        retention_s: float = RETENTION_S,
     ) -> None:
+        if not RETENTION_S_MIN <= retention_s <= RETENTION_S_MAX:
+            raise InvalidArgument(f"retention must be {RETENTION_S_MIN:g}..{RETENTION_S_MAX:g} s")
+        self.retention_s = retention_s
         self.client = client
         self.name = name or f"sched-{secrets.token_hex(4)}"
         self.lease_s = lease_s
@@ -163,7 +172,7 @@ class Scheduler:
         self.tasks: set[asyncio.Task[None]] = set()
         self.claims = asyncio.Semaphore(CLAIMS_IN_FLIGHT_MAX)
         self.wake = asyncio.Event()
-        self.stats = {"claimed": 0, "reclaimed": 0, "expired": 0, "lease_lost": 0}
+        self.stats = {"claimed": 0, "reclaimed": 0, "expired": 0, "lease_lost": 0, "forgotten": 0}
 
     @property
     def port(self) -> int:
@@ -186,7 +195,12 @@ class Scheduler:
             await self.start()
         queue = self.queue
         assert queue is not None
-        loops = [self._ownership_loop(), self._config_loop(), self._scan_loop()]
+        loops = [
+            self._ownership_loop(),
+            self._config_loop(),
+            self._scan_loop(),
+            self._retention_loop(),
+        ]
         async with asyncio.TaskGroup() as group:
             running = [group.create_task(loop) for loop in loops]
             await stop.wait()
@@ -362,6 +376,18 @@ class Scheduler:
                 if name not in self.downstreams:
                     aimd = Aimd(self.aimd_settings)
                     self.downstreams[name] = Downstream(aimd, TokenBucket(aimd.rate, 1.0, 0.0, now))
+
+    async def _retention_loop(self) -> None:
+        """Forgets succeeded calls older than the retention period, partition by
+        partition (fenced by the partition lease like every scheduler write)."""
+        assert self.queue is not None
+        while True:
+            await asyncio.sleep(min(RETENTION_CHECK_S, self.retention_s / 2))
+            before_ms = int((time.time() - self.retention_s) * 1000)
+            for view in list(self.partitions.values()):
+                with contextlib.suppress(LoomError):
+                    while forgotten := await self.queue.forget_done(view.hold, before_ms=before_ms):
+                        self.stats["forgotten"] += forgotten
 
     # ----------------------------------------------------------------- scanning
 

@@ -31,7 +31,8 @@ import msgspec
 
 from loom.core.errors import LoomError, Throttled
 from loom.functions import protocol, registry
-from loom.functions.app import App, Context, Function, NonRetryable
+from loom.functions.app import App, Context, Function
+from loom.functions.errors import NonRetryable
 from loom.functions.protocol import Finished, Pull, Report, Signal, Work
 from loom.functions.queue import (
     CallRecord,
