@@ -80,6 +80,7 @@ from loom.runtime.codec import (
     PeerMessage,
     RoutingPush,
     RoutingRequest,
+    SetQuota,
     ShardStatus,
     StatusReply,
     StatusRequest,
@@ -92,6 +93,7 @@ from loom.shardmgr.routing import (
     KeyspaceSpec,
     NodeInfo,
     NodeRoute,
+    Quota,
     RoutingTable,
     ShardPlacement,
     ShardRoute,
@@ -226,6 +228,8 @@ _KEYSPACE = Keyspace(
         ShardPlacement(ShardId(4), (NodeId("n2"), NodeId("n1"), NodeId("n3"))),
     ),
     ranges=((0, ShardId(3)), (32, ShardId(4))),
+    tenant="acme",
+    quota=Quota(writes_per_s=250.0),
 )
 _TABLE = RoutingTable(
     version=(1_700_000_000_000, 5),
@@ -268,6 +272,7 @@ CONTROL: tuple[NodeMessage, ...] = (
     DropShard(shard=ShardId(3)),
     CreateKeyspace(spec=_SPEC),
     DropKeyspace(name="ks"),
+    SetQuota(name="ks", quota=Quota(reads_per_s=10.0, bytes_max=1 << 20)),
     KeyspaceReply(keyspace=_KEYSPACE),
     Done(),
     RoutingRequest(),

@@ -34,6 +34,7 @@ from loom.core.errors import (
     NotFound,
     OutcomeUnknown,
     PermissionDenied,
+    QuotaExceeded,
     Throttled,
     TransactionConflict,
     Unavailable,
@@ -78,6 +79,7 @@ from loom.runtime.codec import (
     KeyspaceReply,
     NodeMessage,
     RoutingRequest,
+    SetQuota,
     StatusReply,
     StatusRequest,
     decode,
@@ -85,7 +87,7 @@ from loom.runtime.codec import (
 )
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
-from loom.shardmgr.routing import KeyspaceSpec, RoutingTable
+from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
@@ -200,6 +202,7 @@ class _Attempts:
     hint: NodeId | None = None
     uncertain: bool = False  # a write attempt got no definite answer
     overloaded: bool = False
+    throttled: bool = False  # the last attempt was over a quota (THROTTLED)
     problem: str = "no attempt"
     retry_after_ms: int = 0
 
@@ -303,6 +306,35 @@ class Client:
         if not isinstance(reply, Done):
             raise Unavailable(f"the shard manager answered {type(reply).__name__}")
         await self.router.refresh(force=True)
+
+    async def set_quota(
+        self,
+        name: str,
+        *,
+        reads_per_s: float | None = None,
+        writes_per_s: float | None = None,
+        bytes_max: int | None = None,
+    ) -> KeyspaceInfo:
+        """Set keyspace `name`'s cluster-wide quota; a limit left out (None) is
+        unlimited. Nodes enforce their share within one routing push (~0.1 s)."""
+        for label, rate in (("reads_per_s", reads_per_s), ("writes_per_s", writes_per_s)):
+            if rate is not None and not _is_number(rate):
+                raise InvalidArgument(f"{label} must be a number, not {type(rate).__name__}")
+        if bytes_max is not None and not _is_int(bytes_max):
+            raise InvalidArgument(f"bytes_max must be an int, not {type(bytes_max).__name__}")
+        quota = Quota(
+            reads_per_s=None if reads_per_s is None else float(reads_per_s),
+            writes_per_s=None if writes_per_s is None else float(writes_per_s),
+            bytes_max=bytes_max,
+        )
+        problem = quota.problem()
+        if problem is not None:
+            raise InvalidArgument(problem)
+        reply = await self._admin(SetQuota(name=name, quota=quota))
+        if not isinstance(reply, KeyspaceReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        await self.router.refresh(force=True)
+        return reply.keyspace
 
     async def keyspaces(self) -> list[KeyspaceInfo]:
         await self.router.refresh(force=True)
@@ -431,9 +463,14 @@ class Client:
             reply = await self._attempt(keyspace, ushard, build, state, remaining)
             if reply is not None:
                 return reply
+            if state.throttled and loop.time() + state.retry_after_ms / 1000 >= deadline:
+                break  # a retry would not fit in the deadline: the caller hears it now
         message = f"gave up after {self.timeout_s:g} s: {state.problem}"
         if state.uncertain:
             raise OutcomeUnknown(message + "; the write may or may not have been applied")
+        if state.throttled:
+            # The caller (e.g. the functions platform's back-pressure) needs this one.
+            raise Throttled(state.problem, retry_after_ms=max(1, state.retry_after_ms))
         raise (Throttled if state.overloaded else Unavailable)(message)
 
     async def _attempt(
@@ -452,7 +489,7 @@ class Client:
             state.problem = f"no route to μshard {ushard} of {keyspace!r}"
             await self._refresh_quietly()
             return None
-        state.overloaded = False
+        state.overloaded = state.throttled = False
         try:
             answer = await self._call(
                 address,
@@ -494,6 +531,10 @@ class Client:
                 state.uncertain |= state.is_write
             case ErrorCode.OVERLOADED:
                 state.overloaded = True
+            case ErrorCode.THROTTLED:
+                state.throttled = True
+            case ErrorCode.QUOTA_EXCEEDED:
+                raise QuotaExceeded(reply.message or "over the keyspace's stored-bytes quota")
             case ErrorCode.NOT_READY | ErrorCode.NOT_APPLIED:
                 pass
 

@@ -109,6 +109,20 @@ class SyncClient:
     def drop_keyspace(self, name: str) -> None:
         self._runner.run(self.client.drop_keyspace(name))
 
+    def set_quota(
+        self,
+        name: str,
+        *,
+        reads_per_s: float | None = None,
+        writes_per_s: float | None = None,
+        bytes_max: int | None = None,
+    ) -> KeyspaceInfo:
+        return self._runner.run(
+            self.client.set_quota(
+                name, reads_per_s=reads_per_s, writes_per_s=writes_per_s, bytes_max=bytes_max
+            )
+        )
+
     def keyspaces(self) -> list[KeyspaceInfo]:
         return self._runner.run(self.client.keyspaces())
 

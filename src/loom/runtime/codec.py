@@ -32,7 +32,7 @@ from loom.paxos.messages import Envelope
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
 from loom.shardmgr.core import NodeReport
-from loom.shardmgr.routing import Keyspace, KeyspaceSpec, NodeInfo, RoutingTable
+from loom.shardmgr.routing import Keyspace, KeyspaceSpec, NodeInfo, Quota, RoutingTable
 from loom.wire.frames import FRAME_BYTES_MAX
 
 CODEC_VERSION: Final = 1
@@ -110,6 +110,14 @@ class DropKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="dk1"):
     name: str
 
 
+class SetQuota(msgspec.Struct, frozen=True, kw_only=True, tag="qs1"):
+    """Replace a keyspace's quota (every limit not given is unlimited); answers
+    `KeyspaceReply`."""
+
+    name: str
+    quota: Quota
+
+
 class KeyspaceReply(msgspec.Struct, frozen=True, kw_only=True, tag="kr1"):
     keyspace: Keyspace
 
@@ -184,6 +192,7 @@ NodeMessage = (
     | DropShard
     | CreateKeyspace
     | DropKeyspace
+    | SetQuota
     | KeyspaceReply
     | Done
     | RoutingRequest

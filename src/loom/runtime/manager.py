@@ -48,6 +48,7 @@ from loom.runtime.codec import (
     PeerAddress,
     RoutingPush,
     RoutingRequest,
+    SetQuota,
     ShardStatus,
     StatusReply,
     StatusRequest,
@@ -67,6 +68,7 @@ from loom.shardmgr.routing import (
     NodeInfo,
     NodeRoute,
     PlacementError,
+    Quota,
     RoutingTable,
     ShardPlacement,
     ShardRoute,
@@ -250,6 +252,9 @@ class ManagerRuntime:
                 case DropKeyspace():
                     await self.drop_keyspace(message.name)
                     return encode(Done())
+                case SetQuota():
+                    keyspace = await self.set_quota(message.name, message.quota)
+                    return encode(KeyspaceReply(keyspace=keyspace))
                 case RoutingRequest():
                     return encode(self.routing())
                 case StatusRequest():
@@ -373,6 +378,17 @@ class ManagerRuntime:
                     self.core.create_shard(placement.shard, placement.acceptors, now)
 
         await self._in_core(create_missing)
+
+    async def set_quota(self, name: str, quota: Quota) -> Keyspace:
+        """Replaces a keyspace's quota; nodes get it with the next routing push."""
+        problem = quota.problem()
+        if problem is not None:
+            raise InvalidArgument(problem)
+        async with self.admin_lock:
+            record = await asyncio.to_thread(self.catalog.set_quota, name, quota)
+            if name in self.keyspaces:
+                self.keyspaces[name] = record.keyspace
+            return record.keyspace
 
     async def drop_keyspace(self, name: str) -> None:
         async with self.admin_lock:

@@ -57,7 +57,9 @@ from loom.runtime.codec import (
     encode,
 )
 from loom.runtime.outbound import Outbound
+from loom.runtime.quota_gate import QuotaGate
 from loom.runtime.rpc import RpcServer
+from loom.runtime.sizes import ShardSizes
 from loom.shardmgr.core import NodeReport, ShardProgress
 from loom.shardmgr.routing import DEFAULT_TIER, EMPTY_TABLE, NodeInfo
 from loom.storage.api import WriteBatch
@@ -130,7 +132,10 @@ class NodeRuntime:
         self.managers: list[Outbound] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped_messages = 0
+        # Per-keyspace quotas, checked on the loop before a request is queued (ADR 0008).
+        self.quotas = QuotaGate(node)
         # Owned by the storage thread:
+        self.sizes = ShardSizes()
         self.store: RocksStore | None = None
         self.incarnation = Incarnation(0)
         self.hosts: dict[ShardId, ShardHost] = {}
@@ -202,7 +207,13 @@ class NodeRuntime:
                 pid=os.getpid(),
             )
             self._to_managers(encode(NodeReportMessage(report=report, info=info)))
+            self.quotas.on_sizes(await loop.run_in_executor(self.pool, self._measure_sizes))
             await asyncio.sleep(REPORT_MS / 1000)
+
+    def _measure_sizes(self) -> dict[ShardId, int]:
+        """In the storage thread: bytes per local p-shard, for the stored-bytes quota."""
+        assert self.store is not None
+        return self.sizes.measure(self.store, self.hosts.keys())
 
     def _report(self) -> NodeReport:
         """In the storage thread: this node's progress on each of its shards."""
@@ -265,6 +276,7 @@ class NodeRuntime:
             case RoutingPush():
                 if message.table.version > self.routing.version:
                     self.routing = message.table
+                    self.quotas.on_routing(message.table, time.monotonic() * 1000)
             case RoutingRequest():
                 if self.routing is EMPTY_TABLE:
                     failure = Failure(
@@ -297,6 +309,9 @@ class NodeRuntime:
             )  # fmt: skip
 
     async def _client_call(self, call: ClientCall) -> bytes:
+        refusal = self.quotas.check(call.shard, call.request, time.monotonic() * 1000)
+        if refusal is not None:  # answered at once: never queued, never dropped
+            return encode(ClientAnswer(reply=refusal))
         call_id = next(self.call_ids)
         future: asyncio.Future[ClientReply] = asyncio.get_running_loop().create_future()
         self.calls[call_id] = future
