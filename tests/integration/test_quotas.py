@@ -141,6 +141,8 @@ def test_quotas_throttle_one_keyspace_and_leave_another_alone(tmp_path: Path) ->
             "bytes_max": 5_000_000,
         }
         assert "quota: reads/s 1000" in loom("keyspace", "describe", "free", *at).stdout
+        # A cluster started without auth says so loudly.
+        assert "AUTH IS OFF" in (tmp_path / "logs" / "sm.log").read_text()
         assert cluster.exited() == []
     finally:
         cluster.stop()

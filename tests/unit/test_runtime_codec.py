@@ -68,11 +68,14 @@ from loom.runtime.codec import (
     ClientAnswer,
     ClientCall,
     CreateKeyspace,
+    CreateTenant,
+    CreateToken,
     Done,
     DropKeyspace,
     DropShard,
     Failure,
     KeyspaceReply,
+    ListTenants,
     ManagerEvent,
     NodeMessage,
     NodeReportMessage,
@@ -84,6 +87,8 @@ from loom.runtime.codec import (
     ShardStatus,
     StatusReply,
     StatusRequest,
+    TenantsReply,
+    TokenReply,
     decode,
     encode,
 )
@@ -98,6 +103,7 @@ from loom.shardmgr.routing import (
     ShardPlacement,
     ShardRoute,
 )
+from loom.shardmgr.tenancy import Tenant, TokenGrant
 
 BALLOT = Ballot(epoch=Epoch(7), node=NodeId("n2"), incarnation=Incarnation(3))
 OLDER = Ballot(epoch=Epoch(6), node=NodeId("n1"), incarnation=Incarnation(1))
@@ -246,6 +252,9 @@ _TABLE = RoutingTable(
     ),
     nodes=(NodeRoute(info=NodeInfo(node=NodeId("n1"), host="h", port=1), alive=False),),
     manager="127.0.0.1:7300",
+    auth=True,
+    tenants=(Tenant(name="acme", weight=2),),
+    tokens=(TokenGrant(digest="ab" * 32, tenant="acme", admin=True),),
 )
 CONTROL: tuple[NodeMessage, ...] = (
     NodeReportMessage(
@@ -274,6 +283,11 @@ CONTROL: tuple[NodeMessage, ...] = (
     DropKeyspace(name="ks"),
     SetQuota(name="ks", quota=Quota(reads_per_s=10.0, bytes_max=1 << 20)),
     KeyspaceReply(keyspace=_KEYSPACE),
+    CreateTenant(tenant=Tenant(name="acme", weight=3), auth="loom_x"),
+    ListTenants(auth="loom_x"),
+    TenantsReply(tenants=(Tenant(name="acme"), Tenant(name="globex", weight=2))),
+    CreateToken(tenant="acme", admin=True, auth="loom_x"),
+    TokenReply(secret="loom_s", token_id="0123456789ab", tenant="acme", admin=False),
     Done(),
     RoutingRequest(),
     RoutingPush(table=_TABLE),

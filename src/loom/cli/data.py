@@ -37,10 +37,19 @@ def cluster_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def current_token() -> str | None:
+    """`loom --token T …` or $LOOM_TOKEN (the root command keeps it in its context)."""
+    context = click.get_current_context(silent=True)
+    root = context.find_root().obj if context is not None else None
+    if isinstance(root, dict) and root.get("token"):
+        return str(root["token"])
+    return os.environ.get("LOOM_TOKEN") or None
+
+
 @contextmanager
 def connected(cluster: str) -> Iterator[kv.SyncClient]:
     try:
-        with kv.connect_sync(cluster, timeout_s=10.0) as client:
+        with kv.connect_sync(cluster, timeout_s=10.0, token=current_token()) as client:
             yield client
     except LoomError as error:
         raise click.ClickException(f"{type(error).__name__}: {error}") from None
@@ -225,9 +234,17 @@ def keyspace_group() -> None:
 @click.option("--ushards", type=click.IntRange(1, 65_536), default=4096, show_default=True)
 @click.option("--tier", default="wildcard", show_default=True)
 @click.option("--regions", default="", help="Comma-separated regions to place replicas in.")
+@click.option("--tenant", help="Owner (admin token only; default: the token's tenant).")
 @cluster_option
 def create_command(
-    name: str, shards: int, replication: str, ushards: int, tier: str, regions: str, cluster: str
+    name: str,
+    shards: int,
+    replication: str,
+    ushards: int,
+    tier: str,
+    regions: str,
+    tenant: str | None,
+    cluster: str,
 ) -> None:
     """Create keyspace NAME and wait until its p-shards serve."""
     with connected(cluster) as client:
@@ -238,6 +255,7 @@ def create_command(
             ushards=ushards,
             tier=tier,
             regions=[r for r in regions.split(",") if r],
+            tenant=tenant,
         )
     click.echo(f"keyspace {keyspace.name}: {len(keyspace.placements)} p-shards ready")
 

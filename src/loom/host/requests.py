@@ -92,6 +92,8 @@ class ErrorCode(enum.Enum):
     THROTTLED = "throttled"
     # Over the keyspace's stored-bytes quota: not retryable (ADR 0008).
     QUOTA_EXCEEDED = "quota_exceeded"
+    # The request's token is missing, unknown, or does not reach this keyspace.
+    PERMISSION_DENIED = "permission_denied"
 
 
 class ErrorReply(Struct, frozen=True, tag="error", kw_only=True):

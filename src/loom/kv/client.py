@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
+import msgspec
+
 from loom.core.errors import (
     ConditionFailed,
     InvalidArgument,
@@ -70,24 +72,31 @@ from loom.kvstate.commands import (
 )
 from loom.kvstate.reads import Item
 from loom.runtime.codec import (
+    AUTHENTICATED,
     ClientAnswer,
     ClientCall,
     CreateKeyspace,
+    CreateTenant,
+    CreateToken,
     Done,
     DropKeyspace,
     Failure,
     KeyspaceReply,
+    ListTenants,
     NodeMessage,
     RoutingRequest,
     SetQuota,
     StatusReply,
     StatusRequest,
+    TenantsReply,
+    TokenReply,
     decode,
     encode,
 )
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
 from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable
+from loom.shardmgr.tenancy import TOKEN_CHARS_MAX, Tenant, tenant_problem
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
@@ -221,7 +230,12 @@ class Client:
     ) -> None:
         if not math.isfinite(timeout_s) or not 0 < timeout_s <= 3600:
             raise InvalidArgument(f"timeout_s must be in (0, 3600], not {timeout_s!r}")
-        # Tokens are checked once the cluster enforces auth (multi-tenancy issue).
+        if token is not None and (not isinstance(token, str) or not token):
+            raise InvalidArgument("token must be a non-empty str (or None)")
+        if token is not None and len(token) > TOKEN_CHARS_MAX:
+            raise InvalidArgument(f"token of {len(token)} characters is over {TOKEN_CHARS_MAX}")
+        # Sent with every request; checked by the nodes and the manager when the cluster
+        # runs with auth (ADR 0008).
         self.token = token
         self.timeout_s = timeout_s
         self.router = Router(seeds, self._fetch_routing, region=region)
@@ -265,9 +279,11 @@ class Client:
         ushards: int = 4096,
         tier: str = "wildcard",
         regions: Sequence[str] = (),
+        tenant: str | None = None,
     ) -> KeyspaceInfo:
         """Create a keyspace (the same spec again is a no-op) and wait until every one
-        of its p-shards has an active primary."""
+        of its p-shards has an active primary. It belongs to the tenant of the client's
+        token; an admin token may name another `tenant`."""
         spec = KeyspaceSpec(
             name=name,
             shards=shards,
@@ -279,7 +295,9 @@ class Client:
         problem = spec.problem()
         if problem is not None:
             raise InvalidArgument(problem)
-        reply = await self._admin_retrying(CreateKeyspace(spec=spec))
+        if tenant is not None and not isinstance(tenant, str):
+            raise InvalidArgument("tenant must be a str")
+        reply = await self._admin_retrying(CreateKeyspace(spec=spec, tenant=tenant or ""))
         if not isinstance(reply, KeyspaceReply):
             raise Unavailable(f"the shard manager answered {type(reply).__name__}")
         await self._until_ready(reply.keyspace)
@@ -335,6 +353,33 @@ class Client:
             raise Unavailable(f"the shard manager answered {type(reply).__name__}")
         await self.router.refresh(force=True)
         return reply.keyspace
+
+    async def create_tenant(self, name: str, *, weight: int = 1) -> Tenant:
+        """Create a tenant (admin); `weight`: its share under contention."""
+        problem = tenant_problem(name, weight)
+        if problem is not None:
+            raise InvalidArgument(problem)
+        reply = await self._admin(CreateTenant(tenant=Tenant(name=name, weight=weight)))
+        if not isinstance(reply, TenantsReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return next(t for t in reply.tenants if t.name == name)
+
+    async def tenants(self) -> list[Tenant]:
+        """Every tenant (admin)."""
+        reply = await self._admin(ListTenants())
+        if not isinstance(reply, TenantsReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return list(reply.tenants)
+
+    async def create_token(self, tenant: str, *, admin: bool = False) -> TokenReply:
+        """A new token for `tenant` (admin). `.secret` is shown now and never again:
+        the cluster keeps only its hash."""
+        if not isinstance(tenant, str) or not isinstance(admin, bool):
+            raise InvalidArgument("tenant must be a str and admin a bool")
+        reply = await self._admin(CreateToken(tenant=tenant, admin=admin))
+        if not isinstance(reply, TokenReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return reply
 
     async def keyspaces(self) -> list[KeyspaceInfo]:
         await self.router.refresh(force=True)
@@ -429,6 +474,8 @@ class Client:
     ) -> NodeMessage:
         if self._closed:
             raise Unavailable("the client is closed")
+        if self.token is not None and isinstance(message, AUTHENTICATED):
+            message = msgspec.structs.replace(message, auth=self.token)
         connection = await self._connection(address)
         try:
             body = await connection.call(encode(message), timeout_s=timeout_s)
@@ -533,6 +580,8 @@ class Client:
                 state.overloaded = True
             case ErrorCode.THROTTLED:
                 state.throttled = True
+            case ErrorCode.PERMISSION_DENIED:
+                raise PermissionDenied(reply.message or "the token does not reach this keyspace")
             case ErrorCode.QUOTA_EXCEEDED:
                 raise QuotaExceeded(reply.message or "over the keyspace's stored-bytes quota")
             case ErrorCode.NOT_READY | ErrorCode.NOT_APPLIED:

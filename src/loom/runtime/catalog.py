@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import msgspec
 
-from loom.core.errors import InvalidArgument, NotFound, Unavailable
+from loom.core.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from loom.core.ids import ShardId
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.routing import Keyspace, Quota
@@ -78,6 +78,10 @@ class Catalog:
         existing = _DECODER.decode(result.current[0])
         if existing.dropping:
             raise Unavailable(f"keyspace {record.keyspace.name!r} is being dropped; retry")
+        if existing.keyspace.tenant != record.keyspace.tenant:
+            raise PermissionDenied(
+                f"keyspace {record.keyspace.name!r} exists and belongs to another tenant"
+            )
         if existing.keyspace.spec != record.keyspace.spec:
             raise InvalidArgument(
                 f"keyspace {record.keyspace.name!r} exists with another spec: "

@@ -36,12 +36,15 @@ from loom.runtime.codec import (
     AssignMessage,
     BadMessage,
     CreateKeyspace,
+    CreateTenant,
+    CreateToken,
     Done,
     DropKeyspace,
     DropShard,
     Failure,
     FailureKind,
     KeyspaceReply,
+    ListTenants,
     ManagerEvent,
     NodeReportMessage,
     NodeStatus,
@@ -52,12 +55,15 @@ from loom.runtime.codec import (
     ShardStatus,
     StatusReply,
     StatusRequest,
+    TenantsReply,
+    TokenReply,
     decode,
     encode,
 )
 from loom.runtime.leadership import EtcdLeadership
 from loom.runtime.outbound import Outbound
 from loom.runtime.rpc import RpcServer
+from loom.runtime.tenancy import Tenancy
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.rebalance import ReplaceMember, ShardView, TransferPrimary, next_move
@@ -146,8 +152,14 @@ class ManagerRuntime:
         host: str = "127.0.0.1",
         port: int = 0,
         leadership: EtcdLeadership | None = None,
+        auth: bool = False,
     ) -> None:
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
+        # Tenants and tokens; with `auth`, every operator call needs a token (ADR 0008).
+        self.tenancy = Tenancy(metastore, auth=auth)
+        # The first admin token's secret, made when this manager first led with auth on
+        # an empty catalog; printed once by `loom sm`, never stored.
+        self.bootstrap_token: str | None = None
         # With several managers, this one acts only while it leads (etcd lease); it keeps
         # its node registry warm from reports meanwhile, so a takeover is quick.
         self.leadership = leadership
@@ -201,6 +213,8 @@ class ManagerRuntime:
         """Takes the state over from the metastore and starts deciding."""
         now = Instant(time.monotonic() * 1000)
         records, keyspaces, self.next_shard = await asyncio.to_thread(self._load)
+        await asyncio.to_thread(self.tenancy.load)
+        self.bootstrap_token = await asyncio.to_thread(self.tenancy.bootstrap)
         for shard, record in records:
             self.core.restore(shard, record, now)
             if record.activated:
@@ -248,22 +262,63 @@ class ManagerRuntime:
                         lambda now: self.core.on_event(message.shard, message.event, now)
                     )
                 case CreateKeyspace():
-                    return encode(KeyspaceReply(keyspace=await self.create_keyspace(message.spec)))
+                    grant = self.tenancy.authorize(message.auth)
+                    owner = self.tenancy.owner_for(grant, message.tenant)
+                    keyspace = await self.create_keyspace(message.spec, tenant=owner)
+                    return encode(KeyspaceReply(keyspace=keyspace))
                 case DropKeyspace():
+                    grant = self.tenancy.authorize(message.auth)
+                    existing = self.keyspaces.get(message.name)
+                    if existing is not None:
+                        self.tenancy.check_reach(grant, message.name, existing.tenant)
                     await self.drop_keyspace(message.name)
                     return encode(Done())
                 case SetQuota():
+                    self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.set_quota(message.name, message.quota)
                     return encode(KeyspaceReply(keyspace=keyspace))
                 case RoutingRequest():
-                    return encode(self.routing())
+                    self.tenancy.authorize(message.auth)
+                    return encode(self.routing().for_clients())
                 case StatusRequest():
+                    self.tenancy.authorize(message.auth, admin=True)
                     return encode(self.status())
+                case CreateTenant() | ListTenants() | CreateToken():
+                    return encode(await self._tenancy_call(message))
                 case _:
                     raise BadMessage(f"the shard manager does not take {type(message).__name__}")
         except LoomError as error:
             return encode(failure(error))
         return b""
+
+    async def _tenancy_call(
+        self, message: CreateTenant | ListTenants | CreateToken
+    ) -> TenantsReply | TokenReply:
+        """Tenant and token management: admin only (anyone without auth)."""
+        self.tenancy.authorize(message.auth, admin=True)
+        async with self.admin_lock:
+            match message:
+                case CreateTenant():
+                    await asyncio.to_thread(self.tenancy.create_tenant, message.tenant)
+                case CreateToken():
+                    secret, grant = await asyncio.to_thread(
+                        functools.partial(
+                            self.tenancy.create_token, message.tenant, admin=message.admin
+                        )
+                    )
+                    log.info(
+                        "token %s made for tenant %s%s",
+                        grant.token_id, grant.tenant, " (admin)" if grant.admin else "",
+                    )  # fmt: skip
+                    return TokenReply(
+                        secret=secret,
+                        token_id=grant.token_id,
+                        tenant=grant.tenant,
+                        admin=grant.admin,
+                    )
+                case ListTenants():
+                    pass
+        return TenantsReply(tenants=self.tenancy.sorted_tenants())
 
     async def _standby_answer(self) -> Failure:
         leader = None
@@ -325,13 +380,17 @@ class ManagerRuntime:
 
     # ---------------------------------------------------------------- keyspaces
 
-    async def create_keyspace(self, spec: KeyspaceSpec) -> Keyspace:
+    async def create_keyspace(self, spec: KeyspaceSpec, *, tenant: str = "") -> Keyspace:
         problem = spec.problem()
         if problem is not None:
             raise InvalidArgument(problem)
         async with self.admin_lock:
             existing = self.keyspaces.get(spec.name)
             if existing is not None:
+                if existing.tenant != tenant:
+                    raise PermissionDenied(
+                        f"keyspace {spec.name!r} exists and belongs to another tenant"
+                    )
                 if existing.spec != spec:
                     raise InvalidArgument(f"keyspace {spec.name!r} exists with another spec")
                 return existing
@@ -345,6 +404,7 @@ class ManagerRuntime:
                     for shard, p in zip(ids, placements, strict=True)
                 ),
                 ranges=compact_ranges(spec.ushards, ids),
+                tenant=tenant,
             )
             record = await asyncio.to_thread(self.catalog.create, KeyspaceRecord(keyspace=keyspace))
             await self._install(record.keyspace)
@@ -480,7 +540,8 @@ class ManagerRuntime:
             NodeRoute(info=self.infos[node], alive=self.core.is_alive(node, now))
             for node in sorted(self.infos)
         )
-        content = (keyspaces, shards, nodes)
+        tenants, tokens = self.tenancy.sorted_tenants(), self.tenancy.sorted_grants()
+        content = (keyspaces, shards, nodes, tenants, tokens)
         if content != self.routing_content:
             self.routing_content = content
             self.routing_counter += 1
@@ -491,6 +552,9 @@ class ManagerRuntime:
             shards=shards,
             nodes=nodes,
             manager=f"{self.host}:{self.port}",
+            auth=self.tenancy.auth,
+            tenants=tenants,
+            tokens=tokens,
         )
 
     async def _push_routing(self) -> None:

@@ -41,6 +41,7 @@ from loom.kvstate.keys import prefix_end
 from loom.paxos.messages import Envelope
 from loom.paxos.params import ReplicaParams
 from loom.paxos.replica import Assignment
+from loom.runtime.auth_gate import AuthGate
 from loom.runtime.codec import (
     AssignMessage,
     BadMessage,
@@ -108,6 +109,7 @@ class NodeRuntime:
         region: str = "",
         zone: str = "",
         tier: str = DEFAULT_TIER,
+        auth: bool = False,
     ) -> None:
         self.node = node
         self.host = host
@@ -134,6 +136,9 @@ class NodeRuntime:
         self.dropped_messages = 0
         # Per-keyspace quotas, checked on the loop before a request is queued (ADR 0008).
         self.quotas = QuotaGate(node)
+        # Tokens, checked before quotas; `auth`: refuse clients until the table has auth.
+        self.auth = AuthGate(required=auth)
+        self.routing_for_clients = EMPTY_TABLE  # the table without token hashes
         # Owned by the storage thread:
         self.sizes = ShardSizes()
         self.store: RocksStore | None = None
@@ -274,10 +279,16 @@ class NodeRuntime:
                 dropped = message.shard
                 self._enqueue(lambda i: i.drops.append(dropped))
             case RoutingPush():
-                if message.table.version > self.routing.version:
-                    self.routing = message.table
-                    self.quotas.on_routing(message.table, time.monotonic() * 1000)
+                table = message.table
+                if table.version > self.routing.version and self.auth.accepts(table):
+                    self.routing = table
+                    self.routing_for_clients = table.for_clients()
+                    self.auth.on_routing(table)
+                    self.quotas.on_routing(table, time.monotonic() * 1000)
             case RoutingRequest():
+                if not self.auth.may_read_routing(message.auth):
+                    denied = Failure(kind="permission", message="a valid token is needed")
+                    return encode(denied)
                 if self.routing is EMPTY_TABLE:
                     failure = Failure(
                         kind="unavailable",
@@ -285,7 +296,7 @@ class NodeRuntime:
                         retry_after_ms=200,
                     )
                     return encode(failure)
-                return encode(self.routing)
+                return encode(self.routing_for_clients)
             case _:
                 raise BadMessage(f"a node does not take {type(message).__name__}")
         return b""
@@ -309,7 +320,9 @@ class NodeRuntime:
             )  # fmt: skip
 
     async def _client_call(self, call: ClientCall) -> bytes:
-        refusal = self.quotas.check(call.shard, call.request, time.monotonic() * 1000)
+        refusal = self.auth.check(call.shard, call.request, call.auth)
+        if refusal is None:
+            refusal = self.quotas.check(call.shard, call.request, time.monotonic() * 1000)
         if refusal is not None:  # answered at once: never queued, never dropped
             return encode(ClientAnswer(reply=refusal))
         call_id = next(self.call_ids)

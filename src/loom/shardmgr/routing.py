@@ -21,8 +21,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from msgspec import Struct
+from msgspec.structs import replace
 
 from loom.core.ids import NodeId, ShardId
+from loom.shardmgr.tenancy import Tenant, TokenGrant
 
 DEFAULT_TIER = "wildcard"
 KEYSPACE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -165,6 +167,15 @@ class RoutingTable(Struct, frozen=True, kw_only=True, tag="rt1"):
     shards: tuple[ShardRoute, ...]
     nodes: tuple[NodeRoute, ...]
     manager: str = ""  # the leading shard manager's HOST:PORT, for operator calls
+    # Multi-tenancy (ADR 0008). `auth`: requests must carry a token. `tokens` (hashes,
+    # never secrets) reach nodes only: what nodes and the manager serve to clients is
+    # `for_clients()`, without them.
+    auth: bool = False
+    tenants: tuple[Tenant, ...] = ()
+    tokens: tuple[TokenGrant, ...] = ()
+
+    def for_clients(self) -> RoutingTable:
+        return replace(self, tokens=()) if self.tokens else self
 
 
 EMPTY_TABLE = RoutingTable(version=(0, 0), keyspaces=(), shards=(), nodes=())
