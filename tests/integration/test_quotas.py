@@ -20,7 +20,7 @@ from loom import kv
 from loom.core.errors import LoomError, OutcomeUnknown, QuotaExceeded, Throttled
 from loom.runtime.localcluster import LocalCluster
 
-QUOTA_WRITES_PER_S = 40.0
+QUOTA_WRITES_PER_S = 20.0
 RUN_S = 4.0
 WRITERS = 16
 
@@ -79,7 +79,7 @@ async def throttling(address: str) -> None:
         async with asyncio.TaskGroup() as group:
             for i in range(WRITERS):
                 group.create_task(write_fast(fast.keyspace("slow"), f"s{i}", slow, until))
-            for i in range(4):
+            for i in range(8):
                 group.create_task(write_fast(admin.keyspace("free"), f"f{i}", free, until))
         elapsed = time.monotonic() - start
 
@@ -91,7 +91,8 @@ async def throttling(address: str) -> None:
     accepted_max = QUOTA_WRITES_PER_S * (elapsed + 0.5) * 1.1
     assert slow.ok + slow.unknown <= accepted_max, (slow.ok, slow.unknown, accepted_max)
     assert slow.ok >= QUOTA_WRITES_PER_S * elapsed * 0.5, (slow.ok, elapsed)
-    # The other keyspace of the same cluster is not throttled and is not held to the quota.
+    # The other keyspace of the same cluster is not throttled and is not held to the
+    # quota (the bound is loose: the machine running the test may be busy).
     assert free.throttled == [] and free.other == [], (free.throttled[:1], free.other[:3])
     assert free.unknown == 0
     assert free.ok > 2 * QUOTA_WRITES_PER_S * elapsed, (free.ok, elapsed)

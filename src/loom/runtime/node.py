@@ -35,6 +35,7 @@ from pathlib import Path
 
 from loom.core.ids import Incarnation, NodeId, ShardId
 from loom.core.time import Instant, WallMs
+from loom.host.fair_queue import FairQueue
 from loom.host.requests import ClientReply, ClientRequest, ErrorCode, ErrorReply
 from loom.host.shard import HostOutput, ShardHost, shard_prefix
 from loom.kvstate.keys import prefix_end
@@ -71,6 +72,10 @@ TICK_MS = 10.0
 # Turns whose outputs may wait for an fsync at once (then the storage thread waits).
 UNSYNCED_TURNS_MAX = 64
 INPUTS_MAX = 10_000
+# Client requests taken into one storage turn, across tenants by weight (DESIGN §7);
+# the rest wait in their tenant's queue for the next turn.
+CALLS_PER_TURN_MAX = 512
+CALLS_PER_TENANT_MAX = 4_096
 REPORT_MS = 100.0
 CLIENT_CALL_TIMEOUT_S = 10.0
 INCARNATION_FILE = "INCARNATION"
@@ -139,6 +144,10 @@ class NodeRuntime:
         # Tokens, checked before quotas; `auth`: refuse clients until the table has auth.
         self.auth = AuthGate(required=auth)
         self.routing_for_clients = EMPTY_TABLE  # the table without token hashes
+        # Admitted client calls wait here, one queue per tenant, until a turn takes them.
+        self.fair: FairQueue[tuple[int, ShardId, ClientRequest]] = FairQueue(
+            per_tenant_max=CALLS_PER_TENANT_MAX, total_max=INPUTS_MAX
+        )
         # Owned by the storage thread:
         self.sizes = ShardSizes()
         self.store: RocksStore | None = None
@@ -284,6 +293,7 @@ class NodeRuntime:
                     self.routing = table
                     self.routing_for_clients = table.for_clients()
                     self.auth.on_routing(table)
+                    self.fair.set_weights({t.name: t.weight for t in table.tenants})
                     self.quotas.on_routing(table, time.monotonic() * 1000)
             case RoutingRequest():
                 if not self.auth.may_read_routing(message.auth):
@@ -329,7 +339,14 @@ class NodeRuntime:
         future: asyncio.Future[ClientReply] = asyncio.get_running_loop().create_future()
         self.calls[call_id] = future
         try:
-            self._enqueue(lambda i: i.calls.append((call_id, call.shard, call.request)))
+            tenant = self.auth.owner_of.get(call.shard, "")
+            if not self.fair.push(tenant, (call_id, call.shard, call.request)):
+                raise asyncio.QueueFull  # this tenant's queue (or all of them) is full
+            if len(self.fair) == 1:
+                # The pump may be waiting for inputs; if they are full, it is busy and
+                # takes from the fair queue on its next turn anyway.
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._enqueue(_wake)
             async with asyncio.timeout(CLIENT_CALL_TIMEOUT_S):
                 reply = await future
         except TimeoutError:
@@ -357,9 +374,11 @@ class NodeRuntime:
                 self.sync_done.clear()
                 await self.sync_done.wait()
             batch = _Inputs()
-            (await self.inputs.get())(batch)
+            if not self.fair:
+                (await self.inputs.get())(batch)
             while not self.inputs.empty():
                 self.inputs.get_nowait()(batch)
+            batch.calls.extend(self.fair.pop(CALLS_PER_TURN_MAX))
             outputs = await loop.run_in_executor(self.pool, self._turn, batch)
             self.unsynced.append(outputs)
             self.sync_wanted.set()
@@ -478,3 +497,7 @@ def _not_hosted(node: NodeId, shard: ShardId, request: ClientRequest) -> ErrorRe
 
 def _request_tick(inputs: _Inputs) -> None:
     inputs.tick = True
+
+
+def _wake(_inputs: _Inputs) -> None:
+    """Queued client calls wait in the fair queue; this only wakes the pump."""
