@@ -23,6 +23,7 @@ from loom.runtime.localcluster import LocalCluster
 QUOTA_WRITES_PER_S = 20.0
 RUN_S = 4.0
 WRITERS = 16
+PATIENT_PUTS = 40
 
 
 def loom(*args: str) -> subprocess.CompletedProcess[str]:
@@ -82,6 +83,7 @@ async def throttling(address: str) -> None:
             for i in range(8):
                 group.create_task(write_fast(admin.keyspace("free"), f"f{i}", free, until))
         elapsed = time.monotonic() - start
+        patient_s = await patient_writer(admin.keyspace("slow"))
 
     assert slow.other == [], slow.other[:3]
     assert slow.throttled, "a writer far over its quota was never throttled"
@@ -96,6 +98,18 @@ async def throttling(address: str) -> None:
     assert free.throttled == [] and free.other == [], (free.throttled[:1], free.other[:3])
     assert free.unknown == 0
     assert free.ok > 2 * QUOTA_WRITES_PER_S * elapsed, (free.ok, elapsed)
+    # A writer with time to spare never sees Throttled: its client waits out the hints.
+    burst = QUOTA_WRITES_PER_S * 0.5
+    assert patient_s >= (PATIENT_PUTS - burst) / QUOTA_WRITES_PER_S * 0.8, patient_s
+
+
+async def patient_writer(ks: kv.Keyspace) -> float:
+    """PATIENT_PUTS puts one after another with the default 10 s deadline; how long."""
+    await asyncio.sleep(1.0)  # the buckets refill after the fast writers
+    start = time.monotonic()
+    for i in range(PATIENT_PUTS):
+        await ks.put(b"patient:%d" % i, b"v")  # Throttled here would fail the test
+    return time.monotonic() - start
 
 
 async def stored_bytes(address: str) -> None:

@@ -3,16 +3,19 @@ is split among nodes, the quota check a node runs on a request, and the byte cou
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loom.core.errors import InvalidArgument
 from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard
 from loom.host.admission import BURST_S, Admission, KeyspaceLimits, TokenBucket
 from loom.host.requests import ErrorCode, ReadRequest, WriteRequest
 from loom.host.shard import shard_prefix
+from loom.kv.client import Client
 from loom.kvstate.commands import Delete, Put, encode_command
 from loom.runtime.codec import SetQuota, decode, encode
 from loom.runtime.quota_gate import QuotaGate
@@ -29,6 +32,7 @@ from loom.shardmgr.routing import (
     ShardRoute,
     compact_ranges,
 )
+from loom.shardmgr.tenancy import TOKEN_CHARS_MAX
 from loom.storage.api import WriteBatch
 from loom.storage.memory import MemoryStore
 
@@ -319,3 +323,36 @@ def test_sizes_count_the_kv_namespace_of_each_shard_within_a_budget() -> None:
     per_item = 2 + 4 + 10  # key inside the shard prefix + value
     assert second == {ShardId(1): 7000 * per_item, ShardId(2): 10 * per_item}
     assert sizes.measure(store, [ShardId(2)]) == {ShardId(2): 10 * per_item}
+
+
+# ------------------------------------------------------------------ client-side checks
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"writes_per_s": -1},
+        {"reads_per_s": 0},
+        {"reads_per_s": "10"},
+        {"writes_per_s": math.inf},
+        {"bytes_max": 1.5},
+        {"bytes_max": True},
+        {"bytes_max": 0},
+    ],
+)
+def test_client_refuses_a_bad_quota_before_sending_it(limits: dict[str, object]) -> None:
+    async def attempt() -> None:
+        client = Client([("127.0.0.1", 1)])
+        try:
+            await client.set_quota("ks", **limits)  # type: ignore[arg-type]
+        finally:
+            await client.close()
+
+    with pytest.raises(InvalidArgument):
+        asyncio.run(attempt())
+
+
+def test_client_refuses_an_empty_or_oversized_token() -> None:
+    for token in ("", "x" * (TOKEN_CHARS_MAX + 1)):
+        with pytest.raises(InvalidArgument):
+            Client([("127.0.0.1", 1)], token=token)
