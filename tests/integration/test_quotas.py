@@ -103,6 +103,43 @@ async def throttling(address: str) -> None:
     assert patient_s >= (PATIENT_PUTS - burst) / QUOTA_WRITES_PER_S * 0.8, patient_s
 
 
+async def read_fast(ks: kv.Keyspace, counts: Counts, until: float) -> None:
+    while time.monotonic() < until:
+        try:
+            await ks.get(b"k", consistency=kv.EVENTUAL)  # any replica: each has a bucket
+        except Throttled as error:
+            counts.throttled.append(error)
+            continue
+        except LoomError as error:
+            counts.other.append(f"{type(error).__name__}: {error}")
+            continue
+        counts.ok += 1
+
+
+async def read_throttling(address: str) -> None:
+    """Reads have their own bucket: a reads/s quota throttles reads, not writes."""
+    reads_per_s = 30.0
+    async with kv.connect(address, timeout_s=0.5) as client:
+        await client.create_keyspace("reads", shards=1, replication=3)
+        await client.set_quota("reads", reads_per_s=reads_per_s)
+        await asyncio.sleep(0.5)
+        ks = client.keyspace("reads")
+        for i in range(40):  # writes are not limited by a reads/s quota
+            await ks.put(b"w%d" % i, b"v")
+        counts = Counts()
+        start = time.monotonic()
+        until = start + 2.0
+        async with asyncio.TaskGroup() as group:
+            for _ in range(8):
+                group.create_task(read_fast(ks, counts, until))
+        elapsed = time.monotonic() - start
+    assert counts.other == [], counts.other[:3]
+    assert counts.throttled, "readers far over their quota were never throttled"
+    # EVENTUAL reads may go to any of the 3 replicas, each enforcing the whole share
+    # (ADR 0008): at most 3 × the quota, plus each bucket's burst.
+    assert counts.ok <= 3 * reads_per_s * (elapsed + 0.5) * 1.1, (counts.ok, elapsed)
+
+
 async def patient_writer(ks: kv.Keyspace) -> float:
     """PATIENT_PUTS puts one after another with the default 10 s deadline; how long."""
     await asyncio.sleep(1.0)  # the buckets refill after the fast writers
@@ -144,6 +181,7 @@ def test_quotas_throttle_one_keyspace_and_leave_another_alone(tmp_path: Path) ->
         address = cluster.manager_address
         asyncio.run(throttling(address))
         asyncio.run(stored_bytes(address))
+        asyncio.run(read_throttling(address))
 
         at = ("-c", address)
         limits = ("--reads-per-s", "1000", "--bytes-max", "5000000")
