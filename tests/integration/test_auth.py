@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,18 @@ async def raw_call(port: int, call: ClientCall | RoutingRequest) -> object:
     """One message straight to one process, bypassing the client library."""
     async with await RpcClient.connect("127.0.0.1", port) as rpc:
         return decode(await rpc.call(encode(call), timeout_s=5))
+
+
+async def refused_within(attempt: Callable[[], Awaitable[object]], *, timeout_s: float) -> None:
+    """Tries `attempt` again until it is refused with PermissionDenied."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await attempt()
+        except PermissionDenied:
+            return
+        assert time.monotonic() < deadline, "a revoked token still works"
+        await asyncio.sleep(0.05)
 
 
 async def scenario(cluster: LocalCluster, admin_token: str) -> dict[str, str]:
@@ -96,6 +110,15 @@ async def scenario(cluster: LocalCluster, admin_token: str) -> dict[str, str]:
             await admin.set_quota("ours", writes_per_s=1000)
             assert (await admin.status()).nodes
 
+            # A revoked token stops working once the push reaches the nodes.
+            spare = await admin.create_token("acme")
+            async with kv.connect(address, token=spare.secret) as spare_client:
+                await spare_client.keyspace("ours").get(b"k")
+                await admin.revoke_token(spare.token_id)
+                assert spare.token_id not in {t.token_id for t in await admin.tokens()}
+                spare_ks = spare_client.keyspace("ours")
+                await refused_within(lambda: spare_ks.get(b"k"), timeout_s=5)
+
             # The nodes check by themselves: a request straight to the primary's node.
             table = await admin.routing()
             assert table.auth and table.tokens == ()  # clients never see token hashes
@@ -141,6 +164,9 @@ def test_tokens_reach_only_their_tenants_keyspaces_and_admin_reaches_all(tmp_pat
         assert made.returncode == 0, made.stderr
         new = loom("token", "create", "--tenant", "initech", "-q", *at, token=admin_token)
         assert new.returncode == 0 and new.stdout.startswith("loom_"), new.stderr
+        ids = json.loads(loom("token", "list", "--json", *at, token=admin_token).stdout)
+        assert {t["tenant"] for t in ids} >= {"admin", "acme", "globex", "initech"}
+        assert all(len(t["id"]) == 12 and set(t) == {"id", "tenant", "admin"} for t in ids)
         listed = loom("tenant", "list", "--json", *at, token=admin_token)
         rows = {r["name"]: r for r in json.loads(listed.stdout)}
         assert rows["initech"]["weight"] == 3 and rows["acme"]["keyspaces"] == 1

@@ -73,7 +73,6 @@ async def throttling(address: str) -> None:
         await admin.create_keyspace("free", shards=1, replication=3)
         info = await admin.set_quota("slow", writes_per_s=QUOTA_WRITES_PER_S)
         assert info.quota.writes_per_s == QUOTA_WRITES_PER_S
-        await asyncio.sleep(0.5)  # the routing push reaches every node
         slow, free = Counts(), Counts()
         start = time.monotonic()
         until = start + RUN_S
@@ -122,7 +121,6 @@ async def read_throttling(address: str) -> None:
     async with kv.connect(address, timeout_s=0.5) as client:
         await client.create_keyspace("reads", shards=1, replication=3)
         await client.set_quota("reads", reads_per_s=reads_per_s)
-        await asyncio.sleep(0.5)
         ks = client.keyspace("reads")
         for i in range(40):  # writes are not limited by a reads/s quota
             await ks.put(b"w%d" % i, b"v")
@@ -155,7 +153,6 @@ async def stored_bytes(address: str) -> None:
     async with kv.connect(address) as client:
         await client.create_keyspace("small", shards=1, replication=3)
         await client.set_quota("small", bytes_max=bytes_max)
-        await asyncio.sleep(0.5)
         ks = client.keyspace("small")
         written = 0
         deadline = time.monotonic() + 60

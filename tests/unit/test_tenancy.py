@@ -150,6 +150,31 @@ def test_tenants_are_created_once_and_tokens_need_an_existing_tenant() -> None:
         tenancy.create_token("globex", admin=False)
 
 
+def test_a_revoked_token_is_refused_and_the_last_admin_token_cannot_be_revoked() -> None:
+    store = MemoryMetastore()
+    tenancy = Tenancy(store, auth=True)
+    tenancy.load()
+    admin_secret = tenancy.bootstrap()
+    assert admin_secret is not None
+    tenancy.create_tenant(Tenant(name="acme"))
+    secret, grant = tenancy.create_token("acme", admin=False)
+    admin_grant = tenancy.authorize(admin_secret)
+    assert admin_grant is not None
+    with pytest.raises(InvalidArgument):
+        tenancy.revoke_token(admin_grant.token_id)  # the last admin token
+    with pytest.raises(NotFound):
+        tenancy.revoke_token("0" * 12)
+    with pytest.raises(InvalidArgument):
+        tenancy.revoke_token("abc")
+    tenancy.revoke_token(grant.token_id)
+    with pytest.raises(PermissionDenied):
+        tenancy.authorize(secret)
+    reloaded = Tenancy(store, auth=True)
+    reloaded.load()
+    with pytest.raises(PermissionDenied):
+        reloaded.authorize(secret)
+
+
 # ------------------------------------------------------------------ the node's check
 
 ACME_SECRET, GLOBEX_SECRET, ADMIN_SECRET = "loom_acme", "loom_globex", "loom_admin"

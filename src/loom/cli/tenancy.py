@@ -76,3 +76,32 @@ def create_token_command(tenant: str, admin: bool, quiet: bool, cluster: str) ->
     kind = "admin token" if made.admin else "token"
     click.echo(f"{kind} {made.token_id} for tenant {made.tenant} (shown once, keep it):")
     click.echo(made.secret)
+
+
+@token_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@cluster_option
+def list_tokens_command(as_json: bool, cluster: str) -> None:
+    """Every token's id, tenant and role (secrets are never kept, so never shown)."""
+    with connected(cluster) as client:
+        tokens = client.tokens()
+    if as_json:
+        rows = [{"id": t.token_id, "tenant": t.tenant, "admin": t.admin} for t in tokens]
+        click.echo(json.dumps(rows))
+        return
+    table = Table(title="tokens")
+    for column in ("id", "tenant", "role"):
+        table.add_column(column)
+    for t in tokens:
+        table.add_row(t.token_id, t.tenant, "admin" if t.admin else "tenant")
+    Console().print(table)
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+@cluster_option
+def revoke_token_command(token_id: str, cluster: str) -> None:
+    """Delete token TOKEN_ID (from `loom token list`); it stops working within a second."""
+    with connected(cluster) as client:
+        client.revoke_token(token_id)
+    click.echo(f"token {token_id} revoked")

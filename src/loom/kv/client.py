@@ -83,13 +83,17 @@ from loom.runtime.codec import (
     Failure,
     KeyspaceReply,
     ListTenants,
+    ListTokens,
     NodeMessage,
+    RevokeToken,
     RoutingRequest,
     SetQuota,
     StatusReply,
     StatusRequest,
     TenantsReply,
+    TokenInfo,
     TokenReply,
+    TokensReply,
     decode,
     encode,
 )
@@ -334,7 +338,7 @@ class Client:
         bytes_max: int | None = None,
     ) -> KeyspaceInfo:
         """Set keyspace `name`'s cluster-wide quota; a limit left out (None) is
-        unlimited. Nodes enforce their share within one routing push (~0.1 s)."""
+        unlimited. Returns once every live node enforces its share (at most ~2 s)."""
         for label, rate in (("reads_per_s", reads_per_s), ("writes_per_s", writes_per_s)):
             if rate is not None and not _is_number(rate):
                 raise InvalidArgument(f"{label} must be a number, not {type(rate).__name__}")
@@ -380,6 +384,21 @@ class Client:
         if not isinstance(reply, TokenReply):
             raise Unavailable(f"the shard manager answered {type(reply).__name__}")
         return reply
+
+    async def tokens(self) -> list[TokenInfo]:
+        """Every token's id, tenant and role (admin); never a secret."""
+        reply = await self._admin(ListTokens())
+        if not isinstance(reply, TokensReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return list(reply.tokens)
+
+    async def revoke_token(self, token_id: str) -> None:
+        """Delete a token (admin); returns once every live node refuses it."""
+        if not isinstance(token_id, str):
+            raise InvalidArgument("token_id must be a str")
+        reply = await self._admin(RevokeToken(token_id=token_id))
+        if not isinstance(reply, Done):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
 
     async def keyspaces(self) -> list[KeyspaceInfo]:
         await self.router.refresh(force=True)

@@ -31,7 +31,7 @@ from loom.kv.client import (
 from loom.kv.options import QUORUM, STRONG, Page, ReadConsistency
 from loom.kv.transaction import Transaction
 from loom.kvstate.reads import Item
-from loom.runtime.codec import StatusReply, TokenReply
+from loom.runtime.codec import StatusReply, TokenInfo, TokenReply
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
 from loom.shardmgr.routing import RoutingTable
 from loom.shardmgr.tenancy import Tenant
@@ -117,6 +117,12 @@ class SyncClient:
 
     def create_token(self, tenant: str, *, admin: bool = False) -> TokenReply:
         return self._runner.run(self.client.create_token(tenant, admin=admin))
+
+    def tokens(self) -> list[TokenInfo]:
+        return self._runner.run(self.client.tokens())
+
+    def revoke_token(self, token_id: str) -> None:
+        self._runner.run(self.client.revoke_token(token_id))
 
     def drop_keyspace(self, name: str) -> None:
         self._runner.run(self.client.drop_keyspace(name))

@@ -74,6 +74,9 @@ class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
 
     report: NodeReport
     info: NodeInfo
+    # The version of the routing table the node holds: the manager waits for it after
+    # a change nodes must know before the caller goes on (a new token, a quota).
+    routing_version: tuple[int, int] = (0, 0)
 
 
 class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):
@@ -161,6 +164,27 @@ class TokenReply(msgspec.Struct, frozen=True, kw_only=True, tag="tr1"):
     admin: bool
 
 
+class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
+    token_id: str
+    tenant: str
+    admin: bool
+
+
+class ListTokens(msgspec.Struct, frozen=True, kw_only=True, tag="lk1"):
+    auth: str = ""
+
+
+class TokensReply(msgspec.Struct, frozen=True, kw_only=True, tag="tl2"):
+    tokens: tuple[TokenInfo, ...]
+
+
+class RevokeToken(msgspec.Struct, frozen=True, kw_only=True, tag="rk1"):
+    """Delete a token (admin); nodes stop taking it with the next routing push."""
+
+    token_id: str
+    auth: str = ""
+
+
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="ok1"):
     """An operation without a result succeeded."""
 
@@ -242,6 +266,9 @@ NodeMessage = (
     | TenantsReply
     | CreateToken
     | TokenReply
+    | ListTokens
+    | TokensReply
+    | RevokeToken
     | Done
     | RoutingRequest
     | RoutingPush
@@ -262,6 +289,8 @@ Authenticated = (
     | CreateTenant
     | ListTenants
     | CreateToken
+    | ListTokens
+    | RevokeToken
 )
 AUTHENTICATED: Final = typing.get_args(Authenticated)
 

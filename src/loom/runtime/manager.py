@@ -45,10 +45,12 @@ from loom.runtime.codec import (
     FailureKind,
     KeyspaceReply,
     ListTenants,
+    ListTokens,
     ManagerEvent,
     NodeReportMessage,
     NodeStatus,
     PeerAddress,
+    RevokeToken,
     RoutingPush,
     RoutingRequest,
     SetQuota,
@@ -56,7 +58,9 @@ from loom.runtime.codec import (
     StatusReply,
     StatusRequest,
     TenantsReply,
+    TokenInfo,
     TokenReply,
+    TokensReply,
     decode,
     encode,
 )
@@ -106,6 +110,8 @@ RATE_MIN_S = 0.5  # between the two counts a rate is taken from
 RATE_SMOOTHING = 0.5
 # A node gets the table again after this long even when nothing changed (a lost push).
 ROUTING_REPUSH_MS = 2_000.0
+ROUTING_SETTLE_S = 2.0
+ROUTING_SETTLE_POLL_S = 0.02
 _FAILURE_KINDS: tuple[tuple[type[LoomError], FailureKind], ...] = (
     (InvalidArgument, "invalid"),
     (NotFound, "not_found"),
@@ -184,6 +190,7 @@ class ManagerRuntime:
         self.routing_content: object = None
         self.rates: dict[ShardId, _Rate] = {}
         self.stored_bytes: dict[NodeId, int] = {}
+        self.routing_seen: dict[NodeId, tuple[int, int]] = {}
 
     async def start(self) -> None:
         """Serve at once; act as the manager now (one manager) or once elected."""
@@ -276,6 +283,7 @@ class ManagerRuntime:
                 case SetQuota():
                     self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.set_quota(message.name, message.quota)
+                    await self.until_nodes_have_routing()
                     return encode(KeyspaceReply(keyspace=keyspace))
                 case RoutingRequest():
                     self.tenancy.authorize(message.auth)
@@ -283,8 +291,11 @@ class ManagerRuntime:
                 case StatusRequest():
                     self.tenancy.authorize(message.auth, admin=True)
                     return encode(self.status())
-                case CreateTenant() | ListTenants() | CreateToken():
-                    return encode(await self._tenancy_call(message))
+                case CreateTenant() | ListTenants() | CreateToken() | ListTokens() | RevokeToken():
+                    answer = await self._tenancy_call(message)
+                    if isinstance(message, CreateToken | RevokeToken | CreateTenant):
+                        await self.until_nodes_have_routing()
+                    return encode(answer)
                 case _:
                     raise BadMessage(f"the shard manager does not take {type(message).__name__}")
         except LoomError as error:
@@ -292,8 +303,8 @@ class ManagerRuntime:
         return b""
 
     async def _tenancy_call(
-        self, message: CreateTenant | ListTenants | CreateToken
-    ) -> TenantsReply | TokenReply:
+        self, message: CreateTenant | ListTenants | CreateToken | ListTokens | RevokeToken
+    ) -> TenantsReply | TokenReply | TokensReply | Done:
         """Tenant and token management: admin only (anyone without auth)."""
         self.tenancy.authorize(message.auth, admin=True)
         async with self.admin_lock:
@@ -315,6 +326,17 @@ class ManagerRuntime:
                         token_id=grant.token_id,
                         tenant=grant.tenant,
                         admin=grant.admin,
+                    )
+                case RevokeToken():
+                    revoked = await asyncio.to_thread(self.tenancy.revoke_token, message.token_id)
+                    log.info("token %s of tenant %s revoked", revoked.token_id, revoked.tenant)
+                    return Done()
+                case ListTokens():
+                    return TokensReply(
+                        tokens=tuple(
+                            TokenInfo(token_id=g.token_id, tenant=g.tenant, admin=g.admin)
+                            for g in self.tenancy.sorted_grants()
+                        )
                     )
                 case ListTenants():
                     pass
@@ -343,6 +365,7 @@ class ManagerRuntime:
         if not self.leading:
             return
         self.stored_bytes[node] = message.report.stored_bytes
+        self.routing_seen[node] = message.routing_version
         for progress in message.report.shards:
             shard = progress.shard
             if progress.is_primary:
@@ -556,6 +579,27 @@ class ManagerRuntime:
             tenants=tenants,
             tokens=tokens,
         )
+
+    async def until_nodes_have_routing(self) -> None:
+        """Until every live node reports the current routing table (or newer), at most
+        ROUTING_SETTLE_S: then a new token works, a revoked one is refused and a quota
+        is in force everywhere when the operator's call returns. A node that does not
+        report in time (dying) gets the table with a later push."""
+        version = self.routing().version
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ROUTING_SETTLE_S
+        behind: list[NodeId] = []
+        while loop.time() < deadline:
+            now = Instant(time.monotonic() * 1000)
+            behind = [
+                n
+                for n in sorted(self.infos)
+                if self.core.is_alive(n, now) and self.routing_seen.get(n, (0, 0)) < version
+            ]
+            if not behind:
+                return
+            await asyncio.sleep(ROUTING_SETTLE_POLL_S)
+        log.warning("nodes %s did not report routing table %s in time", behind, version)
 
     async def _push_routing(self) -> None:
         pushed: dict[NodeId, tuple[tuple[int, int], float]] = {}

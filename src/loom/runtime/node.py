@@ -220,7 +220,10 @@ class NodeRuntime:
                 tier=tier,
                 pid=os.getpid(),
             )
-            self._to_managers(encode(NodeReportMessage(report=report, info=info)))
+            message = NodeReportMessage(
+                report=report, info=info, routing_version=self.routing.version
+            )
+            self._to_managers(encode(message))
             self.quotas.on_sizes(await loop.run_in_executor(self.pool, self._measure_sizes))
             await asyncio.sleep(REPORT_MS / 1000)
 

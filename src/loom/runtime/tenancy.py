@@ -22,11 +22,12 @@ import secrets
 
 import msgspec
 
-from loom.core.errors import InvalidArgument, NotFound, PermissionDenied
+from loom.core.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.tenancy import (
     ADMIN_TENANT,
     TENANTS_MAX,
+    TOKEN_ID_CHARS,
     TOKENS_MAX,
     Tenant,
     TokenGrant,
@@ -113,6 +114,25 @@ class Tenancy:
         self.grants[grant.digest] = grant
         self.verifier = Verifier(self.grants.values())
         return secret, grant
+
+    def revoke_token(self, token_id: str) -> TokenGrant:
+        """Deletes the token whose id is `token_id`; never the last admin token (the
+        cluster would have no way left to manage it)."""
+        if len(token_id) != TOKEN_ID_CHARS:
+            raise InvalidArgument(f"a token id is {TOKEN_ID_CHARS} hex characters")
+        grant = next((g for g in self.grants.values() if g.token_id == token_id), None)
+        if grant is None:
+            raise NotFound(f"no token {token_id!r}")
+        admins = sum(1 for g in self.grants.values() if g.admin)
+        if grant.admin and admins == 1:
+            raise InvalidArgument("that is the last admin token; make another one first")
+        key = TOKENS + grant.digest
+        current = self.metastore.get(key)
+        if current is not None and not self.metastore.delete(key, current[1]):
+            raise Unavailable("the token record changed meanwhile; retry")
+        del self.grants[grant.digest]
+        self.verifier = Verifier(self.grants.values())
+        return grant
 
     # ---------------------------------------------------------------- checks
 

@@ -25,6 +25,8 @@ TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 TENANTS_MAX = 10_000
 TOKENS_MAX = 100_000
 TOKEN_CHARS_MAX = 256
+# A token's public id is this many hex characters of its digest.
+TOKEN_ID_CHARS = 12
 TENANT_WEIGHT_MAX = 1000
 # The tenant of the token a cluster started with `--auth` prints once.
 ADMIN_TENANT = "admin"
@@ -49,7 +51,7 @@ class TokenGrant(Struct, frozen=True, kw_only=True):
     @property
     def token_id(self) -> str:
         """A short public name for the token (listing, logs)."""
-        return self.digest[:12]
+        return self.digest[:TOKEN_ID_CHARS]
 
 
 def tenant_problem(name: str, weight: int) -> str | None:
