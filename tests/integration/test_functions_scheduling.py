@@ -184,3 +184,31 @@ def test_a_flooding_tenant_does_not_starve_another(tmp_path: Path) -> None:
             assert len(finished["flood"]) < 1500
 
     run_scenario(tmp_path, scenario)
+
+
+@pytest.mark.timeout(180)
+def test_a_keyspace_over_its_quota_cuts_the_dispatch_rate_and_dead_letters_nothing(
+    tmp_path: Path,
+) -> None:
+    async def scenario(cluster: LocalCluster) -> None:
+        app = App("quota", cluster=cluster.manager_address, partitions=4)
+        retry = Retry(attempts_max=3, backoff_s=0.1, backoff_max_s=0.5)
+
+        @app.function(downstream=("kv:tight",), retries=retry, timeout_s=10)
+        async def write(ctx: Context, i: int) -> int:
+            await ctx.kv.keyspace("tight").put(b"k%d" % i, b"v" * 100)
+            return i
+
+        async with kv.connect(cluster.manager_address) as admin:
+            await admin.create_keyspace("tight", shards=1)
+            await admin.set_quota("tight", writes_per_s=20)
+            settings = AimdSettings(rate_initial=400, rate_max=400, increase_per_s=2)
+            async with running(cluster, [app], schedulers=1, aimd=settings) as (scheduler,):
+                calls = await write.submit_many([[i] for i in range(150)])
+                # None dead-lettered: the quota slowed the calls down, it did not fail them.
+                assert [await c.result(timeout_s=120) for c in calls] == list(range(150))
+                controller = scheduler.downstreams["kv:tight"].aimd
+                assert controller.cuts >= 1
+                assert controller.current(time.monotonic()) < settings.rate_max
+
+    run_scenario(tmp_path, scenario)

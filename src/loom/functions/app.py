@@ -249,7 +249,12 @@ class App:
     tenant: str | None = None
     weight: int = 1
     functions: dict[str, Function] = field(default_factory=dict)
+    # Functions' own kv requests (`ctx.kv`) give up this soon when a keyspace throttles
+    # them, so `Throttled` reaches the platform: the call goes back to the queue without
+    # using an attempt and the downstream's controller slows dispatch.
+    kv_timeout_s: float = 3.0
     _client: kv.Client | None = None
+    _functions_client: kv.Client | None = None
     _queue: DurableQueue | None = None
 
     def __post_init__(self) -> None:
@@ -325,9 +330,18 @@ class App:
         )
 
     async def client(self) -> kv.Client:
+        """The client of the queue (submissions, outcomes)."""
         if self._client is None:
             self._client = await kv.connect(self.cluster, token=self.token)
         return self._client
+
+    async def functions_client(self) -> kv.Client:
+        """The client functions get as `ctx.kv` (see `kv_timeout_s`)."""
+        if self._functions_client is None:
+            self._functions_client = await kv.connect(
+                self.cluster, token=self.token, timeout_s=self.kv_timeout_s
+            )
+        return self._functions_client
 
     async def queue(self) -> DurableQueue:
         if self._queue is None:
@@ -335,7 +349,8 @@ class App:
         return self._queue
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-        self._client = None
+        for client in (self._client, self._functions_client):
+            if client is not None:
+                await client.close()
+        self._client = self._functions_client = None
         self._queue = None

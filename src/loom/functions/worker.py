@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -53,6 +54,7 @@ FLUSH_S = 0.003
 THROTTLED_RETRY_MS_MIN = 100
 RPC_TIMEOUT_S = 10.0
 MEMBER_TTL_S = 5.0
+THROTTLE_WATCH_S = 0.2
 
 
 @dataclass(slots=True)
@@ -93,6 +95,7 @@ class Worker:
         )
         flusher = asyncio.create_task(self._flush_loop(queue))
         beats = asyncio.create_task(self._heartbeat_loop())
+        watcher = asyncio.create_task(self._throttle_watch())
         try:
             while not stop.is_set():
                 with contextlib.suppress(LoomError):
@@ -107,9 +110,9 @@ class Worker:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             self.outbox_ready.set()
             await asyncio.sleep(FLUSH_S * 2)
-            flusher.cancel()
-            beats.cancel()
-            await asyncio.gather(flusher, beats, return_exceptions=True)
+            for task in (flusher, beats, watcher):
+                task.cancel()
+            await asyncio.gather(flusher, beats, watcher, return_exceptions=True)
             await self._flush(queue)
             for client in self.schedulers.values():
                 await client.close()
@@ -209,7 +212,7 @@ class Worker:
                 call_id=batch[0].call_id,
                 attempt=batch[0].attempt,
                 idempotency_key=batch[0].idempotency_key,
-                kv=await self.app.client(),
+                kv=await self.app.functions_client(),
                 downstream=function.downstream,
                 batch=tuple(r.call_id for r in batch) if function.batch else (),
             )
@@ -322,6 +325,28 @@ class Worker:
         )
         with contextlib.suppress(LoomError):
             await client.call(protocol.encode(report), timeout_s=RPC_TIMEOUT_S)
+
+    async def _throttle_watch(self) -> None:
+        """Requests of the functions that a keyspace throttled — even ones a retry then
+        got through — signal `kv:{keyspace}` to every scheduler: the platform, not
+        each call, should slow down."""
+        client = await self.app.functions_client()
+        declared = {d for f in self.app.functions.values() for d in f.downstream}
+        seen = collections.Counter(client.throttled_requests)
+        while True:
+            await asyncio.sleep(THROTTLE_WATCH_S)
+            now = collections.Counter(client.throttled_requests)
+            signals = tuple(
+                Signal(f"kv:{keyspace}", "throttled")
+                for keyspace in (now - seen)
+                if f"kv:{keyspace}" in declared
+            )
+            seen = now
+            if signals:
+                report = protocol.encode(Report(worker=self.name, signals=signals))
+                for scheduler in list(self.schedulers.values()):
+                    with contextlib.suppress(LoomError):
+                        await scheduler.call(report, timeout_s=RPC_TIMEOUT_S)
 
     async def _heartbeat_loop(self) -> None:
         while True:
