@@ -21,7 +21,7 @@ import msgspec
 from loom.benchmarks.calls_figures import CallsFigures
 from loom.benchmarks.celery_peer import run_celery
 from loom.benchmarks.fn_bench_app import app, noop
-from loom.functions.queue import CallState, DurableQueue, due_prefix, running_prefix, shard_key
+from loom.functions.queue import CallState, DurableQueue
 from loom.runtime.localcluster import LocalCluster
 
 BENCH_APP = "loom.benchmarks.fn_bench_app:app"
@@ -80,23 +80,13 @@ async def _measure(
     queue = await app.queue()
     deadline = time.monotonic() + timeout_s
     # Polls the store: the calls finish in other processes, there is no event to await.
-    while time.monotonic() < deadline and await _pending(queue):  # noqa: ASYNC110
+    while time.monotonic() < deadline and await queue.pending():  # noqa: ASYNC110
         await asyncio.sleep(POLL_S)
     finished = await _finish_times(queue)
     completed = [finished.get(call_id) for call_id in ids]
     return CallsFigures.from_times(
         submitted_at_s=submitted_at, completed_at_s=completed, submit_s=submit_s
     )
-
-
-async def _pending(queue: DurableQueue) -> bool:
-    """Whether any call is still queued or running (one tiny scan per index)."""
-    for partition in range(queue.partitions):
-        for prefix in (due_prefix(partition, app.name, noop.name), running_prefix(partition)):
-            page = await queue.ks.scan(shard_key=shard_key(partition), prefix=prefix, limit=1)
-            if page.items:
-                return True
-    return False
 
 
 async def _finish_times(queue: DurableQueue) -> dict[str, float]:

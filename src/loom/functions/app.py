@@ -79,7 +79,9 @@ class Context:
     ) -> T:
         """Runs `effect(tx)` in one transaction of `shard_key`'s μshard together with a
         marker (call id + `step`), unless the marker is already there: a retry of this
-        call, however much later, changes nothing and returns the first result."""
+        call, however much later, changes nothing and returns the first result. `step`
+        names one effect of the call: two effects of one call need two steps, even in
+        different shard keys (they may share a μshard)."""
         if not step or len(step) > 256 or "/" in step:
             raise InvalidArgument("step must be 1..256 characters without '/'")
         marker = ONCE_PREFIX + f"{self.call_id}/{step}".encode()

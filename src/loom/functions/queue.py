@@ -478,8 +478,14 @@ class DurableQueue:
             if cursor is None:
                 return
 
-    async def queued_count(self, partition: int) -> int:
-        return len(await self._scan_all(partition, b"q/%d/due/" % partition))
+    async def pending(self) -> bool:
+        """Whether any call is queued or running (one tiny scan per index)."""
+        for partition in range(self.partitions):
+            for prefix in (b"q/%d/due/" % partition, running_prefix(partition)):
+                page = await self.ks.scan(shard_key=shard_key(partition), prefix=prefix, limit=1)
+                if page.items:
+                    return True
+        return False
 
     def _check_page(self, partition: int, limit: int) -> None:
         if not 0 <= partition < self.partitions or not 1 <= limit <= PAGE_MAX:

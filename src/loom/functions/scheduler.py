@@ -98,7 +98,7 @@ class FunctionState:
     inflight: dict[str, Inflight] = field(default_factory=dict)
     waiting_since: float | None = None
     dispatched: int = 0
-    deferred: int = 0  # time-shifted in the last pass
+    finished: int = 0  # reported finished by workers (any outcome)
 
     def candidate_count(self) -> int:
         return sum(len(c) for c in self.candidates.values())
@@ -707,6 +707,7 @@ class Scheduler:
             if inflight is not None and inflight.attempt == finished.attempt:
                 del state.inflight[finished.call_id]
                 del self.where[finished.call_id]
+                state.finished += 1
         for call_id, attempt in report.running:
             key = self.where.get(call_id)
             state = self.functions.get(key) if key else None
@@ -733,6 +734,7 @@ class Scheduler:
                     "candidates": state.candidate_count(),
                     "running": len(state.inflight),
                     "dispatched": state.dispatched,
+                    "finished": state.finished,
                     "rate_allotted": state.allotment.rate_per_s,
                     "concurrency_allotted": state.allotment.concurrency,
                 }
@@ -743,6 +745,7 @@ class Scheduler:
                     "rate": round(d.aimd.current(now), 1),
                     "throttling": d.aimd.throttling,
                     "cuts": d.aimd.cuts,
+                    "signals": d.aimd.signals,
                 }
                 for name, d in self.downstreams.items()
             },
