@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,8 @@ COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0
 # A latency spread wider than this (max / min) is drawn on a log axis, so a failover's
 # multi-second spike does not flatten the steady-state milliseconds into the floor.
 LOG_SCALE_RATIO_MIN = 30.0
+
+METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.DOTALL)
 
 RC: dict[RcKeyType, Any] = {
     "svg.fonttype": "none",
@@ -78,9 +81,13 @@ class Plot:
 
 def render_plots(report: DemoReport) -> list[Plot]:
     """The report's four plots, in page order."""
-    samples = sorted(report.samples, key=lambda s: s.t_s)
+    # A saved report is read back as data: a sample or event off the time axis is skipped.
+    samples = sorted((s for s in report.samples if math.isfinite(s.t_s)), key=lambda s: s.t_s)
+    events = [e for e in report.events if math.isfinite(e.t_s)]
     times = [s.t_s for s in samples]
-    x_max = max([report.duration_s, *times, 1.0])
+    x_max = max(
+        t for t in [report.duration_s, *times, *(e.t_s for e in events), 1.0] if math.isfinite(t)
+    )
     builders: list[tuple[str, str, Callable[[Figure, list[Sample], list[float]], None]]] = [
         ("throughput", "Throughput", _draw_throughput),
         ("latency", "Latency of kv requests", _draw_latency),
@@ -96,7 +103,7 @@ def render_plots(report: DemoReport) -> list[Plot]:
             draw(figure, samples, times)
             for axes in figure.axes:
                 axes.set_xlim(0.0, x_max)
-            _mark_events(figure.axes[0], report.events, key, x_max=x_max)
+            _mark_events(figure.axes[0], events, key, x_max=x_max)
             plots.append(Plot(key=key, title=title, svg=_to_svg(figure)))
     return plots
 
@@ -305,5 +312,7 @@ def _to_svg(figure: Figure) -> str:
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", metadata={"Date": None})
     text = buffer.getvalue()
-    # Inline in HTML: drop the XML prolog and DOCTYPE, keep the <svg> element itself.
-    return text[text.index("<svg") :]
+    # Inline in HTML: drop the XML prolog and DOCTYPE, keep the <svg> element itself, and
+    # drop the RDF <metadata> block (it names the creator, nobody reads it in a page).
+    svg = text[text.index("<svg") :]
+    return METADATA.sub("", svg, count=1)
