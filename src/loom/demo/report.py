@@ -15,12 +15,15 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from loom.core.errors import LoomError
 from loom.demo.model import DemoReport
-from loom.demo.report_plots import Plot, render_plots
+
+if TYPE_CHECKING:
+    from loom.demo.report_plots import Plot
 
 
 class ReportError(LoomError):
@@ -49,6 +52,10 @@ def write_html(report: DemoReport, path: Path) -> None:
 
 def render_html(report: DemoReport) -> str:
     """The whole page as a string (what `write_html` writes)."""
+    # matplotlib takes a second or more to import: only a command that renders pays it,
+    # not every `loom` command that imports this module for `summary_table`.
+    from loom.demo.report_plots import render_plots  # noqa: PLC0415
+
     status = "passed" if report.passed else "failed"
     failed = sum(1 for check in report.checks if not check.passed)
     banner = (

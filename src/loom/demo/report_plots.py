@@ -25,6 +25,7 @@ import matplotlib as mpl
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, StrMethodFormatter
 
 from loom.demo.model import DemoReport, Event, Sample
 
@@ -35,9 +36,11 @@ FIGURE_SIZE_IN = (10.0, 3.0)
 # Fixed margins (fractions of the figure), the same for every plot, so the time axes line
 # up down the page and an event's marker sits at the same x on each plot. The top margin
 # holds up to three rows of event labels, the bottom one the axis label and the legend.
-MARGINS = {"left": 0.075, "right": 0.915, "bottom": 0.26, "top": 0.85}
+MARGINS = {"left": 0.075, "right": 0.915, "bottom": 0.26, "top": 0.95}
 EVENT_ROWS_MAX = 3
 EVENT_FONT_PT = 7.5
+EVENT_ROW_PT = 10.0  # each row of event labels above the plot
+EVENT_GAP_PT = 3.0  # between the plot's top edge and the first row
 EVENT_COLOR = "#6b7280"
 # Distinct, colour-blind-friendly (Okabe-Ito); controllers cycle through the tail.
 COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442")
@@ -103,7 +106,10 @@ def render_plots(report: DemoReport) -> list[Plot]:
             draw(figure, samples, times)
             for axes in figure.axes:
                 axes.set_xlim(0.0, x_max)
-            _mark_events(figure.axes[0], events, key, x_max=x_max)
+            rows = _mark_events(figure.axes[0], events, key, x_max=x_max)
+            # Only the top margin follows the labels: the left and right ones stay fixed.
+            label_band_in = (EVENT_GAP_PT + rows * EVENT_ROW_PT + 4.0) / 72.0
+            figure.subplots_adjust(top=MARGINS["top"] - label_band_in / FIGURE_SIZE_IN[1])
             plots.append(Plot(key=key, title=title, svg=_to_svg(figure)))
     return plots
 
@@ -111,9 +117,7 @@ def render_plots(report: DemoReport) -> list[Plot]:
 def _draw_throughput(figure: Figure, samples: list[Sample], times: list[float]) -> None:
     left = _axes(figure, "per second")
     # kv ops are tens of times the sign-ups; on one axis the sign-up curve would be flat.
-    right = left.twinx()
-    right.grid(visible=False)
-    right.set_ylabel("kv ops per second")
+    right = _right_axes(left, "kv ops per second")
     _lines(
         left,
         times,
@@ -162,6 +166,10 @@ def _draw_latency(figure: Figure, samples: list[Sample], times: list[float]) -> 
     present = [v for line in series for v in map(_finite, line.values) if v is not None and v > 0]
     if present and max(present) / min(present) > LOG_SCALE_RATIO_MIN:
         axes.set_yscale("log")
+        # 1, 2, 5, 10, 20, 50 … read as milliseconds, unlike 10^1, 10^2.
+        axes.yaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.yaxis.set_minor_formatter(NullFormatter())
         axes.set_ylabel("milliseconds (log scale)")
     _legend(axes)
     _note_if_empty(axes, samples)
@@ -170,9 +178,7 @@ def _draw_latency(figure: Figure, samples: list[Sample], times: list[float]) -> 
 def _draw_queue(figure: Figure, samples: list[Sample], times: list[float]) -> None:
     left = _axes(figure, "calls queued or running")
     # Depth is a count, rates are calls/s: separate axes, or one would dwarf the other.
-    right = left.twinx()
-    right.grid(visible=False)
-    right.set_ylabel("dispatch rate (calls/s)")
+    right = _right_axes(left, "dispatch rate (calls/s)")
     _lines(
         left,
         times,
@@ -221,7 +227,17 @@ def _axes(figure: Figure, ylabel: str) -> Axes:
     axes = figure.add_subplot()
     axes.set_xlabel("seconds since the launch started")
     axes.set_ylabel(ylabel)
+    axes.yaxis.set_major_formatter(StrMethodFormatter("{x:,g}"))  # 20,000 not 20000
     return axes
+
+
+def _right_axes(left: Axes, ylabel: str) -> Axes:
+    """A second y axis on the right, sharing the time axis (no grid: the left one has it)."""
+    right = left.twinx()
+    right.grid(visible=False)
+    right.set_ylabel(ylabel)
+    right.yaxis.set_major_formatter(StrMethodFormatter("{x:,g}"))  # 20,000 not 20000
+    return right
 
 
 def _lines(
@@ -260,13 +276,15 @@ def _legend(*axes: Axes) -> None:
         )
 
 
-def _mark_events(axes: Axes, events: Sequence[Event], key: str, *, x_max: float) -> None:
+def _mark_events(axes: Axes, events: Sequence[Event], key: str, *, x_max: float) -> int:
     """A dashed vertical line per event, labelled above the plot (never over the data).
 
-    Labels that would overlap go up a row, up to `EVENT_ROWS_MAX` rows."""
+    Labels that would overlap go up a row, up to `EVENT_ROWS_MAX` rows; returns the
+    number of rows used."""
     transform = axes.get_xaxis_transform()  # x in data (seconds), y in axes fraction
     axes_width_pt = FIGURE_SIZE_IN[0] * 72.0 * (MARGINS["right"] - MARGINS["left"])
     row_ends = [-math.inf] * EVENT_ROWS_MAX  # axes fraction where each row's last label ends
+    rows = 0
     for index, event in enumerate(sorted(events, key=lambda e: e.t_s)):
         gid = f"{key}-event-{index}"
         axes.axvline(event.t_s, color=EVENT_COLOR, linestyle=(0, (4, 3)), linewidth=1.0, gid=gid)
@@ -275,19 +293,22 @@ def _mark_events(axes: Axes, events: Sequence[Event], key: str, *, x_max: float)
         width = len(event.label) * EVENT_FONT_PT * 0.55 / axes_width_pt
         align = "left" if x < 0.15 else ("right" if x > 0.85 else "center")
         start = {"left": x, "center": x - width / 2, "right": x - width}[align]
-        row = next((r for r, end in enumerate(row_ends) if end < start), 0)
+        row = next((r for r, end in enumerate(row_ends) if end < start), EVENT_ROWS_MAX - 1)
         row_ends[row] = max(row_ends[row], start + width + 0.01)
-        axes.text(
-            event.t_s,
-            1.02 + 0.075 * row,
+        rows = max(rows, row + 1)
+        axes.annotate(
             event.label,
-            transform=transform,
+            xy=(event.t_s, 1.0),
+            xycoords=transform,
+            xytext=(0.0, EVENT_GAP_PT + row * EVENT_ROW_PT),
+            textcoords="offset points",
             ha=align,
             va="bottom",
             fontsize=EVENT_FONT_PT,
             color="#374151",
             gid=f"{gid}-label",
         )
+    return rows
 
 
 def _note_if_empty(axes: Axes, samples: list[Sample]) -> None:
