@@ -69,6 +69,7 @@ def test_a_report_with_nothing_in_it_renders_and_says_what_is_missing() -> None:
     page = render_html(report())
     for missing in ("no settings recorded", "no checks were run", "no totals recorded"):
         assert missing in page
+    assert 'class="banner unchecked"' in page  # not green: nothing was verified
 
 
 def test_missing_and_non_finite_values_are_gaps_not_zeros() -> None:
@@ -187,3 +188,11 @@ def test_the_summary_table_lists_checks_then_totals() -> None:
     assert "✓ pass" in text and "✗ FAIL" in text
     assert text.index("no call dead-lettered") < text.index("41,230")
     assert "1,234.5" in text
+
+
+def test_a_report_without_checks_is_not_called_passed_in_the_terminal() -> None:
+    console = Console(record=True, width=120, color_system=None)
+    console.print(summary_table(report(totals={"signups": 3.0})))
+    text = console.export_text()
+    assert "NO CHECKS" in text
+    assert "PASSED" not in text

@@ -31,7 +31,10 @@ class ReportError(LoomError):
 
 
 def write_html(report: DemoReport, path: Path) -> None:
-    """Write `report` as one self-contained HTML file at `path` (replacing it)."""
+    """Write `report` as one self-contained HTML file at `path` (replacing it).
+
+    Blocking, CPU-bound for a second or two (matplotlib): from asyncio, call it through
+    `asyncio.to_thread`, one report at a time."""
     page = render_html(report)
     directory = path.parent
     if not directory.is_dir():
@@ -56,13 +59,14 @@ def render_html(report: DemoReport) -> str:
     # not every `loom` command that imports this module for `summary_table`.
     from loom.demo.report_plots import render_plots  # noqa: PLC0415
 
-    status = "passed" if report.passed else "failed"
     failed = sum(1 for check in report.checks if not check.passed)
-    banner = (
-        f"all {len(report.checks)} checks passed"
-        if report.passed
-        else f"{failed} of {len(report.checks)} checks failed"
-    )
+    # `DemoReport.passed` is true of a run with no checks; the page must not show it green.
+    if not report.checks:
+        status, banner = "unchecked", "no checks were run"
+    elif report.passed:
+        status, banner = "passed", f"all {len(report.checks)} checks passed"
+    else:
+        status, banner = "failed", f"{failed} of {len(report.checks)} checks failed"
     return PAGE.format(
         title=_e(report.title),
         status=status,
@@ -81,7 +85,10 @@ def render_html(report: DemoReport) -> str:
 
 def summary_table(report: DemoReport) -> Table:
     """The terminal summary: one row per check, then the totals."""
-    verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
+    if not report.checks:
+        verdict = "[bold yellow]NO CHECKS[/]"
+    else:
+        verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
     table = Table(
         title=f"{report.title} — {verdict}",
         caption=f"{format_duration(report.duration_s)}, started {report.started_at}",
@@ -189,6 +196,7 @@ h2 { font-size: 18px; margin: 28px 0 10px; }
           font-size: 17px; }
 .banner.passed { background: #dcfce7; color: #166534; border: 1px solid #86efac; }
 .banner.failed { background: #fee2e2; color: #991b1b; border: 1px solid #fca5a5; }
+.banner.unchecked { background: #fef9c3; color: #854d0e; border: 1px solid #fde047; }
 .settings { display: flex; flex-wrap: wrap; gap: 6px 22px; margin: 0; font-size: 14px; }
 .settings div { display: flex; gap: 6px; }
 .settings dt { color: #6b7280; } .settings dd { margin: 0; font-weight: 600; }

@@ -1,9 +1,11 @@
 """The demo report's plots: matplotlib figures rendered to inline SVG strings (ADR 0011).
 
 Rules of this module:
-- Only matplotlib's object API (`Figure`), never `pyplot`: pyplot keeps global figure
-  state, and the report must be renderable from any thread, any number of times.
-- rcParams are set inside `rc_context`, so rendering a report changes nothing for others.
+- Only matplotlib's object API (`Figure`), never `pyplot`: pyplot keeps a global
+  registry of figures (alive until closed) and a current-figure state.
+- rcParams are set inside `rc_context`, so rendering a report leaves them as they were.
+  They are still process-global while a plot is drawn: render one report at a time
+  (from asyncio: in one worker thread, `asyncio.to_thread`).
 - The SVG is deterministic (fixed hash salt, no date), so the same report gives the
   same bytes; each plot gets its own salt, so clip-path ids never clash across the SVGs
   of one page.
