@@ -7,7 +7,7 @@ at 200 s; the AIMD controllers saw-tooth against the graph keyspace's quota.
 
 `python -m e2e.demo_report_sample OUT.html [OUT.png]` (from tests/) writes the sample
 report, and with a PNG path a screenshot of its top: docs/demo-report.png is made so
-(`cd tests && ../.venv/bin/python -m e2e.demo_report_sample /tmp/r.html ../docs/demo-report.png`).
+(`cd tests && ../.venv/bin/python -m e2e.demo_report_sample report.html ../docs/demo-report.png`).
 """
 
 from __future__ import annotations
