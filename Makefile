@@ -7,7 +7,7 @@ SEEDS ?= 60
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install test lint typecheck contracts pytest demo bench sim clean etcd redis
+.PHONY: install test lint typecheck contracts pytest demo bench sim clean etcd redis chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -35,7 +35,11 @@ etcd:
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
-pytest: $(STAMP) etcd redis
+# tests/e2e/test_demo_report.py opens the demo's HTML report in headless Chromium (Debian's).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+pytest: $(STAMP) etcd redis chromium
 	PYTHONHASHSEED=0 $(VENV)/bin/pytest
 
 test: lint typecheck contracts pytest
