@@ -47,8 +47,10 @@ test: lint typecheck contracts pytest
 sim: $(STAMP)
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults all
 
+# The Threads launch, replayed on an embedded cluster (3-5 minutes); the report lands in
+# loom-demo-report.html.
 demo: $(STAMP)
-	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 20 --faults all --verbose
+	PYTHONHASHSEED=0 $(VENV)/bin/loom demo threads --report loom-demo-report.html
 
 bench: $(STAMP) etcd redis
 	$(PY) -m pip install --quiet -e '.[dev,bench]'

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from loom.demo.model import DemoReport
+from loom.demo.report import ReportError, summary_table, write_html
 from loom.demo.threads import Launch, Settings
 
 
@@ -66,10 +67,16 @@ def threads_command(
         launch.stop()
         if data is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    console.print(_checks_table(report))
+    console.print(summary_table(report))
+    try:
+        write_html(report, report_path)
+    except ReportError as error:
+        raise click.ClickException(str(error)) from None
+    console.print(f"report: {report_path}")
     if as_json:
         click.echo(json.dumps(_json(report)))
-    sys.exit(0 if report.passed else 1)
+    # No checks at all is a failure too: the run never got that far.
+    sys.exit(0 if report.checks and report.passed else 1)
 
 
 async def _run_live(launch: Launch, console: Console) -> DemoReport:
@@ -120,16 +127,6 @@ def _now_table(launch: Launch) -> Table:
         f"{sample.other_p99_ms:.0f}" if sample.other_p99_ms is not None else "-",
         rates or "open",
     )
-    return table
-
-
-def _checks_table(report: DemoReport) -> Table:
-    table = Table(
-        "check", "", "what was counted", title=f"{report.title} — {report.duration_s:.0f} s"
-    )
-    for check in report.checks:
-        mark = "[green]PASS[/green]" if check.passed else "[red]FAIL[/red]"
-        table.add_row(check.name, mark, check.detail)
     return table
 
 
