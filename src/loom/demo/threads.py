@@ -432,7 +432,7 @@ class Launch:
             checks=checks,
             totals={
                 "signups": self.signups,
-                "kv_ops": sum(s.kv_ops_per_s for s in self.samples),
+                "kv_ops": round(sum(s.kv_ops_per_s for s in self.samples)),
                 "calls": self.submitted_calls,
                 "failed_requests": self.failed_requests,
                 "lost_writes": _lost(checks),

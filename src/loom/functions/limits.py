@@ -108,9 +108,9 @@ class AimdSettings:
     rate_min: float = 1.0
     rate_max: float = 100_000.0
     decrease_factor: float = 0.5
-    increase_per_s: float = 20.0
+    increase_per_s: float = 50.0
     # One cut per this long: the signals of one overload come in a burst.
-    cooldown_s: float = 1.0
+    cooldown_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.rate_min <= self.rate_initial <= self.rate_max:

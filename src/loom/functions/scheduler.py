@@ -69,6 +69,8 @@ LEASE_SLACK_MS = 5_000
 HEARTBEAT_LEASE_MS = 30_000
 CLAIMS_IN_FLIGHT_MAX = 32
 TIME_SHIFT_SLACK_MS = 60_000
+# A downstream admits this many seconds of its AIMD rate at once.
+DOWNSTREAM_BURST_S = 0.25
 # How long a succeeded call (its result, and its idempotency key) is remembered.
 RETENTION_S = 7 * 86_400.0
 RETENTION_S_MIN = 1.0
@@ -374,7 +376,7 @@ class Scheduler:
                 state.bucket.reshape(allotment.rate_per_s, allotment.burst, now)
             for name in state.config.downstream:
                 if name not in self.downstreams:
-                    aimd = Aimd(self.aimd_settings)
+                    aimd = Aimd(self.aimd_settings, grew_at=now)
                     self.downstreams[name] = Downstream(aimd, TokenBucket(aimd.rate, 1.0, 0.0, now))
 
     async def _retention_loop(self) -> None:
@@ -506,7 +508,9 @@ class Scheduler:
         now_ms = int(time.time() * 1000)
         for downstream in self.downstreams.values():
             downstream.bucket.reshape(
-                downstream.aimd.current(now), max(1.0, downstream.aimd.rate * 0.05), now
+                downstream.aimd.current(now),
+                max(1.0, downstream.aimd.rate * DOWNSTREAM_BURST_S),
+                now,
             )
         by_tenant: dict[str, list[FunctionState]] = {}
         weights: dict[str, int] = {}
