@@ -53,9 +53,13 @@ WORKER_APP = "loom.benchmarks.celery_app"
 
 Pool = Literal["prefork", "threads", "gevent", "solo"]
 POOLS: tuple[Pool, ...] = get_args(Pool)
-# Measured here (2 cores, 5000 calls): see `docs/perf.md`; prefork beats threads (one
-# GIL for the whole worker) and gevent for a no-op.
-POOL_DEFAULT: Pool = "prefork"
+# The fastest pool for a no-op on 2 shared cores, measured with bench/celery_peer_bench.py
+# (3000-5000 calls, runs interleaved): threads beat prefork in every paired run, ~1.3-2x
+# the completed calls/s, and cost less worker CPU per call (~1.2 against ~1.7 s per 1000
+# calls): no pipe round trip to a pool process per task, and a no-op never holds the
+# GIL long. gevent was no faster than threads and is one more dependency; solo ignores
+# `concurrency` (one call at a time) and was no faster either.
+POOL_DEFAULT: Pool = "threads"
 
 CALLS_MAX = 1_000_000
 CONCURRENCY_MAX = 512
@@ -433,7 +437,7 @@ class CeleryPeer:
         assert self._client is not None
         return (
             f"{_redis_settings(self._client)} and a worker (pool {self.pool}, concurrency "
-            f"{self.concurrency}, tasks acknowledged on receipt)"
+            f"{self.concurrency}, a task acknowledged before it runs, Celery's default)"
         )
 
     def measure(
