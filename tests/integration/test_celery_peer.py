@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,26 @@ def test_every_process_the_peer_started_is_stopped_even_after_an_error(tmp_path:
     # Each child led its own process group; with prefork the pool processes are in the
     # worker's group too, so none of them outlived it.
     assert not any(is_group_alive(pid) for pid in pids)
+
+
+def test_calls_a_paused_worker_never_runs_are_lost_when_the_timeout_ends_the_run(
+    tmp_path: Path,
+) -> None:
+    require_celery()
+    with CeleryPeer(tmp_path, concurrency=2) as peer:
+        _, worker_pid = peer.pids
+        os.killpg(worker_pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            figures = peer.measure(50, submitters=2, timeout_s=2.0, progress=lambda _: None)
+            elapsed_s = time.monotonic() - started
+        finally:
+            os.killpg(worker_pid, signal.SIGCONT)
+    assert figures.lost == 50
+    assert figures.completed_per_s == 0.0
+    assert figures.p50_ms is None
+    assert figures.submitted_per_s > 0
+    assert 2.0 <= elapsed_s < 30.0  # waited for the timeout, then stopped waiting
 
 
 def test_a_missing_redis_server_is_a_typed_error(
