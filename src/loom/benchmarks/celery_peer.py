@@ -19,7 +19,9 @@ Rules of this module:
 - Submitters are threads, each with its own producer and connection: Celery's client
   is synchronous, so a thread stands for one application thread submitting.
 - Everything is bounded: starting (`START_TIMEOUT_S`), stopping (`STOP_TIMEOUT_S`), and
-  the run, `timeout_s` from the first submit; calls not completed by then are lost.
+  the run: submitting may take up to `timeout_s`, and completions are awaited up to
+  `timeout_s` after the submit phase ends (as loom's side does); calls not completed by
+  then are lost.
 - celery and redis (the `dev` extra) are imported lazily, so loom runs without them;
   their absence, like a missing `redis-server`, is a `CeleryMissing` that says so.
 """
@@ -444,14 +446,16 @@ class CeleryPeer:
         self, calls: int, *, submitters: int, timeout_s: float, progress: Progress
     ) -> CallsFigures:
         """Sends `calls` no-op tasks from `submitters` threads and waits up to
-        `timeout_s` from the first submit for them to complete."""
+        `timeout_s` after the submit phase for them to complete."""
         assert self._client is not None
         with ExitStack() as stack:
             app = _celery_app(self._url)
             stack.callback(app.close)
-            deadline = time.monotonic() + timeout_s
-            submitted_at, submit_s = _submit_all(app, calls, submitters, deadline)
-            completed_at, repeats = _drain(self._client, calls, deadline)
+            submit_deadline = time.monotonic() + timeout_s
+            submitted_at, submit_s = _submit_all(app, calls, submitters, submit_deadline)
+            progress(f"celery: submitted in {submit_s:.1f} s; waiting for completions")
+            drain_deadline = time.monotonic() + timeout_s
+            completed_at, repeats = _drain(self._client, calls, drain_deadline)
         if repeats:
             progress(f"celery: {repeats} calls ran more than once")
         return CallsFigures.from_times(
@@ -470,8 +474,8 @@ def run_celery(
     progress: Progress = lambda _: None,
 ) -> CallsFigures:
     """Starts redis-server and a Celery worker (`pool`, `concurrency`) under `workdir`,
-    sends `calls` no-op tasks from `submitters` threads, waits up to `timeout_s` from
-    the first submit for them to complete, stops both processes and returns the
+    sends `calls` no-op tasks from `submitters` threads, waits up to `timeout_s` after
+    the submit phase for them to complete, stops both processes and returns the
     figures. Raises ValueError on settings out of range, CeleryMissing when redis-server,
     celery or redis is not installed, CeleryPeerError when a process fails."""
     _check(calls, concurrency, submitters, timeout_s)
