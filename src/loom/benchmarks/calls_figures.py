@@ -37,7 +37,7 @@ def nearest_rank(sorted_values: Sequence[float], percent: float) -> float:
     assert sorted_values
     assert 0.0 < percent <= PERCENT
     rank = math.ceil(percent / PERCENT * len(sorted_values))
-    return sorted_values[max(rank, 1) - 1]
+    return sorted_values[rank - 1]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,7 +19,9 @@ Rules of this module:
 - Submitters are threads, each with its own producer and connection: Celery's client
   is synchronous, so a thread stands for one application thread submitting.
 - Everything is bounded: starting (`START_TIMEOUT_S`), stopping (`STOP_TIMEOUT_S`), and
-  the run, `timeout_s` from the first submit; calls not completed by then are lost.
+  the run: submitting may take up to `timeout_s`, and completions are awaited up to
+  `timeout_s` after the submit phase ends (as loom's side does); calls not completed by
+  then are lost.
 - celery and redis (the `dev` extra) are imported lazily, so loom runs without them;
   their absence, like a missing `redis-server`, is a `CeleryMissing` that says so.
 """
@@ -53,9 +55,13 @@ WORKER_APP = "loom.benchmarks.celery_app"
 
 Pool = Literal["prefork", "threads", "gevent", "solo"]
 POOLS: tuple[Pool, ...] = get_args(Pool)
-# Measured here (2 cores, 5000 calls): see `docs/perf.md`; prefork beats threads (one
-# GIL for the whole worker) and gevent for a no-op.
-POOL_DEFAULT: Pool = "prefork"
+# The fastest pool for a no-op on 2 shared cores, measured with bench/celery_peer_bench.py
+# (3000-5000 calls, runs interleaved): threads beat prefork in every paired run, ~1.3-2x
+# the completed calls/s, and cost less worker CPU per call (~1.2 against ~1.7 s per 1000
+# calls): no pipe round trip to a pool process per task, and a no-op never holds the
+# GIL long. gevent was no faster than threads and is one more dependency; solo ignores
+# `concurrency` (one call at a time) and was no faster either.
+POOL_DEFAULT: Pool = "threads"
 
 CALLS_MAX = 1_000_000
 CONCURRENCY_MAX = 512
@@ -433,21 +439,23 @@ class CeleryPeer:
         assert self._client is not None
         return (
             f"{_redis_settings(self._client)} and a worker (pool {self.pool}, concurrency "
-            f"{self.concurrency}, tasks acknowledged on receipt)"
+            f"{self.concurrency}, a task acknowledged before it runs, Celery's default)"
         )
 
     def measure(
         self, calls: int, *, submitters: int, timeout_s: float, progress: Progress
     ) -> CallsFigures:
         """Sends `calls` no-op tasks from `submitters` threads and waits up to
-        `timeout_s` from the first submit for them to complete."""
+        `timeout_s` after the submit phase for them to complete."""
         assert self._client is not None
         with ExitStack() as stack:
             app = _celery_app(self._url)
             stack.callback(app.close)
-            deadline = time.monotonic() + timeout_s
-            submitted_at, submit_s = _submit_all(app, calls, submitters, deadline)
-            completed_at, repeats = _drain(self._client, calls, deadline)
+            submit_deadline = time.monotonic() + timeout_s
+            submitted_at, submit_s = _submit_all(app, calls, submitters, submit_deadline)
+            progress(f"celery: submitted in {submit_s:.1f} s; waiting for completions")
+            drain_deadline = time.monotonic() + timeout_s
+            completed_at, repeats = _drain(self._client, calls, drain_deadline)
         if repeats:
             progress(f"celery: {repeats} calls ran more than once")
         return CallsFigures.from_times(
@@ -466,8 +474,8 @@ def run_celery(
     progress: Progress = lambda _: None,
 ) -> CallsFigures:
     """Starts redis-server and a Celery worker (`pool`, `concurrency`) under `workdir`,
-    sends `calls` no-op tasks from `submitters` threads, waits up to `timeout_s` from
-    the first submit for them to complete, stops both processes and returns the
+    sends `calls` no-op tasks from `submitters` threads, waits up to `timeout_s` after
+    the submit phase for them to complete, stops both processes and returns the
     figures. Raises ValueError on settings out of range, CeleryMissing when redis-server,
     celery or redis is not installed, CeleryPeerError when a process fails."""
     _check(calls, concurrency, submitters, timeout_s)
