@@ -68,6 +68,7 @@ CANDIDATES_LOW = 100
 LEASE_SLACK_MS = 5_000
 HEARTBEAT_LEASE_MS = 30_000
 CLAIMS_IN_FLIGHT_MAX = 32
+RECLAIM_RETRY_S = 1.0
 TIME_SHIFT_SLACK_MS = 60_000
 # A downstream admits this many seconds of its AIMD rate at once.
 DOWNSTREAM_BURST_S = 0.25
@@ -149,7 +150,11 @@ class Scheduler:
         lease_s: float = LEASE_S,
         aimd: AimdSettings | None = None,
         retention_s: float = RETENTION_S,
+        bugs: frozenset[str] = frozenset(),
     ) -> None:
+        # Deliberate bugs, for the simulation to prove its checks bite (loom sim
+        # --functions --bug …): "reclaim-early" reclaims calls at a quarter of their lease.
+        self.bugs = bugs
         if not RETENTION_S_MIN <= retention_s <= RETENTION_S_MAX:
             raise InvalidArgument(f"retention must be {RETENTION_S_MIN:g}..{RETENTION_S_MAX:g} s")
         self.retention_s = retention_s
@@ -482,20 +487,36 @@ class Scheduler:
         now = time.monotonic()
         for state in self.functions.values():
             for call_id, inflight in list(state.inflight.items()):
-                if inflight.attempt and now > inflight.seen + inflight.lease_ms / 1000:
+                lease_s = inflight.lease_ms / 1000
+                if "reclaim-early" in self.bugs:
+                    lease_s /= 4
+                if inflight.attempt and now > inflight.seen + lease_s:
                     view = self.partitions.get(inflight.partition)
                     del state.inflight[call_id]
-                    if view is not None:
-                        self._spawn(self._reclaim(view.hold, call_id, inflight.attempt))
+                    key = self.where.pop(call_id, None)
+                    if view is not None and key is not None:
+                        self._spawn(self._reclaim(view.hold, key, call_id, inflight))
 
-    async def _reclaim(self, hold: LeaseHold, call_id: str, attempt: int) -> None:
+    async def _reclaim(
+        self, hold: LeaseHold, key: tuple[str, str], call_id: str, inflight: Inflight
+    ) -> None:
         assert self.queue is not None
+        now_ms = int(time.time() * 1000)
         try:
-            await self.queue.reclaim(hold, call_id, attempt=attempt, now_ms=int(time.time() * 1000))
-        except (StaleAttempt, LoomError):
+            await self.queue.reclaim(hold, call_id, attempt=inflight.attempt, now_ms=now_ms)
+        except (StaleAttempt, LeaseLost):
+            return  # finished meanwhile, or no longer ours to reclaim
+        except LoomError as error:
+            # The store did not take it: try again soon, or the call stays RUNNING.
+            log.info("reclaiming call %s: %s; trying again", call_id, error)
+            state = self.functions.get(key)
+            if hold.partition in self.partitions and state and call_id not in state.inflight:
+                inflight.seen = time.monotonic() - inflight.lease_ms / 1000 + RECLAIM_RETRY_S
+                state.inflight[call_id] = inflight
+                self.where[call_id] = key
             return
         self.stats["reclaimed"] += 1
-        log.info("reclaimed call %s after its lease ended (attempt %d)", call_id, attempt)
+        log.info("reclaimed call %s after its lease ended (attempt %d)", call_id, inflight.attempt)
 
     # ----------------------------------------------------------------- dispatch
 
