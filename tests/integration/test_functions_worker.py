@@ -132,6 +132,8 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
                 loom, "functions", "calls", "--function", "test.add", "--limit", "5", "-c", address
             )
             assert added.count("succeeded") == 5
+            drained = await asyncio.to_thread(loom, "functions", "drain", "-c", address)
+            assert "the queue is empty" in drained
         finally:
             stop.set()
             await running

@@ -162,6 +162,36 @@ def functions_ls(cluster: str, as_json: bool) -> None:
     )
 
 
+@functions_group.command("drain")
+@cluster_option
+@click.option(
+    "--timeout", "timeout_s", type=click.FloatRange(1, 86_400), default=3600, show_default=True
+)
+def functions_drain(cluster: str, timeout_s: float) -> None:
+    """Wait until no call is queued or running, with a progress bar; exit 1 on timeout."""
+
+    async def remaining(client: kv.Client) -> int:
+        return sum(row.queued + row.running for row in (await overview(client)).functions)
+
+    async def main() -> bool:
+        async with kv.connect(cluster) as client:
+            first = await remaining(client)
+            deadline = time.monotonic() + timeout_s
+            with Progress() as progress:
+                task = progress.add_task("draining the queue", total=max(1, first))
+                while (left := await remaining(client)) > 0:
+                    progress.update(task, total=max(first, left), completed=max(0, first - left))
+                    if time.monotonic() > deadline:
+                        return False
+                    await asyncio.sleep(1.0)
+                progress.update(task, completed=max(1, first))
+            return True
+
+    if not _run(main()):
+        raise click.ClickException(f"calls still queued or running after {timeout_s:g} s")
+    click.echo("the queue is empty")
+
+
 @functions_group.command("calls")
 @cluster_option
 @click.option(

@@ -222,14 +222,23 @@ class ShardManagerCore:
                 self._failover(state, now, exclude=None)
 
     def epoch_persisted(
-        self, shard: ShardId, assignment: Assignment, *, stored_epoch: Epoch, now: Instant
+        self,
+        shard: ShardId,
+        assignment: Assignment,
+        *,
+        stored_epoch: Epoch,
+        now: Instant,
+        ours: bool = True,
     ) -> None:
-        """The metastore answered the compare-and-swap; `stored_epoch` is what it holds now."""
+        """The metastore answered the compare-and-swap; `stored_epoch` is what it holds
+        now. `ours` is False when another manager stored that same epoch number with its
+        own assignment (it won the race): announcing ours would give one epoch two
+        primaries."""
         state = self.shards.get(shard)
         if state is None:
             return  # dropped meanwhile
         state.persisting = False
-        if stored_epoch != assignment.epoch:
+        if stored_epoch != assignment.epoch or not ours:
             # Someone else allocated epochs meanwhile: continue above what is stored.
             state.current = replace(state.current, epoch=stored_epoch)
             return
