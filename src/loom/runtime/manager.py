@@ -191,6 +191,7 @@ class ManagerRuntime:
         self.rates: dict[ShardId, _Rate] = {}
         self.stored_bytes: dict[NodeId, int] = {}
         self.routing_seen: dict[NodeId, tuple[int, int]] = {}
+        self.throttle_rates: dict[NodeId, _Rate] = {}
 
     async def start(self) -> None:
         """Serve at once; act as the manager now (one manager) or once elected."""
@@ -366,6 +367,7 @@ class ManagerRuntime:
             return
         self.stored_bytes[node] = message.report.stored_bytes
         self.routing_seen[node] = message.routing_version
+        self.throttle_rates.setdefault(node, _Rate()).add(message.throttled)
         for progress in message.report.shards:
             shard = progress.shard
             if progress.is_primary:
@@ -628,6 +630,11 @@ class ManagerRuntime:
                 zone=info.zone,
                 pid=info.pid,
                 stored_bytes=self.stored_bytes.get(node, 0),
+                throttled_per_s=(
+                    round(self.throttle_rates[node].per_s, 1)
+                    if node in self.throttle_rates
+                    else 0.0
+                ),
             )
             for node, info in sorted(self.infos.items())
         )

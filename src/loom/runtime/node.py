@@ -221,7 +221,10 @@ class NodeRuntime:
                 pid=os.getpid(),
             )
             message = NodeReportMessage(
-                report=report, info=info, routing_version=self.routing.version
+                report=report,
+                info=info,
+                routing_version=self.routing.version,
+                throttled=self.quotas.throttled + self.quotas.refused_bytes,
             )
             self._to_managers(encode(message))
             self.quotas.on_sizes(await loop.run_in_executor(self.pool, self._measure_sizes))
