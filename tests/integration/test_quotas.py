@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from loom import kv
-from loom.core.errors import LoomError, OutcomeUnknown, QuotaExceeded, Throttled
+from loom.core.errors import LoomError, OutcomeUnknown, QuotaExceeded, Throttled, Unavailable
 from loom.runtime.localcluster import LocalCluster
 
 QUOTA_WRITES_PER_S = 20.0
@@ -40,8 +40,10 @@ class Counts:
     def __init__(self) -> None:
         self.ok = 0
         self.throttled: list[Throttled] = []
-        # A write admitted just before its (short) deadline may miss it: applied or not.
+        # A request admitted just before its (short) deadline may miss it: a write is
+        # then OutcomeUnknown, a read Unavailable. Expected on a busy machine.
         self.unknown = 0
+        self.late = 0
         self.other: list[str] = []
 
 
@@ -58,6 +60,9 @@ async def write_fast(ks: kv.Keyspace, name: str, counts: Counts, until: float) -
             continue
         except OutcomeUnknown:
             counts.unknown += 1
+            continue
+        except Unavailable:
+            counts.late += 1
             continue
         except LoomError as error:
             counts.other.append(f"{type(error).__name__}: {error}")
@@ -97,7 +102,7 @@ async def throttling(address: str) -> None:
     # The other keyspace of the same cluster is not throttled and is not held to the
     # quota (the bound is loose: the machine running the test may be busy).
     assert free.throttled == [] and free.other == [], (free.throttled[:1], free.other[:3])
-    assert free.unknown == 0
+    assert free.unknown == 0 and free.late == 0
     assert free.ok > 2 * QUOTA_WRITES_PER_S * elapsed, (free.ok, elapsed)
     # A writer with time to spare never sees Throttled: its client waits out the hints.
     burst = QUOTA_WRITES_PER_S * 0.5
@@ -111,6 +116,9 @@ async def read_fast(ks: kv.Keyspace, counts: Counts, until: float) -> None:
         except Throttled as error:
             counts.throttled.append(error)
             continue
+        except Unavailable:
+            counts.late += 1
+            continue
         except LoomError as error:
             counts.other.append(f"{type(error).__name__}: {error}")
             continue
@@ -118,14 +126,14 @@ async def read_fast(ks: kv.Keyspace, counts: Counts, until: float) -> None:
 
 
 async def read_throttling(address: str) -> None:
-    """Reads have their own bucket: a reads/s quota throttles reads, not writes."""
+    """Reads have their own bucket: a reads/s quota throttles fast readers."""
     reads_per_s = 30.0
-    async with kv.connect(address, timeout_s=0.5) as client:
+    async with kv.connect(address) as client, kv.connect(address, timeout_s=1.0) as fast:
         await client.create_keyspace("reads", shards=1, replication=3)
         await client.set_quota("reads", reads_per_s=reads_per_s)
-        ks = client.keyspace("reads")
-        for i in range(40):  # writes are not limited by a reads/s quota
-            await ks.put(b"w%d" % i, b"v")
+        for i in range(40):  # something to read
+            await client.keyspace("reads").put(b"w%d" % i, b"v")
+        ks = fast.keyspace("reads")
         counts = Counts()
         start = time.monotonic()
         until = start + 2.0
