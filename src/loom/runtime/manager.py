@@ -31,6 +31,7 @@ from loom.core.errors import InvalidArgument, LoomError, NotFound, PermissionDen
 from loom.core.ids import Epoch, NodeId, ShardId
 from loom.core.time import Instant
 from loom.paxos.replica import Assignment
+from loom.runtime import tenancy_calls
 from loom.runtime.catalog import Catalog, KeyspaceRecord, shard_record_key
 from loom.runtime.codec import (
     AssignMessage,
@@ -57,10 +58,6 @@ from loom.runtime.codec import (
     ShardStatus,
     StatusReply,
     StatusRequest,
-    TenantsReply,
-    TokenInfo,
-    TokenReply,
-    TokensReply,
     decode,
     encode,
 )
@@ -293,7 +290,7 @@ class ManagerRuntime:
                     self.tenancy.authorize(message.auth, admin=True)
                     return encode(self.status())
                 case CreateTenant() | ListTenants() | CreateToken() | ListTokens() | RevokeToken():
-                    answer = await self._tenancy_call(message)
+                    answer = await tenancy_calls.answer(self.tenancy, self.admin_lock, message)
                     if isinstance(message, CreateToken | RevokeToken | CreateTenant):
                         await self.until_nodes_have_routing()
                     return encode(answer)
@@ -302,46 +299,6 @@ class ManagerRuntime:
         except LoomError as error:
             return encode(failure(error))
         return b""
-
-    async def _tenancy_call(
-        self, message: CreateTenant | ListTenants | CreateToken | ListTokens | RevokeToken
-    ) -> TenantsReply | TokenReply | TokensReply | Done:
-        """Tenant and token management: admin only (anyone without auth)."""
-        self.tenancy.authorize(message.auth, admin=True)
-        async with self.admin_lock:
-            match message:
-                case CreateTenant():
-                    await asyncio.to_thread(self.tenancy.create_tenant, message.tenant)
-                case CreateToken():
-                    secret, grant = await asyncio.to_thread(
-                        functools.partial(
-                            self.tenancy.create_token, message.tenant, admin=message.admin
-                        )
-                    )
-                    log.info(
-                        "token %s made for tenant %s%s",
-                        grant.token_id, grant.tenant, " (admin)" if grant.admin else "",
-                    )  # fmt: skip
-                    return TokenReply(
-                        secret=secret,
-                        token_id=grant.token_id,
-                        tenant=grant.tenant,
-                        admin=grant.admin,
-                    )
-                case RevokeToken():
-                    revoked = await asyncio.to_thread(self.tenancy.revoke_token, message.token_id)
-                    log.info("token %s of tenant %s revoked", revoked.token_id, revoked.tenant)
-                    return Done()
-                case ListTokens():
-                    return TokensReply(
-                        tokens=tuple(
-                            TokenInfo(token_id=g.token_id, tenant=g.tenant, admin=g.admin)
-                            for g in self.tenancy.sorted_grants()
-                        )
-                    )
-                case ListTenants():
-                    pass
-        return TenantsReply(tenants=self.tenancy.sorted_tenants())
 
     async def _standby_answer(self) -> Failure:
         leader = None
