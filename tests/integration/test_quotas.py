@@ -148,6 +148,20 @@ async def read_throttling(address: str) -> None:
     assert counts.ok <= 3 * reads_per_s * (elapsed + 0.5) * 1.1, (counts.ok, elapsed)
 
 
+async def hint_beyond_deadline(address: str) -> None:
+    """A retry hint past the deadline: Throttled at once, not after waiting it out."""
+    async with kv.connect(address) as admin, kv.connect(address, timeout_s=1.0) as hasty:
+        await admin.create_keyspace("trickle", shards=1, replication=3)
+        await admin.set_quota("trickle", writes_per_s=0.5)  # one token every 2 s
+        ks = hasty.keyspace("trickle")
+        await ks.put(b"first", b"v")  # the bucket's one token
+        start = time.monotonic()
+        with pytest.raises(Throttled) as refused:
+            await ks.put(b"second", b"v")
+        assert time.monotonic() - start < 0.5
+        assert (refused.value.retry_after_ms or 0) > 1000
+
+
 async def patient_writer(ks: kv.Keyspace) -> float:
     """PATIENT_PUTS puts one after another with the default 10 s deadline; how long."""
     await asyncio.sleep(1.0)  # the buckets refill after the fast writers
@@ -191,6 +205,7 @@ def test_quotas_throttle_one_keyspace_and_leave_another_alone(tmp_path: Path) ->
         asyncio.run(throttling(address))
         asyncio.run(stored_bytes(address))
         asyncio.run(read_throttling(address))
+        asyncio.run(hint_beyond_deadline(address))
 
         at = ("-c", address)
         limits = ("--reads-per-s", "1000", "--bytes-max", "5000000")
