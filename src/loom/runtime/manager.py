@@ -163,6 +163,7 @@ class ManagerRuntime:
         # The first admin token's secret, made when this manager first led with auth on
         # an empty catalog; printed once by `loom sm`, never stored.
         self.bootstrap_token: str | None = None
+        self.token_made = asyncio.Event()  # set when this manager made that token
         # With several managers, this one acts only while it leads (etcd lease); it keeps
         # its node registry warm from reports meanwhile, so a takeover is quick.
         self.leadership = leadership
@@ -220,6 +221,8 @@ class ManagerRuntime:
         records, keyspaces, self.next_shard = await asyncio.to_thread(self._load)
         await asyncio.to_thread(self.tenancy.load)
         self.bootstrap_token = await asyncio.to_thread(self.tenancy.bootstrap)
+        if self.bootstrap_token is not None:
+            self.token_made.set()
         for shard, record in records:
             self.core.restore(shard, record, now)
             if record.activated:
