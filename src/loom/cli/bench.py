@@ -15,6 +15,7 @@ import click
 from loom.benchmarks import tenants, ycsb
 from loom.benchmarks.etcd_peer import CLIENT_EXTRA, EtcdError
 from loom.benchmarks.failover import run_failover
+from loom.benchmarks.functions import run as run_functions
 from loom.benchmarks.kv import PEERS, SEED_DEFAULT, SHARDS_DEFAULT, SHARDS_MAX, run_kv_bench
 from loom.core.errors import LoomError
 from loom.runtime.rpc import run
@@ -191,6 +192,51 @@ def _cell(stats: object, field: str) -> str:
     if field == "ops_per_s":
         return f"{value:,.0f}"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@bench_group.command("functions")
+@click.option("--calls", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=64,
+    show_default=True,
+    help="Calls one worker runs at once (Celery: its worker's concurrency).",
+)
+@click.option("--submitters", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--peer", type=click.Choice(["celery"]), help="Also run the same work through this.")
+@click.option(
+    "--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=300.0, show_default=True
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")
+def functions_command(
+    calls: int, concurrency: int, submitters: int, peer: str | None, timeout_s: float, as_json: bool
+) -> None:
+    """Submit CALLS no-op function calls and run them on a local cluster (sm, 3 kv
+    nodes, a scheduler, a worker); calls per second submitted and completed, end-to-end
+    latency, calls lost. With --peer celery, the same through Celery and Redis."""
+    result = run_functions(
+        calls,
+        concurrency=concurrency,
+        submitters=submitters,
+        peer=peer,
+        timeout_s=timeout_s,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for system in ("loom", "peer"):
+        figures = result[system]
+        if isinstance(figures, dict):
+            name = "loom" if system == "loom" else peer
+            click.echo(
+                f"{name}: submitted {figures['submitted_per_s']}/s, completed "
+                f"{figures['completed_per_s']}/s, p50 {figures['p50_ms']} ms, "
+                f"p99 {figures['p99_ms']} ms, lost {figures['lost']}"
+            )
+    if result["ratio"] is not None:
+        click.echo(f"completed calls/s, loom / {peer}: {result['ratio']}")
 
 
 @bench_group.command("tenants")

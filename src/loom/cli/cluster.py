@@ -52,7 +52,7 @@ def cluster_group() -> None:
     "--functions",
     "functions_app",
     metavar="MODULE:APP",
-    help="Also run a worker for this loom.functions App (importable from here).",
+    help="Also run a scheduler and a worker for this loom.functions App (importable from here).",
 )
 @click.option(
     "--auth",
@@ -83,10 +83,11 @@ def up_command(
             region = labels[index % len(labels)] if labels else ""
             cluster.start_node(f"n{index + 1}", region=region)
         if functions_app:
+            cluster.start_scheduler("scheduler")
             cluster.start_worker("worker", functions_app)
         _announce(cluster, data, nodes, labels)
         if functions_app:
-            click.echo(f"  a worker runs the functions of {functions_app}")
+            click.echo(f"  a scheduler and a worker run the functions of {functions_app}")
         sys.stdout.flush()  # whoever reads our stdout (a pipe) sees the address now
         _supervise(cluster, stopping)
     except RuntimeError as error:

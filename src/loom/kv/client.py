@@ -16,6 +16,7 @@ the table can forget. A write whose outcome stays unknown at its deadline raises
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -249,6 +250,9 @@ class Client:
         # runs with auth (ADR 0008).
         self.token = token
         self.timeout_s = timeout_s
+        # Requests a keyspace's quota throttled at least once (even if a retry then
+        # succeeded), per keyspace: back-pressure for whoever drives this client.
+        self.throttled_requests: collections.Counter[str] = collections.Counter()
         self.router = Router(seeds, self._fetch_routing, region=region)
         self.ids = _RequestIds()
         self._tokens = itertools.count(1)
@@ -536,7 +540,10 @@ class Client:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            was_throttled = state.throttled
             reply = await self._attempt(keyspace, ushard, build, state, remaining)
+            if state.throttled and not was_throttled:
+                self.throttled_requests[keyspace] += 1
             if reply is not None:
                 return reply
         message = f"gave up after {self.timeout_s:g} s: {state.problem}"

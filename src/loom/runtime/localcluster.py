@@ -129,10 +129,14 @@ class LocalCluster:
             args += ["--zone", zone]
         return self._spawn(name, args)
 
-    def start_worker(self, name: str, target: str) -> None:
+    def start_worker(self, name: str, target: str, *, concurrency: int = 16) -> None:
         """`loom worker TARGET` (MODULE:APP, importable from the current directory)."""
-        args = ["worker", target, "-c", self.manager_address]
+        args = ["worker", target, "-c", self.manager_address, "--concurrency", str(concurrency)]
         self._spawn(name, args, ready=WORKING)
+
+    def start_scheduler(self, name: str) -> int:
+        """`loom scheduler`: dispatches due function calls to workers."""
+        return self._spawn(name, ["scheduler", "-c", self.manager_address, "--port", "0"])
 
     def restart(self, name: str) -> int:
         """Starts a stopped or killed process again with its arguments (same data)."""
@@ -149,7 +153,7 @@ class LocalCluster:
     def kill(self, name: str) -> None:
         """SIGKILL: the process gets no chance to flush or say goodbye."""
         proc = self.processes.pop(name)
-        self.ports.pop(name)
+        self.ports.pop(name, None)  # workers listen nowhere
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=STOP_TIMEOUT_S)
         _close(proc)
