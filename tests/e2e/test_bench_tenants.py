@@ -34,3 +34,4 @@ def test_bench_tenants_prints_both_p99s_and_the_noisy_tenant_is_throttled() -> N
     noisy = report["noisy"]
     assert noisy["throttled"] > 0
     assert noisy["accepted_writes_per_s"] > 0
+    assert noisy["refused_per_s_at_nodes"] > 0  # the nodes counted the refusals

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from loom import kv
-from loom.core.errors import LoomError, OutcomeUnknown, QuotaExceeded, Throttled
+from loom.core.errors import LoomError, OutcomeUnknown, QuotaExceeded, Throttled, Unavailable
 from loom.runtime.localcluster import LocalCluster
 
 QUOTA_WRITES_PER_S = 20.0
@@ -40,8 +40,10 @@ class Counts:
     def __init__(self) -> None:
         self.ok = 0
         self.throttled: list[Throttled] = []
-        # A write admitted just before its (short) deadline may miss it: applied or not.
+        # A request admitted just before its (short) deadline may miss it: a write is
+        # then OutcomeUnknown, a read Unavailable. Expected on a busy machine.
         self.unknown = 0
+        self.late = 0
         self.other: list[str] = []
 
 
@@ -58,6 +60,9 @@ async def write_fast(ks: kv.Keyspace, name: str, counts: Counts, until: float) -
             continue
         except OutcomeUnknown:
             counts.unknown += 1
+            continue
+        except Unavailable:
+            counts.late += 1
             continue
         except LoomError as error:
             counts.other.append(f"{type(error).__name__}: {error}")
@@ -82,6 +87,8 @@ async def throttling(address: str) -> None:
             for i in range(8):
                 group.create_task(write_fast(admin.keyspace("free"), f"f{i}", free, until))
         elapsed = time.monotonic() - start
+        status = await admin.status()  # `loom status` shows where requests are throttled
+        assert any(n.throttled_per_s > 0 for n in status.nodes), status.nodes
         patient_s = await patient_writer(admin.keyspace("slow"))
 
     assert slow.other == [], slow.other[:3]
@@ -95,7 +102,7 @@ async def throttling(address: str) -> None:
     # The other keyspace of the same cluster is not throttled and is not held to the
     # quota (the bound is loose: the machine running the test may be busy).
     assert free.throttled == [] and free.other == [], (free.throttled[:1], free.other[:3])
-    assert free.unknown == 0
+    assert free.unknown == 0 and free.late == 0
     assert free.ok > 2 * QUOTA_WRITES_PER_S * elapsed, (free.ok, elapsed)
     # A writer with time to spare never sees Throttled: its client waits out the hints.
     burst = QUOTA_WRITES_PER_S * 0.5
@@ -109,6 +116,9 @@ async def read_fast(ks: kv.Keyspace, counts: Counts, until: float) -> None:
         except Throttled as error:
             counts.throttled.append(error)
             continue
+        except Unavailable:
+            counts.late += 1
+            continue
         except LoomError as error:
             counts.other.append(f"{type(error).__name__}: {error}")
             continue
@@ -116,14 +126,14 @@ async def read_fast(ks: kv.Keyspace, counts: Counts, until: float) -> None:
 
 
 async def read_throttling(address: str) -> None:
-    """Reads have their own bucket: a reads/s quota throttles reads, not writes."""
+    """Reads have their own bucket: a reads/s quota throttles fast readers."""
     reads_per_s = 30.0
-    async with kv.connect(address, timeout_s=0.5) as client:
+    async with kv.connect(address) as client, kv.connect(address, timeout_s=1.0) as fast:
         await client.create_keyspace("reads", shards=1, replication=3)
         await client.set_quota("reads", reads_per_s=reads_per_s)
-        ks = client.keyspace("reads")
-        for i in range(40):  # writes are not limited by a reads/s quota
-            await ks.put(b"w%d" % i, b"v")
+        for i in range(40):  # something to read
+            await client.keyspace("reads").put(b"w%d" % i, b"v")
+        ks = fast.keyspace("reads")
         counts = Counts()
         start = time.monotonic()
         until = start + 2.0
@@ -136,6 +146,20 @@ async def read_throttling(address: str) -> None:
     # EVENTUAL reads may go to any of the 3 replicas, each enforcing the whole share
     # (ADR 0008): at most 3 × the quota, plus each bucket's burst.
     assert counts.ok <= 3 * reads_per_s * (elapsed + 0.5) * 1.1, (counts.ok, elapsed)
+
+
+async def hint_beyond_deadline(address: str) -> None:
+    """A retry hint past the deadline: Throttled at once, not after waiting it out."""
+    async with kv.connect(address) as admin, kv.connect(address, timeout_s=1.0) as hasty:
+        await admin.create_keyspace("trickle", shards=1, replication=3)
+        await admin.set_quota("trickle", writes_per_s=0.5)  # one token every 2 s
+        ks = hasty.keyspace("trickle")
+        await ks.put(b"first", b"v")  # the bucket's one token
+        start = time.monotonic()
+        with pytest.raises(Throttled) as refused:
+            await ks.put(b"second", b"v")
+        assert time.monotonic() - start < 0.5
+        assert (refused.value.retry_after_ms or 0) > 1000
 
 
 async def patient_writer(ks: kv.Keyspace) -> float:
@@ -160,7 +184,9 @@ async def stored_bytes(address: str) -> None:
             while time.monotonic() < deadline:
                 await ks.put(f"k{written}".encode(), value)
                 written += 1
-        assert written * len(value) >= bytes_max  # not refused before the quota
+        # Not refused well before the quota: what counts is keys, values and each
+        # write's dedupe record (a few % over the values alone).
+        assert written * len(value) >= bytes_max * 0.8, written
         # The size is measured off the request path, so it lags: a bounded overshoot.
         assert written * len(value) < 4 * bytes_max, written
         assert await ks.delete(b"k0")  # deletes still pass: the way back under
@@ -179,6 +205,7 @@ def test_quotas_throttle_one_keyspace_and_leave_another_alone(tmp_path: Path) ->
         asyncio.run(throttling(address))
         asyncio.run(stored_bytes(address))
         asyncio.run(read_throttling(address))
+        asyncio.run(hint_beyond_deadline(address))
 
         at = ("-c", address)
         limits = ("--reads-per-s", "1000", "--bytes-max", "5000000")

@@ -289,6 +289,11 @@ def test_gate_answers_throttled_with_a_hint_and_counts_it() -> None:
     assert gate.check(ShardId(99), write(4, put(4)), 0.0) is None  # not in the table
 
 
+def test_gate_measures_only_shards_of_keyspaces_with_a_bytes_quota() -> None:
+    assert gate_for(Quota(writes_per_s=5.0)).measured_shards == frozenset()
+    assert gate_for(Quota(bytes_max=100)).measured_shards == {ShardId(1)}
+
+
 def test_gate_refuses_puts_over_bytes_but_not_deletes() -> None:
     gate = gate_for(Quota(bytes_max=100))
     gate.on_sizes({ShardId(1): 101})

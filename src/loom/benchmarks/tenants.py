@@ -147,6 +147,7 @@ async def _bench(
         )  # fmt: skip
         await asyncio.sleep(WARMUP_S)
         shared = await _quiet(quiet_ks, quiet_rate, duration_s)
+        refused_per_s = await _refused_per_s(address, cluster.admin_token)
         out, _ = await process.communicate()
         noisy = json.loads(out)
         progress(f"  p50 {shared['p50_ms']} ms, p99 {shared['p99_ms']} ms")
@@ -161,10 +162,19 @@ async def _bench(
             "accepted_writes_per_s": noisy["accepted_writes_per_s"],
             "throttled": noisy["throttled"],
             "other_errors": noisy["other_errors"],
+            # What the nodes refused per second at the end (their smoothed count, as
+            # `loom status` shows it): the retry traffic a tenant over quota causes.
+            "refused_per_s_at_nodes": refused_per_s,
         },
         "quiet_rate_ops_per_s": quiet_rate,
         "duration_s": duration_s,
     }
+
+
+async def _refused_per_s(address: str, admin_token: str) -> float:
+    async with kv.connect(address, token=admin_token) as admin:
+        status = await admin.status()
+    return round(sum(n.throttled_per_s for n in status.nodes), 1)
 
 
 async def run_tenants_bench(

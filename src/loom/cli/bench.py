@@ -302,5 +302,6 @@ def tenants_command(
     click.echo(
         f"noisy: {noisy['writers']} writers, {noisy['accepted_writes_per_s']} writes/s accepted "
         f"of a {noisy['quota_writes_per_s']:g}/s quota, {noisy['throttled']} Throttled, "
-        f"other errors {noisy['other_errors'] or 'none'}"
+        f"other errors {noisy['other_errors'] or 'none'}; nodes refused "
+        f"{noisy['refused_per_s_at_nodes']} requests/s"
     )

@@ -5,6 +5,7 @@ with all its data."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -85,9 +86,9 @@ def up_command(
             cluster.start_scheduler("scheduler")
             cluster.start_worker("worker", functions_app)
         _announce(cluster, data, nodes, labels)
-        _announce_auth(cluster)
         if functions_app:
             click.echo(f"  a scheduler and a worker run the functions of {functions_app}")
+        sys.stdout.flush()  # whoever reads our stdout (a pipe) sees the address now
         _supervise(cluster, stopping)
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None
@@ -116,6 +117,7 @@ def _announce(cluster: LocalCluster, data: Path, nodes: int, labels: list[str]) 
     click.echo(f"  connect to {address}")
     click.echo(f"  try: loom keyspace create demo --shards 2 -c {address}")
     click.echo(f"       loom kv put demo hello world -c {address}")
+    _announce_auth(cluster)
     click.echo("  Ctrl-C stops it")
 
 

@@ -271,7 +271,7 @@ def list_command(as_json: bool, cluster: str) -> None:
         click.echo(json.dumps([msgspec.to_builtins(k.spec) for k in keyspaces]))
         return
     table = Table(title="keyspaces")
-    for column in ("name", "p-shards", "replication", "μshards", "tier", "regions"):
+    for column in ("name", "p-shards", "replication", "μshards", "tier", "regions", "tenant"):
         table.add_column(column)
     for k in keyspaces:
         spec = k.spec
@@ -282,6 +282,7 @@ def list_command(as_json: bool, cluster: str) -> None:
             str(spec.ushards),
             spec.tier,
             ",".join(spec.regions) or "any",
+            k.tenant or "-",
         )
     Console().print(table)
 

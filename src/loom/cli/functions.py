@@ -17,7 +17,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from loom import kv
-from loom.cli.data import cluster_option
+from loom.cli.data import cluster_option, current_token
 from loom.cli.processes import LOG_LEVELS, log, setup_logging, until_stopped
 from loom.core.errors import LoomError
 from loom.functions.app import App
@@ -259,7 +259,7 @@ def dead_letter_ls(cluster: str, limit: int, as_json: bool) -> None:
     """List dead-lettered calls: id, function, attempts, last error."""
 
     async def main() -> list[CallRecord]:
-        async with kv.connect(cluster) as client:
+        async with kv.connect(cluster, token=current_token()) as client:
             queue = await _queue(client)
             records = [await queue.get(c) for c in await queue.dead_letters(limit=limit)]
             return [r for r in records if r is not None]
@@ -285,7 +285,7 @@ def dead_letter_replay(call_ids: tuple[str, ...], replay_all: bool, cluster: str
         raise click.UsageError("give CALL_IDS or --all")
 
     async def main() -> int:
-        async with kv.connect(cluster) as client:
+        async with kv.connect(cluster, token=current_token()) as client:
             queue = await _queue(client)
             ids = list(call_ids) or await queue.dead_letters(limit=100_000)
             now_ms = int(time.time() * 1000)

@@ -127,21 +127,33 @@ def sm_command(
         where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"
         log.info("shard manager up on %s:%d, %s", host, manager.port, where)
         click.echo(f"loom sm listening on {host}:{manager.port}")
-        if auth:
+        showing: asyncio.Task[None] | None = None
+        if auth and manager.leading:
             # The secret exists only in this line: the catalog keeps its hash.
             shown = manager.bootstrap_token or "(made earlier; not shown again)"
             click.echo(f"loom sm admin token: {shown}")
+        elif auth:  # a standby: if it is the first to lead, it makes the token then
+            click.echo("loom sm admin token: (shown by the first manager to lead)")
+            showing = asyncio.get_running_loop().create_task(_show_token_once_made(manager))
         else:
             log.warning(NO_AUTH_WARNING)
         sys.stdout.flush()
         try:
             await until_stopped(manager.deposed)
         finally:
+            if showing is not None:
+                showing.cancel()
             log.info("shard manager stopping")
             await manager.close()
         return 1 if manager.deposed.is_set() else 0
 
     sys.exit(run(main()))
+
+
+async def _show_token_once_made(manager: ManagerRuntime) -> None:
+    await manager.token_made.wait()
+    click.echo(f"loom sm admin token: {manager.bootstrap_token}")
+    sys.stdout.flush()
 
 
 @click.command("node")

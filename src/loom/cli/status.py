@@ -24,6 +24,7 @@ def status_json(status: StatusReply) -> dict[str, object]:
                 "pid": n.pid,
                 "incarnation": n.incarnation,
                 "stored_bytes": n.stored_bytes,
+                "throttled_per_s": n.throttled_per_s,
             }
             for n in status.nodes
         ],
@@ -81,7 +82,8 @@ def status_command(cluster: str, as_json: bool) -> None:
         return
     console = Console()
     nodes = Table(title="nodes")
-    for column in ("node", "address", "region", "zone", "alive", "pid", "incarnation", "size"):
+    node_columns = ("node", "address", "region", "zone", "alive", "pid", "incarnation", "size")
+    for column in (*node_columns, "throttled/s"):
         nodes.add_column(column)
     for node in status.nodes:
         alive = "[green]yes[/green]" if node.alive else "[red]no[/red]"
@@ -94,6 +96,7 @@ def status_command(cluster: str, as_json: bool) -> None:
             str(node.pid),
             str(node.incarnation),
             _bytes(node.stored_bytes),
+            f"{node.throttled_per_s:g}",
         )
     shards = Table(title="shards")
     columns = (

@@ -175,6 +175,13 @@ def _result(result: Result) -> Applied:
             raise InvalidArgument(result.message)
 
 
+def _backoff_delay(attempt: int, retry_after_ms: int) -> float:
+    """Seconds before retry `attempt`: exponential backoff with full jitter, at least the
+    server's retry-after."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 16))
+    return max(retry_after_ms / 1000, random.uniform(0, ceiling))
+
+
 def _raise_failure(failure: Failure) -> None:
     error: type[LoomError] = {
         "invalid": InvalidArgument,
@@ -525,7 +532,10 @@ class Client:
         state = _Attempts(target=target, is_write=is_write)
         for attempt in itertools.count():
             if attempt:
-                await self._backoff(attempt, deadline, state.retry_after_ms)
+                delay = _backoff_delay(attempt, state.retry_after_ms)
+                if state.throttled and loop.time() + delay >= deadline:
+                    break  # the retry would not fit in the deadline: the caller hears it now
+                await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
                 state.retry_after_ms = 0
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -536,8 +546,6 @@ class Client:
                 self.throttled_requests[keyspace] += 1
             if reply is not None:
                 return reply
-            if state.throttled and loop.time() + state.retry_after_ms / 1000 >= deadline:
-                break  # a retry would not fit in the deadline: the caller hears it now
         message = f"gave up after {self.timeout_s:g} s: {state.problem}"
         if state.uncertain:
             raise OutcomeUnknown(message + "; the write may or may not have been applied")
@@ -632,9 +640,7 @@ class Client:
             await self.router.refresh()
 
     async def _backoff(self, attempt: int, deadline: float, retry_after_ms: int) -> None:
-        """Exponential backoff with full jitter, at least the server's retry-after."""
-        ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 16))
-        delay = max(retry_after_ms / 1000, random.uniform(0, ceiling))
+        delay = _backoff_delay(attempt, retry_after_ms)
         remaining = deadline - asyncio.get_running_loop().time()
         await asyncio.sleep(max(0.0, min(delay, remaining)))
 

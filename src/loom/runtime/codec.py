@@ -77,6 +77,8 @@ class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
     # The version of the routing table the node holds: the manager waits for it after
     # a change nodes must know before the caller goes on (a new token, a quota).
     routing_version: tuple[int, int] = (0, 0)
+    # Client requests refused over a quota since the node started (for `loom status`).
+    throttled: int = 0
 
 
 class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):
@@ -228,6 +230,8 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     zone: str = ""
     pid: int = 0
     stored_bytes: int = 0
+    # Client requests this node refused over a keyspace quota, per second, lately.
+    throttled_per_s: float = 0.0
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):

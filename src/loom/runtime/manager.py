@@ -31,6 +31,7 @@ from loom.core.errors import InvalidArgument, LoomError, NotFound, PermissionDen
 from loom.core.ids import Epoch, NodeId, ShardId
 from loom.core.time import Instant
 from loom.paxos.replica import Assignment
+from loom.runtime import tenancy_calls
 from loom.runtime.catalog import Catalog, KeyspaceRecord, shard_record_key
 from loom.runtime.codec import (
     AssignMessage,
@@ -57,10 +58,6 @@ from loom.runtime.codec import (
     ShardStatus,
     StatusReply,
     StatusRequest,
-    TenantsReply,
-    TokenInfo,
-    TokenReply,
-    TokensReply,
     decode,
     encode,
 )
@@ -166,6 +163,7 @@ class ManagerRuntime:
         # The first admin token's secret, made when this manager first led with auth on
         # an empty catalog; printed once by `loom sm`, never stored.
         self.bootstrap_token: str | None = None
+        self.token_made = asyncio.Event()  # set when this manager made that token
         # With several managers, this one acts only while it leads (etcd lease); it keeps
         # its node registry warm from reports meanwhile, so a takeover is quick.
         self.leadership = leadership
@@ -191,6 +189,7 @@ class ManagerRuntime:
         self.rates: dict[ShardId, _Rate] = {}
         self.stored_bytes: dict[NodeId, int] = {}
         self.routing_seen: dict[NodeId, tuple[int, int]] = {}
+        self.throttle_rates: dict[NodeId, _Rate] = {}
 
     async def start(self) -> None:
         """Serve at once; act as the manager now (one manager) or once elected."""
@@ -222,6 +221,8 @@ class ManagerRuntime:
         records, keyspaces, self.next_shard = await asyncio.to_thread(self._load)
         await asyncio.to_thread(self.tenancy.load)
         self.bootstrap_token = await asyncio.to_thread(self.tenancy.bootstrap)
+        if self.bootstrap_token is not None:
+            self.token_made.set()
         for shard, record in records:
             self.core.restore(shard, record, now)
             if record.activated:
@@ -292,7 +293,7 @@ class ManagerRuntime:
                     self.tenancy.authorize(message.auth, admin=True)
                     return encode(self.status())
                 case CreateTenant() | ListTenants() | CreateToken() | ListTokens() | RevokeToken():
-                    answer = await self._tenancy_call(message)
+                    answer = await tenancy_calls.answer(self.tenancy, self.admin_lock, message)
                     if isinstance(message, CreateToken | RevokeToken | CreateTenant):
                         await self.until_nodes_have_routing()
                     return encode(answer)
@@ -301,46 +302,6 @@ class ManagerRuntime:
         except LoomError as error:
             return encode(failure(error))
         return b""
-
-    async def _tenancy_call(
-        self, message: CreateTenant | ListTenants | CreateToken | ListTokens | RevokeToken
-    ) -> TenantsReply | TokenReply | TokensReply | Done:
-        """Tenant and token management: admin only (anyone without auth)."""
-        self.tenancy.authorize(message.auth, admin=True)
-        async with self.admin_lock:
-            match message:
-                case CreateTenant():
-                    await asyncio.to_thread(self.tenancy.create_tenant, message.tenant)
-                case CreateToken():
-                    secret, grant = await asyncio.to_thread(
-                        functools.partial(
-                            self.tenancy.create_token, message.tenant, admin=message.admin
-                        )
-                    )
-                    log.info(
-                        "token %s made for tenant %s%s",
-                        grant.token_id, grant.tenant, " (admin)" if grant.admin else "",
-                    )  # fmt: skip
-                    return TokenReply(
-                        secret=secret,
-                        token_id=grant.token_id,
-                        tenant=grant.tenant,
-                        admin=grant.admin,
-                    )
-                case RevokeToken():
-                    revoked = await asyncio.to_thread(self.tenancy.revoke_token, message.token_id)
-                    log.info("token %s of tenant %s revoked", revoked.token_id, revoked.tenant)
-                    return Done()
-                case ListTokens():
-                    return TokensReply(
-                        tokens=tuple(
-                            TokenInfo(token_id=g.token_id, tenant=g.tenant, admin=g.admin)
-                            for g in self.tenancy.sorted_grants()
-                        )
-                    )
-                case ListTenants():
-                    pass
-        return TenantsReply(tenants=self.tenancy.sorted_tenants())
 
     async def _standby_answer(self) -> Failure:
         leader = None
@@ -366,6 +327,7 @@ class ManagerRuntime:
             return
         self.stored_bytes[node] = message.report.stored_bytes
         self.routing_seen[node] = message.routing_version
+        self.throttle_rates.setdefault(node, _Rate()).add(message.throttled)
         for progress in message.report.shards:
             shard = progress.shard
             if progress.is_primary:
@@ -628,6 +590,11 @@ class ManagerRuntime:
                 zone=info.zone,
                 pid=info.pid,
                 stored_bytes=self.stored_bytes.get(node, 0),
+                throttled_per_s=(
+                    round(self.throttle_rates[node].per_s, 1)
+                    if node in self.throttle_rates
+                    else 0.0
+                ),
             )
             for node, info in sorted(self.infos.items())
         )

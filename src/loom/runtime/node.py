@@ -221,16 +221,22 @@ class NodeRuntime:
                 pid=os.getpid(),
             )
             message = NodeReportMessage(
-                report=report, info=info, routing_version=self.routing.version
+                report=report,
+                info=info,
+                routing_version=self.routing.version,
+                throttled=self.quotas.throttled + self.quotas.refused_bytes,
             )
             self._to_managers(encode(message))
-            self.quotas.on_sizes(await loop.run_in_executor(self.pool, self._measure_sizes))
+            measured = self.quotas.measured_shards
+            if measured:  # only keyspaces with a bytes quota cost a scan
+                sizes = await loop.run_in_executor(self.pool, self._measure_sizes, measured)
+                self.quotas.on_sizes(sizes)
             await asyncio.sleep(REPORT_MS / 1000)
 
-    def _measure_sizes(self) -> dict[ShardId, int]:
-        """In the storage thread: bytes per local p-shard, for the stored-bytes quota."""
+    def _measure_sizes(self, shards: frozenset[ShardId]) -> dict[ShardId, int]:
+        """In the storage thread: bytes of these local p-shards, for the bytes quota."""
         assert self.store is not None
-        return self.sizes.measure(self.store, self.hosts.keys())
+        return self.sizes.measure(self.store, [s for s in sorted(shards) if s in self.hosts])
 
     def _report(self) -> NodeReport:
         """In the storage thread: this node's progress on each of its shards."""

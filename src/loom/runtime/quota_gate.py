@@ -29,6 +29,8 @@ class QuotaGate:
         self.node = node
         self.admission = Admission()
         self.keyspace_of: dict[ShardId, str] = {}
+        # Local p-shards of keyspaces with a bytes quota: only these are measured.
+        self.measured_shards: frozenset[ShardId] = frozenset()
         self.throttled = 0  # requests refused, for status and tests
         self.refused_bytes = 0
 
@@ -47,6 +49,12 @@ class QuotaGate:
             for name, share in shares.items()
         }
         self.admission.configure(limits, now)
+        self.measured_shards = frozenset(
+            shard
+            for share in shares.values()
+            if share.bytes_max is not None
+            for shard in share.shards
+        )
 
     def on_sizes(self, shard_bytes: Mapping[ShardId, int]) -> None:
         """What each local p-shard stores, summed per keyspace."""
