@@ -55,6 +55,7 @@ def worker_command(target: str, cluster: str, concurrency: int, log_level: str) 
     setup_logging(log_level)
     app = load_app(target)
     app.cluster = cluster
+    app.token = app.token or current_token()
 
     async def main() -> None:
         worker = Worker(app, concurrency=concurrency)
@@ -101,7 +102,7 @@ def scheduler_command(
     setup_logging(log_level)
 
     async def main() -> None:
-        async with kv.connect(cluster) as client:
+        async with kv.connect(cluster, token=current_token()) as client:
             scheduler = Scheduler(client, host=host, port=port, retention_s=retention_s)
             await scheduler.start()
             ready = f"loom scheduler {scheduler.name} listening on {host}:{scheduler.port}"
@@ -123,7 +124,7 @@ def functions_ls(cluster: str, as_json: bool) -> None:
     the downstream controllers' rates (throttling: below their ceiling)."""
 
     async def main() -> Overview:
-        async with kv.connect(cluster) as client:
+        async with kv.connect(cluster, token=current_token()) as client:
             return await overview(client)
 
     result = _run(main())
@@ -174,7 +175,7 @@ def functions_drain(cluster: str, timeout_s: float) -> None:
         return sum(row.queued + row.running for row in (await overview(client)).functions)
 
     async def main() -> bool:
-        async with kv.connect(cluster) as client:
+        async with kv.connect(cluster, token=current_token()) as client:
             first = await remaining(client)
             deadline = time.monotonic() + timeout_s
             with Progress() as progress:
@@ -210,7 +211,7 @@ def functions_calls(
     """List calls (every partition's records, read in order, with a progress bar)."""
 
     async def main() -> list[CallRecord]:
-        async with kv.connect(cluster) as client:
+        async with kv.connect(cluster, token=current_token()) as client:
             queue = await _queue(client)
             found: list[CallRecord] = []
             with Progress(transient=True) as progress:
