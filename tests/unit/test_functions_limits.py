@@ -79,3 +79,11 @@ def test_fair_rounds_share_by_weight_while_everyone_has_work() -> None:
     assert taken["small"] == 50  # its whole backlog, despite the flood
     assert taken["heavy"] >= 1.8 * taken["flood"]
     assert sum(taken.values()) == room
+
+
+def test_aimd_grows_to_at_most_twice_the_rate_in_use() -> None:
+    aimd = Aimd(AimdSettings(rate_initial=100, rate_max=10_000, increase_per_s=50))
+    assert aimd.current(100.0, used=30.0) == 100  # never below the initial rate's ceiling
+    assert aimd.current(200.0, used=400.0) == 800  # twice what is used
+    assert aimd.current(300.0, used=10.0) == 800  # a lull does not cut it
+    assert aimd.current(400.0) == 5_800  # without a measure: additive growth alone

@@ -143,11 +143,17 @@ class Aimd:
         self.cut_at = self.grew_at = now
         self.cuts += 1
 
-    def current(self, now: float) -> float:
-        """The rate now, after growing for the quiet time since the last update."""
+    def current(self, now: float, *, used: float | None = None) -> float:
+        """The rate now, after growing for the quiet time since the last update. With
+        `used` (the rate actually dispatched lately), it grows to at most twice that:
+        a rate nobody uses proves nothing, and a controller that crept far above what
+        the downstream ever saw would need many cuts once it pushes back."""
         if now > self.grew_at:
+            ceiling = self.settings.rate_max
+            if used is not None:
+                ceiling = min(ceiling, max(self.settings.rate_initial, 2 * used))
             grown = self.rate + (now - self.grew_at) * self.settings.increase_per_s
-            self.rate = min(self.settings.rate_max, grown)
+            self.rate = max(min(self.rate, grown), min(ceiling, grown))
             self.grew_at = now
         return self.rate
 

@@ -69,6 +69,7 @@ LEASE_SLACK_MS = 5_000
 HEARTBEAT_LEASE_MS = 30_000
 CLAIMS_IN_FLIGHT_MAX = 32
 RECLAIM_RETRY_S = 1.0
+USED_WINDOW_S = 2.0
 TIME_SHIFT_SLACK_MS = 60_000
 # A downstream admits this many seconds of its AIMD rate at once.
 DOWNSTREAM_BURST_S = 0.25
@@ -119,6 +120,19 @@ class FunctionState:
 class Downstream:
     aimd: Aimd
     bucket: TokenBucket
+    # Calls dispatched, and an average of the rate they went out at (for the AIMD's
+    # ceiling: twice what is used).
+    dispatched: int = 0
+    counted_at: float = 0.0
+    counted: int = 0
+    used_per_s: float = 0.0
+
+    def used(self, now: float) -> float:
+        if now - self.counted_at >= USED_WINDOW_S:
+            rate = (self.dispatched - self.counted) / (now - self.counted_at)
+            self.used_per_s = rate if self.counted_at else 0.0
+            self.counted, self.counted_at = self.dispatched, now
+        return self.used_per_s
 
 
 @dataclass(slots=True)
@@ -529,7 +543,7 @@ class Scheduler:
         now_ms = int(time.time() * 1000)
         for downstream in self.downstreams.values():
             downstream.bucket.reshape(
-                downstream.aimd.current(now),
+                downstream.aimd.current(now, used=downstream.used(now)),
                 max(1.0, downstream.aimd.rate * DOWNSTREAM_BURST_S),
                 now,
             )
@@ -613,6 +627,7 @@ class Scheduler:
             state.bucket.take(count, now)
         for name in config.downstream:
             self.downstreams[name].bucket.take(count, now)
+            self.downstreams[name].dispatched += count
         lease_ms = call_lease_ms(config)
         for partition, call in calls:
             state.inflight[call.call_id] = Inflight(partition, 0, now, lease_ms)
