@@ -8,8 +8,10 @@ exactly one owner (leases fenced in the store). A scheduler may use the sum of t
 shares of the partitions it owns. The shares add up to the limit, so the schedulers
 together never exceed it, whatever their number.
 - Concurrency C over P partitions: partition p gets floor(C(p+1)/P) - floor(Cp/P)
-  slots. With C < P only C partitions get a slot; a function's calls are placed only
-  in those (`allotted_partitions`), so no call waits in a partition that may never run it.
+  slots, used only by that partition's calls (the scheduler checks it per partition),
+  so a partition's running index is its whole use and a new owner inherits it exactly.
+  With C < P only C partitions get a slot; a function's calls are placed only in those
+  (`allotted_partitions`), so no call waits in a partition that may never run it.
 - Rate R: each allotted partition gets R / (number of allotted partitions), and the
   burst is divided the same way.
 """

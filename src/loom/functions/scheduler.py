@@ -36,10 +36,18 @@ from typing import Any
 from loom import kv
 from loom.core.errors import InvalidArgument, LoomError
 from loom.functions import protocol, registry
-from loom.functions.limits import Aimd, AimdSettings, Allotment, TokenBucket, fair_rounds
+from loom.functions.limits import (
+    Aimd,
+    AimdSettings,
+    Allotment,
+    TokenBucket,
+    concurrency_share,
+    fair_rounds,
+)
 from loom.functions.protocol import Ack, Pull, Report, Work
 from loom.functions.queue import (
     CallRecord,
+    CallState,
     Criticality,
     DueCall,
     DurableQueue,
@@ -69,6 +77,7 @@ LEASE_SLACK_MS = 5_000
 HEARTBEAT_LEASE_MS = 30_000
 CLAIMS_IN_FLIGHT_MAX = 32
 RECLAIM_RETRY_S = 1.0
+ADOPT_TRIES = 30
 USED_WINDOW_S = 2.0
 TIME_SHIFT_SLACK_MS = 60_000
 # A downstream admits this many seconds of its AIMD rate at once.
@@ -603,7 +612,16 @@ class Scheduler:
             return 0
         calls: list[tuple[int, DueCall]] = []
         for partition, queue in state.candidates.items():
-            while queue and len(calls) < room:
+            cap = room - len(calls)
+            if config.concurrency_max is not None:
+                # A partition's slots serve only its own calls, so the partition's
+                # running index is its whole use: whoever owns it next sees it exact.
+                assert self.queue is not None
+                share = concurrency_share(config.concurrency_max, self.queue.partitions, partition)
+                used = sum(1 for i in state.inflight.values() if i.partition == partition)
+                cap = min(cap, share - used)
+            taken = 0
+            while queue and taken < cap:
                 call = queue[0]
                 if (
                     shift_low
@@ -612,6 +630,7 @@ class Scheduler:
                 ):
                     break
                 calls.append((partition, queue.popleft()))
+                taken += 1
             if len(calls) >= room:
                 break
         if not calls:
@@ -649,10 +668,10 @@ class Scheduler:
         for waiter in waiters:
             for batch in waiter.batches:
                 for partition, call in batch:
-                    state = self.functions[self.where[call.call_id]]
-                    wanted.setdefault(partition, []).append(
-                        (call.call_id, state.inflight[call.call_id].lease_ms)
-                    )
+                    key = self.where.get(call.call_id)
+                    inflight = self.functions[key].inflight.get(call.call_id) if key else None
+                    if inflight is not None:  # else forgotten meanwhile (partition lost)
+                        wanted.setdefault(partition, []).append((call.call_id, inflight.lease_ms))
         claimed: dict[str, CallRecord] = {}
 
         async def claim(partition: int, calls: list[tuple[str, int]]) -> None:
@@ -672,7 +691,10 @@ class Scheduler:
                         self._lose(partition)
                         return
                     except LoomError as error:
+                        # Perhaps applied (a lost answer): find out later, and keep
+                        # whatever was claimed under watch so its lease can end.
                         log.warning("claim in partition %d: %s", partition, error)
+                        self._spawn(self._adopt(view.hold, [c for c, _ in calls[start:]]))
                         return
                     claimed.update((r.call_id, r) for r in done if isinstance(r, CallRecord))
 
@@ -705,6 +727,32 @@ class Scheduler:
             if not waiter.future.done():
                 waiter.future.set_result(Work(scheduler=self.name, batches=tuple(batches)))
             # A worker gone meanwhile: its calls are reclaimed when their leases end.
+
+    async def _adopt(self, hold: LeaseHold, call_ids: list[str]) -> None:
+        """After a claim whose outcome is unknown: each call this scheduler did claim
+        (RUNNING under its name) is tracked again, so it is reclaimed when its lease
+        ends; no worker got it."""
+        assert self.queue is not None
+        for _ in range(ADOPT_TRIES):
+            await asyncio.sleep(RECLAIM_RETRY_S)
+            if hold.partition not in self.partitions:
+                return  # the next owner inherits the partition's running calls
+            try:
+                records = [await self.queue.get(call_id) for call_id in call_ids]
+            except LoomError:
+                continue
+            now = time.monotonic()
+            for record in records:
+                if record is None or record.state is not CallState.RUNNING:
+                    continue
+                if record.scheduler != self.name or record.call_id in self.where:
+                    continue
+                state = self._function(record.app, record.function)
+                state.inflight[record.call_id] = Inflight(
+                    hold.partition, record.attempt, now, record.lease_ms
+                )
+                self.where[record.call_id] = (record.app, record.function)
+            return
 
     # ------------------------------------------------------------------- serving
 

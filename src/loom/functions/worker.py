@@ -294,6 +294,7 @@ class Worker:
         ) -> None:
             for start in range(0, len(entries), 100):
                 chunk = entries[start : start + 100]
+                recorded = True
                 try:
                     await queue.finish_many(
                         partition,
@@ -302,15 +303,19 @@ class Worker:
                         jitter=self.rng.random,
                     )
                 except LoomError as error:
+                    # Not (known to be) recorded: the scheduler must not hear "finished",
+                    # so it reclaims the calls when their leases end (at-least-once).
                     log.warning(
                         "recording %d outcomes in partition %d: %s", len(chunk), partition, error
                     )
+                    recorded = False
                 for call_record, _, duration_ms, signals in chunk:
                     _, scheduler = self.running.pop(call_record.call_id, (0, ""))
                     pending = reports.setdefault(scheduler, Pending())
-                    pending.finished.append(
-                        Finished(call_record.call_id, call_record.attempt, duration_ms)
-                    )
+                    if recorded:
+                        pending.finished.append(
+                            Finished(call_record.call_id, call_record.attempt, duration_ms)
+                        )
                     pending.signals += [Signal(d, "throttled") for d in signals]
 
         await asyncio.gather(*(record(p, entries) for p, entries in by_partition.items()))

@@ -10,7 +10,8 @@ store unavailable for a while. Then the faults stop, the queue drains, and the c
   all its attempts used;
 - one attempt of a call never ran twice, and two attempts of a call never ran at the
   same time unless the earlier one's worker was crashed or paused (its lease ended);
-- attempts: a succeeded or dead call used at most `attempts_max` attempts;
+- attempts: a succeeded or dead call used at most `attempts_max` attempts, and no
+  attempt was claimed before its due time (run_after, or the backoff after a failure);
 - the rate limit held over every window (rate × window + the schedulers' bursts), and
   the concurrency limit held at every moment (runs on healthy workers).
 """
@@ -35,7 +36,7 @@ from loom.functions.limits import BURST_S
 from loom.functions.queue import DurableQueue
 from loom.functions.scheduler import Scheduler
 from loom.functions.worker import Worker
-from loom.functions_sim.clock import VirtualTimeLoop, patched_time
+from loom.functions_sim.clock import EPOCH_S, VirtualTimeLoop, patched_time
 from loom.functions_sim.store import SimClient, SimStore
 from loom.runtime.rpc import CallTimedOut, ConnectionLost
 
@@ -146,13 +147,14 @@ class World:
         self.acked: dict[str, str] = {}  # call id → function
         # (call id, attempt) → (when the claim committed, its lease in s)
         self.claims: dict[tuple[str, int], tuple[float, float]] = {}
+        self.early: list[str] = []  # attempts claimed before their due time
         self.faults: dict[str, int] = {}
 
     # ---------------------------------------------------------------- processes
 
     def make_app(self, worker: str, awake: asyncio.Event) -> App:
         app = App("sim", partitions=PARTITIONS)
-        retry = Retry(attempts_max=ATTEMPTS, backoff_s=0.1, backoff_max_s=2.0)
+        retry = Retry(attempts_max=ATTEMPTS, backoff_s=1.0, backoff_max_s=4.0)
         world = self
 
         async def body(ctx: Context, function: str, low: float, high: float) -> int:
@@ -192,7 +194,9 @@ class World:
 
         class SimWorker(Worker):
             async def _connection(self, scheduler: str, address: tuple[str, int]) -> Channel:  # type: ignore[override]
-                return Channel(world, address[1], awake)
+                channel = Channel(world, address[1], awake)
+                self.schedulers[scheduler] = channel  # type: ignore[assignment]
+                return channel
 
         worker = SimWorker(app, concurrency=8, name=name)
         worker.rng = random.Random(f"{self.seed}/{name}")
@@ -377,6 +381,7 @@ def check(world: World, records: dict[str, queue_module.CallRecord]) -> list[str
                         f"call {call_id}: attempts {a.attempt} and {b.attempt} ran at once "
                         f"under live leases ({a_from:.2f}-{a_to:.2f}, {b_from:.2f}-{b_to:.2f})"
                     )
+    problems += world.early
     problems += _rate(world)
     problems += _concurrency(world)
     return problems
@@ -430,6 +435,14 @@ def run_seed(seed: int, bugs: Iterable[str] = ()) -> Result:
         for record in done:
             if isinstance(record, queue_module.CallRecord):
                 world.claims[record.call_id, record.attempt] = (loop.time(), record.lease_ms / 1000)
+                # The attempt may not start before its due time (the backoff after a
+                # failure, or run_after): one clock for everyone in the simulation.
+                claimed_ms = (EPOCH_S + loop.time()) * 1000
+                if claimed_ms < record.run_after_ms:
+                    world.early.append(
+                        f"call {record.call_id} attempt {record.attempt} claimed "
+                        f"{record.run_after_ms - claimed_ms:.0f} ms before its due time"
+                    )
         return done
 
     ids = random.Random(f"{seed}/ids")
