@@ -12,6 +12,7 @@ from loom.functions.limits import (
     Aimd,
     AimdSettings,
     Allotment,
+    LatencyWatch,
     TokenBucket,
     allotted_partitions,
     concurrency_share,
@@ -87,3 +88,12 @@ def test_aimd_grows_to_at_most_twice_the_rate_in_use() -> None:
     assert aimd.current(200.0, used=400.0) == 800  # twice what is used
     assert aimd.current(300.0, used=10.0) == 800  # a lull does not cut it
     assert aimd.current(400.0) == 5_800  # without a measure: additive growth alone
+
+
+def test_rising_latency_signals_after_warmup_and_the_baseline_does_not_follow() -> None:
+    watch = LatencyWatch()
+    assert not any(watch.observe(50.0) for _ in range(40))  # normal, and under the floor
+    signals = [watch.observe(900.0) for _ in range(20)]
+    assert signals[-1] and not signals[0]  # the fast average needs a few slow calls
+    assert watch.base < 100.0  # the overload did not become the baseline
+    assert not any(LatencyWatch().observe(900.0) for _ in range(20))  # warmup: no signal

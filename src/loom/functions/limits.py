@@ -164,6 +164,33 @@ class Aimd:
         return self.rate < self.settings.rate_max
 
 
+@dataclass(slots=True)
+class LatencyWatch:
+    """Rising latency as an overload signal (DESIGN §8): a fast average of a function's
+    call durations against a slow baseline that learns only while the fast one is near
+    it, so an overload does not become the new normal."""
+
+    factor: float = 4.0
+    floor_ms: float = 100.0  # durations below this never signal
+    warmup: int = 20  # calls seen before any signal
+    fast: float = 0.0
+    base: float = 0.0
+    samples: int = 0
+
+    def observe(self, duration_ms: float) -> bool:
+        """Takes one duration; True when the recent ones are far above the baseline."""
+        self.samples += 1
+        if self.samples == 1:
+            self.fast = self.base = duration_ms
+            return False
+        self.fast += 0.1 * (duration_ms - self.fast)  # one outlier is not an overload
+        if self.fast <= 1.5 * self.base:
+            self.base += 0.02 * (duration_ms - self.base)
+        return self.samples > self.warmup and self.fast > max(
+            self.floor_ms, self.factor * self.base
+        )
+
+
 def fair_rounds(
     tenants: list[T],
     weights: dict[T, int],

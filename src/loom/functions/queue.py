@@ -44,9 +44,10 @@ import msgspec
 import xxhash
 
 from loom import kv
-from loom.core.errors import ConditionFailed, InvalidArgument, NotFound
+from loom.core.errors import ConditionFailed, InvalidArgument, NotFound, PermissionDenied
 
 KEYSPACE = "__functions"
+QUEUE_TENANT = "functions"
 PARTITIONS_DEFAULT = 16
 PARTITIONS_MAX = 4096
 ARGS_BYTES_MAX = 256 * 1024
@@ -316,7 +317,16 @@ class DurableQueue:
         stored = await cls.stored_partitions(client)
         if stored is None:
             cls(client, partitions=partitions)  # checks the count before creating anything
-            await client.create_keyspace(KEYSPACE, shards=shards, replication=replication)
+            try:
+                # A tenant of its own: the nodes queue its requests apart (weighted fair
+                # queuing), so the queue cannot starve the data its functions work on.
+                await client.create_tenant(QUEUE_TENANT)
+                tenant: str | None = QUEUE_TENANT
+            except PermissionDenied:
+                tenant = None  # a tenant's token: the queue is that tenant's
+            await client.create_keyspace(
+                KEYSPACE, shards=shards, replication=replication, tenant=tenant
+            )
             ks = client.keyspace(KEYSPACE)
             with contextlib.suppress(ConditionFailed):
                 await ks.put(

@@ -40,6 +40,7 @@ from loom.functions.limits import (
     Aimd,
     AimdSettings,
     Allotment,
+    LatencyWatch,
     TokenBucket,
     concurrency_share,
     fair_rounds,
@@ -112,6 +113,7 @@ class FunctionState:
     waiting_since: float | None = None
     dispatched: int = 0
     finished: int = 0  # reported finished by workers (any outcome)
+    latency: LatencyWatch = field(default_factory=LatencyWatch)
 
     def candidate_count(self) -> int:
         return sum(len(c) for c in self.candidates.values())
@@ -796,6 +798,10 @@ class Scheduler:
                 del state.inflight[finished.call_id]
                 del self.where[finished.call_id]
                 state.finished += 1
+            slow = state.latency.observe(finished.duration_ms)
+            for name in state.config.downstream if slow and state.config else ():
+                if (downstream := self.downstreams.get(name)) is not None:
+                    downstream.aimd.overloaded(now)  # at most one cut per cooldown
         for call_id, attempt in report.running:
             key = self.where.get(call_id)
             state = self.functions.get(key) if key else None

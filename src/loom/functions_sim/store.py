@@ -83,6 +83,9 @@ class SimClient:
     def keyspace(self, name: str) -> SimKeyspace:
         return SimKeyspace(self, name)
 
+    async def create_tenant(self, name: str, **_: Any) -> None:
+        await self.gate()
+
     async def create_keyspace(self, name: str, **_: Any) -> None:
         await self.gate()
         self.store.keyspaces.add(name)
