@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-QUICK = ("--workload", "A", "--clients", "4", "--duration", "1", "--records", "200")
+QUICK = ("--workload", "A", "--clients", "4", "--duration", "2", "--records", "200")
 STATS_KEYS = {"ops_per_s", "p50_ms", "p99_ms", "errors"}
 REPORT_KEYS = {"workload", "clients", "duration_s", "loom", "peer", "ratio"}
 
@@ -52,7 +52,7 @@ def assert_header(report: dict[str, object]) -> None:
     assert type(report["clients"]) is int
     assert report["clients"] == 4
     assert isinstance(report["duration_s"], float)
-    assert report["duration_s"] == 1.0
+    assert report["duration_s"] == 2.0
 
 
 @pytest.mark.timeout(60)
