@@ -42,9 +42,10 @@ def put(h: Harness, key: bytes, value: bytes, seq: int | None = None, ushard: US
 
 
 def copy(src: Harness, dst: Harness, move: MoveId, chunk: int = 3) -> int:
-    """Export the frozen μshard from `src` chunk by chunk and ingest it into `dst`."""
+    """Export the frozen μshard from `src` chunk by chunk and ingest it into `dst`;
+    returns how many records were exported."""
     cursor: bytes | None = None
-    chunks = 0
+    total = 0
     while True:
         records, cursor = export_chunk(src.state, U, cursor, chunk)
         result = dst.one(
@@ -55,9 +56,9 @@ def copy(src: Harness, dst: Harness, move: MoveId, chunk: int = 3) -> int:
             )
         )
         assert isinstance(result, Applied), result
-        chunks += 1
+        total += len(records)
         if cursor is None:
-            return chunks
+            return total
 
 
 def moved_state(h: Harness, ushard: UShard = U) -> dict[bytes, bytes]:
@@ -112,10 +113,12 @@ def test_a_whole_move_carries_data_dedupe_table_and_a_higher_generation() -> Non
     src.one(Delete(request=request(3), ushard=U, key=b"gone"))
     assert isinstance(src.one(Freeze(ushard=U, move_id=M1)), Applied)
     frozen = moved_state(src)
-    assert copy(src, dst, M1) > 1  # several chunks
+    records = copy(src, dst, M1)
+    assert records > 3  # several chunks
     assert ownership(dst.state, U, dst.initial).state is Owner.INCOMING
     assert is_moved(dst.one(put(dst, b"k", b"early")))  # not owned before Own
-    assert isinstance(dst.one(Own(ushard=U, move_id=M1, generation=Generation(2))), Applied)
+    own = Own(ushard=U, move_id=M1, generation=Generation(2), records=records)
+    assert isinstance(dst.one(own), Applied)
     assert {k: v for k, v in moved_state(dst).items() if k != keys.generation_key(U)} == frozen
     # A retry of a request applied on the source gets its first result, applied once.
     assert dst.one(put(dst, b"k", b"v1", seq=1)) == first
@@ -145,7 +148,7 @@ def test_move_commands_are_idempotent_under_duplicates() -> None:
     snapshot = dict(dst.state.data)
     assert isinstance(dst.one(ingest), Applied)
     assert dst.state.data == snapshot
-    own = Own(ushard=U, move_id=M1, generation=Generation(1))
+    own = Own(ushard=U, move_id=M1, generation=Generation(1), records=len(records))
     assert isinstance(dst.one(own), Applied)
     owned = dict(dst.state.data)
     assert isinstance(dst.one(own), Applied) and dst.state.data == owned
@@ -160,7 +163,7 @@ def test_abort_before_own_gives_the_ushard_back_and_refuses_late_commands_of_tha
     src, dst = two_sides()
     src.one(put(src, b"k", b"v"))
     src.one(Freeze(ushard=U, move_id=M1))
-    copy(src, dst, M1)
+    records = copy(src, dst, M1)
     assert isinstance(src.one(Abort(ushard=U, move_id=M1)), Applied)
     assert isinstance(dst.one(Abort(ushard=U, move_id=M1)), Applied)
     assert moved_state(dst) == {}
@@ -168,18 +171,20 @@ def test_abort_before_own_gives_the_ushard_back_and_refuses_late_commands_of_tha
     # Late copies of the aborted move's commands change nothing.
     assert isinstance(src.one(Freeze(ushard=U, move_id=M1)), Rejected)
     assert isinstance(dst.one(Ingest(ushard=U, move_id=M1, records=())), Rejected)
-    assert isinstance(dst.one(Own(ushard=U, move_id=M1, generation=Generation(1))), Rejected)
+    late_own = Own(ushard=U, move_id=M1, generation=Generation(1), records=records)
+    assert isinstance(dst.one(late_own), Rejected)
     # A later move of the same μshard works.
     assert isinstance(src.one(Freeze(ushard=U, move_id=M2)), Applied)
-    copy(src, dst, M2)
-    assert isinstance(dst.one(Own(ushard=U, move_id=M2, generation=Generation(1))), Applied)
+    records = copy(src, dst, M2)
+    own = Own(ushard=U, move_id=M2, generation=Generation(1), records=records)
+    assert isinstance(dst.one(own), Applied)
 
 
 def test_abort_after_own_or_drop_is_refused() -> None:
     src, dst = two_sides()
     src.one(Freeze(ushard=U, move_id=M1))
-    copy(src, dst, M1)
-    dst.one(Own(ushard=U, move_id=M1, generation=Generation(1)))
+    records = copy(src, dst, M1)
+    dst.one(Own(ushard=U, move_id=M1, generation=Generation(1), records=records))
     src.one(Drop(ushard=U, move_id=M1))
     assert isinstance(dst.one(Abort(ushard=U, move_id=M1)), Rejected)
     assert isinstance(src.one(Abort(ushard=U, move_id=M1)), Rejected)
@@ -196,21 +201,38 @@ def test_abort_on_a_side_the_move_never_reached_fences_its_late_commands() -> No
 
 def test_own_without_ingest_and_drop_without_freeze_are_refused() -> None:
     src, dst = two_sides()
-    assert isinstance(dst.one(Own(ushard=U, move_id=M1, generation=Generation(1))), Rejected)
+    own = Own(ushard=U, move_id=M1, generation=Generation(1), records=0)
+    assert isinstance(dst.one(own), Rejected)
     assert isinstance(src.one(Drop(ushard=U, move_id=M1)), Rejected)
     assert ownership(src.state, U, src.initial).state is Owner.OWNED
 
 
 def test_own_must_raise_the_generation() -> None:
     src, dst = two_sides()
+    src.one(put(src, b"k", b"v"))
     src.one(Freeze(ushard=U, move_id=M1))
-    copy(src, dst, M1)
-    dst.one(Own(ushard=U, move_id=M1, generation=Generation(3)))
+    records = copy(src, dst, M1)
+    dst.one(Own(ushard=U, move_id=M1, generation=Generation(3), records=records))
     dst.one(Freeze(ushard=U, move_id=M2))
     back = Harness(initial=frozenset())
-    copy(dst, back, M2)
-    refused = back.one(Own(ushard=U, move_id=M2, generation=Generation(3)))
+    records = copy(dst, back, M2)
+    refused = back.one(Own(ushard=U, move_id=M2, generation=Generation(3), records=records))
     assert isinstance(refused, Rejected) and refused.reason == "ownership"
+    own = Own(ushard=U, move_id=M2, generation=Generation(4), records=records)
+    assert isinstance(back.one(own), Applied)
+
+
+def test_own_refuses_a_copy_with_records_missing() -> None:
+    src, dst = two_sides()
+    for i in range(5):
+        src.one(put(src, b"k%d" % i, b"v"))
+    src.one(Freeze(ushard=U, move_id=M1))
+    first, _cursor = export_chunk(src.state, U, None, 4)
+    dst.one(Ingest(ushard=U, move_id=M1, records=tuple(IngestRecord(k, v) for k, v in first)))
+    total = len(moved_state(src))
+    refused = dst.one(Own(ushard=U, move_id=M1, generation=Generation(2), records=total))
+    assert isinstance(refused, Rejected) and "incomplete" in refused.message
+    assert ownership(dst.state, U, dst.initial).state is Owner.INCOMING
 
 
 def test_ingest_refuses_keys_outside_the_ushard_and_its_ownership_record() -> None:
@@ -272,7 +294,13 @@ chunk_records = st.lists(
 move_commands = st.one_of(
     st.builds(Freeze, ushard=st.just(U), move_id=move_ids),
     st.builds(Ingest, ushard=st.just(U), move_id=move_ids, records=chunk_records),
-    st.builds(Own, ushard=st.just(U), move_id=move_ids, generation=generations),
+    st.builds(
+        Own,
+        ushard=st.just(U),
+        move_id=move_ids,
+        generation=generations,
+        records=st.integers(0, 3),
+    ),
     st.builds(Abort, ushard=st.just(U), move_id=move_ids),
     st.builds(Drop, ushard=st.just(U), move_id=move_ids),
 )

@@ -494,6 +494,11 @@ class Client:
                 state.uncertain |= state.is_write
             case ErrorCode.OVERLOADED:
                 state.overloaded = True
+            case ErrorCode.MOVED:
+                # The μshard moved or is moving (docs/protocols/resharding.md): fetch the
+                # routing table again; the retry goes where its mapping points.
+                state.hint = None
+                await self._refresh_quietly()
             case ErrorCode.NOT_READY | ErrorCode.NOT_APPLIED:
                 pass
 
@@ -552,7 +557,10 @@ class Client:
     def _note_written(self, keyspace: str, ushard: UShard, version: Version) -> None:
         shard = self.router.keyspace(keyspace).shard_of(ushard)
         current = self._written.get(shard)
-        if current is None or version > current:
+        # A replica serves READ_YOUR_WRITES from applied seq ≥ min_version.seq: keep the
+        # highest seq. Not the highest version: μshards of one p-shard can be in
+        # different generations after moves (docs/protocols/resharding.md).
+        if current is None or version.seq > current.seq:
             self._written[shard] = version
 
     def written(self, keyspace: str, ushard: UShard) -> Version | None:

@@ -117,6 +117,9 @@ class Own(Struct, frozen=True, tag="own", kw_only=True):
     ushard: UShard
     move_id: MoveId
     generation: Generation
+    # How many records the source exported: Own refuses a copy that holds another
+    # number, so no mover bug can commit a partial μshard.
+    records: int
 
 
 class Abort(Struct, frozen=True, tag="abort", kw_only=True):

@@ -127,6 +127,9 @@ def _own(view: Overlay, cmd: Own, record: OwnershipRecord) -> Refusal:
     current = view.get(keys.generation_key(cmd.ushard))
     if current is not None and decode_uint64(current) >= cmd.generation:
         return "the new generation must be above the source's"
+    held = movable_records(view, cmd.ushard)
+    if held != cmd.records:
+        return f"incomplete copy: {held} records ingested, the source exported {cmd.records}"
     view.put(keys.generation_key(cmd.ushard), encode_uint64(cmd.generation))
     _set(view, cmd.ushard, Owner.OWNED, cmd.move_id, committed=True)
     return None
@@ -194,6 +197,16 @@ def is_movable_key(key: bytes, ushard: UShard) -> bool:
     """A key of `ushard`'s state that a move copies: everything but its ownership record."""
     return key != keys.owner_key(ushard) and any(
         r.start <= key < r.end for r in keys.ushard_ranges(ushard)
+    )
+
+
+def movable_records(state: StateReader, ushard: UShard) -> int:
+    """How many records a move of `ushard` copies (one scan of the μshard)."""
+    return sum(
+        1
+        for key_range in keys.ushard_ranges(ushard)
+        for key, _ in state.scan(key_range.start, key_range.end)
+        if key != keys.owner_key(ushard)
     )
 
 

@@ -14,25 +14,47 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loom.core.ids import Ballot, Epoch, Incarnation, NodeId, ShardId
+from loom.core.ids import Ballot, Epoch, Incarnation, NodeId, ShardId, UShard
 from loom.core.limits import Limits
 from loom.core.time import Instant
-from loom.host.requests import ClientReply, ReadRequest, WriteReply, WriteRequest
+from loom.host.requests import (
+    ClientReply,
+    ErrorReply,
+    ExportReply,
+    ExportRequest,
+    MoveRequest,
+    ReadRequest,
+    WriteReply,
+    WriteRequest,
+)
 from loom.host.shard import HostOutput
 from loom.paxos.messages import Accept, Config, Envelope, Promise
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
 from loom.shardmgr.core import Announce, NodeReport, PersistEpoch, ShardManagerCore, SmParams
+from loom.shardmgr.moves import (
+    ExportChunk,
+    Exported,
+    InstallMapping,
+    Mover,
+    MoverParams,
+    Proposed,
+    ProposeMove,
+    Unanswered,
+)
 from loom.sim.faults import Faults
+from loom.sim.moves import OwnershipChecker
 from loom.sim.network import Network
 from loom.sim.node import Clock, SimNode, entry_value_digest
 from loom.sim.workload import (
     ATTEMPT_TIMEOUT_MS,
     RETRY_DELAY_MS,
+    USHARDS,
     Recorder,
     Routing,
     SimClient,
+    shard_of,
 )
 from loom.storage.memory import MemoryStore
 
@@ -86,12 +108,25 @@ class World:
             bugs=config.bugs,
         )
         self.net = Network(random.Random(self.rng.random()), config.faults)
+        # The keyspace's μshard → p-shard mapping and its version; moves change it.
+        self.mapping = {UShard(u): shard_of(UShard(u), config.shards) for u in range(USHARDS)}
+        self.mapping_version = 1
+        self.mover = Mover(
+            MoverParams(
+                chunk_records_max=4,
+                bugs=frozenset(b for b in config.bugs if b.startswith("move-")),
+            )
+        )
+        self.ownership = OwnershipChecker(self.mapping)
         self.nodes: dict[NodeId, SimNode] = {}
         for i in range(1, config.nodes + 1):
             self._add_node(NodeId(f"n{i}"))
         self.sm = ShardManagerCore(
             params=SmParams(
-                failure_timeout_ms=400.0, activation_timeout_ms=3000.0, announce_interval_ms=200.0
+                failure_timeout_ms=400.0,
+                activation_timeout_ms=3000.0,
+                announce_interval_ms=200.0,
+                prefer_highest_commit=config.faults.moves,
             ),
             rng=random.Random(self.rng.random()),
         )
@@ -103,7 +138,7 @@ class World:
                 rng=random.Random(self.rng.random()),
                 shards=config.shards,
                 recorder=self.rec,
-                routing=Routing(self._route),
+                routing=Routing(self._route, self.mapping.__getitem__),
                 fast_ack=True,
                 skip_absent_bug="txn-skip-absent" in config.bugs,
             )
@@ -147,6 +182,12 @@ class World:
         node = SimNode(
             node=node_id, clock=clock, params=self.params, rng=random.Random(self.rng.random())
         )
+        if self.cfg.faults.moves:
+            # Each p-shard owns its initial μshards only; the rest must be moved in.
+            node.initial = {
+                ShardId(shard): frozenset(u for u, s in self.mapping.items() if s == shard)
+                for shard in range(self.cfg.shards)
+            }
         self.nodes[node_id] = node
 
     def start(self) -> None:
@@ -226,6 +267,8 @@ class World:
                 self._send(node_id, env.dst, env)
             for origin, reply in out.replies:
                 self._send(node_id, str(origin), reply)
+            for origin, mover_reply in out.mover_replies:
+                self._send(node_id, str(origin), mover_reply)
             for event in out.sm_events:
                 self._send(node_id, SM, (shard, event))
 
@@ -288,8 +331,10 @@ class World:
     def _observe(self, shard: ShardId, out: HostOutput) -> None:
         """Invariants visible at the source: one value per slot among applied entries,
         and one value per (ballot, slot) among sent Accepts."""
-        for entry in out.applied:
+        for entry, results in zip(out.applied, out.applied_results, strict=True):
             digest = entry_value_digest(entry.wall_ms, entry.epoch, entry.commands)
+            if self.cfg.faults.moves and (shard, entry.seq) not in self.applied_commands:
+                self.ownership.first_applied(shard, entry.seq, entry.commands, results)
             self.applied_commands.setdefault((shard, entry.seq), entry.commands)
             known = self.applied_values.setdefault((shard, entry.seq), digest)
             if known != digest:
@@ -364,7 +409,9 @@ class World:
             shard, assignment = payload
             node.host(shard, self.t).assign(assignment, now)
             self._flush(node, shard)
-        elif isinstance(payload, tuple) and isinstance(payload[1], WriteRequest | ReadRequest):
+        elif isinstance(payload, tuple) and isinstance(
+            payload[1], WriteRequest | ReadRequest | MoveRequest | ExportRequest
+        ):
             shard, request = payload
             host = node.host(shard, self.t)
             host.submit(src, request, now, node.clock.wall(self.t))
@@ -380,12 +427,78 @@ class World:
             self.sm.on_report(payload, self._sm_now())
         elif isinstance(payload, tuple) and isinstance(payload[1], SmEvent):
             self.sm.on_event(payload[0], payload[1], self._sm_now())
+        elif isinstance(payload, WriteReply | ExportReply | ErrorReply):
+            self._mover_reply(payload)
         self._sm_outputs()
 
     def _sm_tick(self) -> None:
         self.sm.tick(self._sm_now())
         self._sm_outputs()
+        if self.cfg.faults.moves:
+            self.mover.tick(self._sm_now())
+            self._mover_outputs()
         self.at(self.t + SM_TICK_MS, self._sm_tick)
+
+    # ------------------------------------------------------------------ moves
+
+    def start_move(self, ushard: UShard, target: ShardId) -> None:
+        move_id = self.mover.start(ushard, self.mapping[ushard], target, self._sm_now())
+        self.note("move", move_id, ushard, target)
+        self._mover_outputs()
+
+    def _mover_reply(self, reply: WriteReply | ExportReply | ErrorReply) -> None:
+        answer: Exported | Proposed | Unanswered
+        match reply:
+            case ExportReply():
+                answer = Exported(
+                    records=reply.records,
+                    cursor=reply.cursor,
+                    generation=reply.generation,
+                    total=reply.total,
+                )
+            case WriteReply():
+                answer = Proposed(result=reply.result)
+            case ErrorReply():
+                answer = Unanswered()
+        self.mover.on_reply(reply.token, answer, self._sm_now())
+        self._mover_outputs()
+
+    def _mover_outputs(self) -> None:
+        for _ in range(16):  # installing a mapping produces the Drop: drain both
+            outputs = self.mover.outputs()
+            if not outputs:
+                return
+            for output in outputs:
+                match output:
+                    case ProposeMove():
+                        request: MoveRequest | ExportRequest = MoveRequest(
+                            token=output.token, command=output.command
+                        )
+                        self._to_primary(output.shard, request)
+                    case ExportChunk():
+                        request = ExportRequest(
+                            token=output.token,
+                            ushard=output.ushard,
+                            move_id=output.move_id,
+                            after=output.after,
+                            limit=output.limit,
+                        )
+                        self._to_primary(output.shard, request)
+                    case InstallMapping():
+                        self._install_mapping(output)
+
+    def _to_primary(self, shard: ShardId, request: MoveRequest | ExportRequest) -> None:
+        primary, _members = self._route(shard)
+        if primary is not None:
+            self._send(SM, primary, (shard, request))
+
+    def _install_mapping(self, output: InstallMapping) -> None:
+        """A new mapping version (stored at once: the sim's metastore is in memory)."""
+        self.ownership.mapping_installed(output.ushard, output.shard)
+        self.mapping[output.ushard] = output.shard
+        self.mapping_version += 1
+        self.note("mapping", self.mapping_version, output.ushard, output.shard)
+        self.mover.mapping_installed(output.move_id, self._sm_now())
 
     def _sm_outputs(self) -> None:
         for _ in range(16):  # persisting may produce announcements: drain both
