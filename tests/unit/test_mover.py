@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kv_state import Harness, U, request
 
-from loom.core.ids import Generation, MoveId, ShardId
+from loom.core.ids import Generation, MoveId, ShardId, UShard
 from loom.core.time import Instant
 from loom.kvstate.commands import Applied, Put, Rejected, decode_command
 from loom.kvstate.ownership import Owner, export_chunk, movable_records, ownership
@@ -25,6 +25,7 @@ from loom.shardmgr.moves import (
     ProposeMove,
     Step,
     Unanswered,
+    plan_reshard,
 )
 
 S, T = ShardId(0), ShardId(1)
@@ -161,3 +162,23 @@ def test_a_stale_reply_is_ignored() -> None:
     driver.answer(resent)
     assert driver.mover.moves[move_id].step is Step.EXPORT
     assert driver.mover.moves[move_id].move_id == MoveId(1)
+
+
+def test_a_reshard_plan_moves_exactly_the_ushards_whose_pshard_changes() -> None:
+    current = {UShard(u): ShardId(u % 2) for u in range(8)}
+    target = {UShard(u): ShardId(u % 4) for u in range(8)}
+    plan = plan_reshard(current, target)
+    assert sorted(plan) == [(UShard(u), ShardId(u % 4)) for u in range(8) if u % 4 >= 2]
+    assert [shard for _, shard in plan][:2] == [ShardId(2), ShardId(3)]  # round-robin
+    assert plan_reshard(target, target) == []
+
+
+def test_planned_moves_start_at_most_the_parallelism_and_skip_settled_ushards() -> None:
+    mover = Mover(MoverParams(moves_in_flight_max=2))
+    mapping = {UShard(u): ShardId(0) for u in range(5)}
+    mapping[UShard(4)] = ShardId(1)  # already where the plan sends it
+    mover.plan([(UShard(u), ShardId(1)) for u in range(5)])
+    assert mover.start_planned(mapping.__getitem__, Instant(0)) == 2
+    assert mover.in_flight() == 2
+    assert [u for u, _ in mover.planned] == [UShard(2), UShard(3)]
+    assert mover.start_planned(mapping.__getitem__, Instant(10)) == 0  # no free slot

@@ -145,15 +145,15 @@ class ShardHost:
         self.node = node
         self.p = params
         self.generation = generation
+        self.store = store
+        self.view = PrefixedStore(store, shard_prefix(shard))
         # The μshards this p-shard was created with (None: all), the same on every
         # replica; μshards moved in or out since are in the replicated state.
-        self.initial = initial
+        self.initial = initial if initial is not None else layout.load_initial(self.view)
         # μshards whose Freeze this primary has queued, under its ballot: writes
         # submitted after it are answered MOVED at once instead of being sequenced
         # after the Freeze (a FAST_ACK reply must never name a write apply refuses).
         self.fencing: dict[UShard, Ballot] = {}
-        self.store = store
-        self.view = PrefixedStore(store, shard_prefix(shard))
         self.state = PrefixedStore(store, shard_prefix(shard) + layout.STATE)
         durable = layout.load(self.view)
         self.is_member = not durable.is_empty() or params.has_bug("amnesia")
@@ -178,7 +178,14 @@ class ShardHost:
 
     # ------------------------------------------------------------------ inputs
 
-    def assign(self, assignment: Assignment, now: Instant) -> None:
+    def assign(
+        self,
+        assignment: Assignment,
+        now: Instant,
+        initial: tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
+        """`initial`: the μshards the p-shard was created with (from the manager), kept
+        by a replica that has nothing yet, before it applies anything."""
         named = assignment.incarnation_of(self.node)
         if (
             named is not None
@@ -186,6 +193,12 @@ class ShardHost:
             and not self.p.has_bug("amnesia")
         ):
             return  # for an earlier incarnation of this node (a wiped disk): not us
+        if initial is not None and not self.is_member and self.initial is None:
+            # Written before any entry applies, in store order: durable with them.
+            self.initial = frozenset(UShard(u) for first, end in initial for u in range(first, end))
+            batch = WriteBatch()
+            layout.put_initial(batch, initial)
+            self._write(batch)
         self.is_member = True
         self.replica.assign(assignment, now)
 

@@ -77,6 +77,7 @@ from loom.runtime.codec import (
     Failure,
     KeyspaceReply,
     NodeMessage,
+    ReshardKeyspace,
     RoutingRequest,
     StatusReply,
     StatusRequest,
@@ -85,7 +86,7 @@ from loom.runtime.codec import (
 )
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
-from loom.shardmgr.routing import KeyspaceSpec, RoutingTable
+from loom.shardmgr.routing import KeyspaceSpec, RoutingTable, compact_ranges
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
@@ -296,6 +297,42 @@ class Client:
                     f"have an active primary after {KEYSPACE_READY_TIMEOUT_S:g} s"
                 )
             await asyncio.sleep(0.05)
+
+    async def reshard_keyspace(
+        self,
+        name: str,
+        *,
+        shards: int,
+        wait: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> KeyspaceInfo:
+        """Grow keyspace `name` to `shards` p-shards by moving μshards live
+        (docs/protocols/resharding.md). With `wait`, returns once every μshard is on
+        the p-shard the compact mapping over all p-shards gives it; `progress(done,
+        total)` is called as μshards arrive."""
+        reply = await self._admin_retrying(ReshardKeyspace(name=name, shards=shards))
+        if not isinstance(reply, KeyspaceReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        await self._until_ready(reply.keyspace)
+        if not wait:
+            return reply.keyspace
+        return await self._until_resharded(name, progress)
+
+    async def _until_resharded(
+        self, name: str, progress: Callable[[int, int], None] | None
+    ) -> KeyspaceInfo:
+        while True:
+            await self.router.refresh(force=True)
+            keyspace = self.router.keyspace(name)
+            goal = compact_ranges(keyspace.spec.ushards, keyspace.shards())
+            placed = sum(
+                1 for u in range(keyspace.spec.ushards) if keyspace.shard_of(u) == _owner(goal, u)
+            )
+            if progress is not None:
+                progress(placed, keyspace.spec.ushards)
+            if placed == keyspace.spec.ushards:
+                return keyspace
+            await asyncio.sleep(0.1)
 
     async def drop_keyspace(self, name: str) -> None:
         """Delete a keyspace and all its data."""
@@ -824,3 +861,8 @@ def connect(
     there; `timeout_s` bounds every request, retries included."""
     client = Client(parse_seeds(address), token=token, region=region, timeout_s=timeout_s)
     return _Connecting(client)
+
+
+def _owner(ranges: tuple[tuple[int, ShardId], ...], ushard: int) -> ShardId:
+    """The p-shard of `ushard` under sorted (first μshard, p-shard) ranges."""
+    return next(shard for first, shard in reversed(ranges) if first <= ushard)

@@ -106,6 +106,18 @@ class SyncClient:
             )
         )
 
+    def reshard_keyspace(
+        self,
+        name: str,
+        *,
+        shards: int,
+        wait: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> KeyspaceInfo:
+        return self._runner.run(
+            self.client.reshard_keyspace(name, shards=shards, wait=wait, progress=progress)
+        )
+
     def drop_keyspace(self, name: str) -> None:
         self._runner.run(self.client.drop_keyspace(name))
 

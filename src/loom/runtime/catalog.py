@@ -85,6 +85,20 @@ class Catalog:
             )
         return existing
 
+    def replace(self, name: str, expected: Keyspace, keyspace: Keyspace) -> None:
+        """Stores `keyspace` over `expected` (a reshard, a new mapping version): one
+        compare-and-swap; `Unavailable` if the record changed meanwhile."""
+        key = KEYSPACES + name
+        current = self.metastore.get(key)
+        if current is None:
+            raise NotFound(f"no keyspace {name!r}")
+        record = _DECODER.decode(current[0])
+        if record.dropping or record.keyspace != expected:
+            raise Unavailable(f"keyspace {name!r} changed meanwhile; retry")
+        new = _ENCODER.encode(KeyspaceRecord(keyspace=keyspace))
+        if not self.metastore.compare_and_swap(key, current[1], new).ok:
+            raise Unavailable(f"keyspace {name!r} changed meanwhile; retry")
+
     def mark_dropping(self, name: str) -> KeyspaceRecord:
         key = KEYSPACES + name
         current = self.metastore.get(key)

@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from loom.core.ids import Generation, MoveId, ShardId, UShard
@@ -161,6 +162,32 @@ class Mover:
     moves: dict[MoveId, Move] = field(default_factory=dict)
     by_token: dict[int, MoveId] = field(default_factory=dict)
     pending: list[MoverOutput] = field(default_factory=list)
+    # A reshard's plan: (μshard, target) still to start, in order.
+    planned: list[tuple[UShard, ShardId]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ plans
+
+    def plan(self, moves: Sequence[tuple[UShard, ShardId]]) -> None:
+        """Queue moves (a reshard); `start_planned` starts them as slots free up."""
+        self.planned.extend(moves)
+
+    def start_planned(self, owner_of: Callable[[UShard], ShardId], now: Instant) -> int:
+        """Start queued moves while fewer than `moves_in_flight_max` are under way.
+        `owner_of` is the current mapping: a μshard already at its target is skipped,
+        one being moved (or stuck) waits. Returns how many started."""
+        started = 0
+        waiting: list[tuple[UShard, ShardId]] = []
+        for ushard, target in self.planned:
+            source = owner_of(ushard)
+            if source == target:
+                continue
+            if self.in_flight() >= self.params.moves_in_flight_max or self.is_moving(ushard):
+                waiting.append((ushard, target))
+                continue
+            self.start(ushard, source, target, now)
+            started += 1
+        self.planned = waiting
+        return started
 
     # ------------------------------------------------------------------ inputs
 
@@ -320,3 +347,21 @@ class Mover:
                 return move.source, Abort(ushard=m, move_id=mid)
             case _:
                 raise AssertionError(f"no command for {move.step}")
+
+
+def plan_reshard(
+    current: Mapping[UShard, ShardId], target: Mapping[UShard, ShardId]
+) -> list[tuple[UShard, ShardId]]:
+    """The moves that turn mapping `current` into `target`, in μshard order, round-robin
+    over the target p-shards so parallel moves spread their copies."""
+    by_target: dict[ShardId, list[UShard]] = {}
+    for ushard in sorted(target):
+        if current.get(ushard) != target[ushard]:
+            by_target.setdefault(target[ushard], []).append(ushard)
+    plan: list[tuple[UShard, ShardId]] = []
+    queues = [(shard, by_target[shard]) for shard in sorted(by_target)]
+    while any(queue for _, queue in queues):
+        for shard, queue in queues:
+            if queue:
+                plan.append((queue.pop(0), shard))
+    return plan

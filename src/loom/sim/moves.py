@@ -34,7 +34,7 @@ from loom.kvstate.commands import (
     decode_command,
 )
 from loom.kvstate.ownership import is_owned
-from loom.shardmgr.moves import Mover, Step
+from loom.shardmgr.moves import Mover, Step, plan_reshard
 from loom.sim.transactions import BANK_SHARD_KEY, ONCALL_SHARD_KEY
 from loom.sim.workload import COUNTER_KEYS, REGISTER_KEYS, USHARDS
 
@@ -52,19 +52,26 @@ def workload_ushards() -> tuple[UShard, ...]:
 
 
 class MoveSchedule:
+    """First a reshard of the keyspace from `shards` onto `shards + spare_shards`
+    p-shards (every μshard u to u mod the new count, the mover's
+    `moves_in_flight_max` at a time),
+    at a random moment of the load; then single moves of the workload's μshards."""
+
     def __init__(
         self,
         *,
         seed: int,
         mover: Mover,
         shards: int,
+        spare_shards: int,
         owner_of: Callable[[UShard], ShardId],
         start_move: Callable[[UShard, ShardId], None],
         later: Callable[[float, Callable[[], None]], None],
     ) -> None:
         self.rng = random.Random(f"moves-{seed}")
         self.mover = mover
-        self.shards = shards
+        self.shards = shards + spare_shards
+        self.resharded = spare_shards == 0
         self.owner_of = owner_of
         self.start_move = start_move
         self.later = later
@@ -81,6 +88,18 @@ class MoveSchedule:
     def _next(self) -> None:
         if not self.running:
             return
+        if not self.resharded:
+            self.resharded = True
+            goal = {UShard(u): ShardId(u % self.shards) for u in range(USHARDS)}
+            current = {UShard(u): self.owner_of(UShard(u)) for u in range(USHARDS)}
+            plan = plan_reshard(current, goal)
+            self.mover.plan(plan)
+            self.started += len(plan)
+            self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
+            return
+        if self.mover.planned:
+            self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
+            return  # the reshard first
         candidates = [u for u in workload_ushards() if not self.mover.is_moving(u)]
         if candidates and self.mover.in_flight() < MOVES_IN_FLIGHT_MAX:
             ushard = self.rng.choice(candidates)

@@ -51,7 +51,10 @@ def replay_command(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> st
 def run_seed(
     seed: int, *, faults: str = "all", ops: int = 300, bugs: frozenset[str] = frozenset()
 ) -> SeedResult:
-    world = World(WorldConfig(seed=seed, faults=Faults.profile(faults), ops=ops, bugs=bugs))
+    profile = Faults.profile(faults)
+    # With moves, two more p-shards start empty and the keyspace is resharded onto them.
+    spare = 2 if profile.moves else 0
+    world = World(WorldConfig(seed=seed, faults=profile, ops=ops, bugs=bugs, spare_shards=spare))
     world.start()
     world.run_until(WARMUP_MS)
     chaos = Chaos(world, random.Random(world.rng.random()))
@@ -60,6 +63,7 @@ def run_seed(
         seed=seed,
         mover=world.mover,
         shards=world.cfg.shards,
+        spare_shards=world.cfg.spare_shards,
         owner_of=world.mapping.__getitem__,
         start_move=world.start_move,
         later=lambda delay, action: world.at(world.t + delay, action),
@@ -111,7 +115,7 @@ def _replica_states(world: World, shard: ShardId) -> dict[str, tuple[int, bytes]
 
 
 def _is_converged(world: World) -> bool:
-    if world.mover.in_flight():
+    if world.mover.in_flight() or world.mover.planned:
         return False
     for shard in sorted(world.sm.shards):
         manager = world.sm.shards[shard]

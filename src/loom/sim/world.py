@@ -77,6 +77,8 @@ class WorldConfig:
     replication: int = 3
     clients: int = 6
     load_ms_max: float = 60_000.0
+    # p-shards created owning no μshard, like those a reshard adds (moves only).
+    spare_shards: int = 0
 
 
 @dataclass(order=True, slots=True)
@@ -114,6 +116,7 @@ class World:
         self.mover = Mover(
             MoverParams(
                 chunk_records_max=4,
+                moves_in_flight_max=4,
                 bugs=frozenset(b for b in config.bugs if b.startswith("move-")),
             )
         )
@@ -186,7 +189,7 @@ class World:
             # Each p-shard owns its initial μshards only; the rest must be moved in.
             node.initial = {
                 ShardId(shard): frozenset(u for u, s in self.mapping.items() if s == shard)
-                for shard in range(self.cfg.shards)
+                for shard in range(self.cfg.shards + self.cfg.spare_shards)
             }
         self.nodes[node_id] = node
 
@@ -194,7 +197,7 @@ class World:
         for node_id in sorted(self.nodes):
             self.sm.on_report(self.nodes[node_id].report(), self._sm_now())
         names = sorted(self.nodes)
-        for shard in range(self.cfg.shards):
+        for shard in range(self.cfg.shards + self.cfg.spare_shards):
             members = tuple(names[(shard + i) % len(names)] for i in range(self.cfg.replication))
             # One follower per shard: an asynchronous learner serving relaxed reads.
             follower = names[(shard + self.cfg.replication) % len(names)]
@@ -435,6 +438,7 @@ class World:
         self.sm.tick(self._sm_now())
         self._sm_outputs()
         if self.cfg.faults.moves:
+            self.mover.start_planned(self.mapping.__getitem__, self._sm_now())
             self.mover.tick(self._sm_now())
             self._mover_outputs()
         self.at(self.t + SM_TICK_MS, self._sm_tick)

@@ -1,0 +1,201 @@
+"""The shard manager's resharding driver: runs one `Mover` per keyspace being resharded
+against the real nodes (docs/protocols/resharding.md, ADR 0009).
+
+Rules of this module:
+- one task owns the movers (`run`): plans, ticks, replies and mapping installs all
+  reach them from that task, so a mover is never entered twice at once;
+- each request to a node is its own task, bounded by `CALL_TIMEOUT_S`, owned here and
+  cancelled on `close`; its answer comes back through a bounded queue (a full queue
+  drops the answer: the mover resends after `resend_after_ms`);
+- a mapping version is installed through the manager's `install_mapping` (a
+  compare-and-swap of the keyspace record) before the mover is told, so the source
+  drops the μshard only once the new mapping is stored.
+Not yet: moves are kept in memory only; a manager restarted mid-move leaves the μshard
+frozen (safe, unavailable) until an operator resharding again re-plans it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from loom.core.errors import LoomError
+from loom.core.ids import ShardId, UShard
+from loom.core.time import Instant
+from loom.host.requests import (
+    ErrorReply,
+    ExportReply,
+    ExportRequest,
+    MoveRequest,
+    MoverRequest,
+    WriteReply,
+)
+from loom.runtime.codec import MoverAnswer, MoverCall, decode, encode
+from loom.runtime.rpc import RpcClient
+from loom.shardmgr.moves import (
+    ExportChunk,
+    Exported,
+    InstallMapping,
+    Mover,
+    MoverInput,
+    MoverParams,
+    Proposed,
+    ProposeMove,
+    Unanswered,
+)
+from loom.shardmgr.routing import Keyspace
+
+log = logging.getLogger("loom.sm.reshard")
+TICK_S = 0.05
+CALL_TIMEOUT_S = 2.0
+ANSWERS_MAX = 4096
+
+AddressOf = Callable[[ShardId], tuple[str, int] | None]
+InstallMapping_ = Callable[[str, UShard, ShardId], Awaitable[None]]
+
+
+class Resharder:
+    def __init__(
+        self,
+        *,
+        keyspace_of: Callable[[str], Keyspace | None],
+        primary_address: AddressOf,
+        install_mapping: InstallMapping_,
+        params: MoverParams | None = None,
+    ) -> None:
+        self.keyspace_of = keyspace_of
+        self.primary_address = primary_address
+        self.install_mapping = install_mapping
+        self.params = params or MoverParams()
+        self.movers: dict[str, Mover] = {}
+        self.answers: asyncio.Queue[tuple[str, int, MoverInput]] = asyncio.Queue(ANSWERS_MAX)
+        self.calls: set[asyncio.Task[None]] = set()
+        self.connections: dict[tuple[str, int], RpcClient] = {}
+        self.connecting: dict[tuple[str, int], asyncio.Lock] = {}
+
+    def plan(self, name: str, moves: list[tuple[UShard, ShardId]]) -> None:
+        """Queue a keyspace's moves (μshard numbers are per keyspace: one mover each)."""
+        self.movers.setdefault(name, Mover(self.params)).plan(moves)
+
+    def pending(self, name: str) -> int:
+        mover = self.movers.get(name)
+        return 0 if mover is None else len(mover.planned) + mover.in_flight()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = Instant(time.monotonic() * 1000)
+            while not self.answers.empty():
+                name, token, answer = self.answers.get_nowait()
+                if name in self.movers:
+                    self.movers[name].on_reply(token, answer, now)
+            for name in sorted(self.movers):
+                keyspace = self.keyspace_of(name)
+                mover = self.movers[name]
+                if keyspace is None:
+                    del self.movers[name]  # dropped meanwhile
+                    continue
+                mover.start_planned(keyspace.shard_of, now)
+                mover.tick(now)
+                await self._execute(name, mover, now)
+
+    async def _execute(self, name: str, mover: Mover, now: Instant) -> None:
+        for _ in range(16):  # an install leads to the Drop: drain both
+            outputs = mover.outputs()
+            if not outputs:
+                return
+            for output in outputs:
+                match output:
+                    case ProposeMove():
+                        request: MoverRequest = MoveRequest(
+                            token=output.token, command=output.command
+                        )
+                        self._call(name, output.shard, request)
+                    case ExportChunk():
+                        request = ExportRequest(
+                            token=output.token,
+                            ushard=output.ushard,
+                            move_id=output.move_id,
+                            after=output.after,
+                            limit=output.limit,
+                        )
+                        self._call(name, output.shard, request)
+                    case InstallMapping():
+                        try:
+                            await self.install_mapping(name, output.ushard, output.shard)
+                        except LoomError as error:
+                            # Not stored: the move waits in INSTALL; tried again below.
+                            log.warning("mapping of %s not stored: %s", name, error)
+                            mover.pending.append(output)
+                            return
+                        log.info(
+                            "keyspace %s: μshard %d moved to p-shard %d",
+                            name, output.ushard, output.shard,
+                        )  # fmt: skip
+                        mover.mapping_installed(output.move_id, now)
+
+    def _call(self, name: str, shard: ShardId, request: MoverRequest) -> None:
+        address = self.primary_address(shard)
+        if address is None:
+            return  # no primary known: the mover resends after resend_after_ms
+        task = asyncio.get_running_loop().create_task(self._ask(name, address, shard, request))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def _ask(
+        self, name: str, address: tuple[str, int], shard: ShardId, request: MoverRequest
+    ) -> None:
+        answer: MoverInput = Unanswered()
+        try:
+            client = await self._connection(address)
+            body = await client.call(
+                encode(MoverCall(shard=shard, request=request)), timeout_s=CALL_TIMEOUT_S
+            )
+            message = decode(body)
+            if isinstance(message, MoverAnswer):
+                answer = _answer(message.reply)
+        except (LoomError, OSError) as error:
+            log.debug("mover call to %s failed: %s", address, error)
+            stale = self.connections.pop(address, None)
+            if stale is not None:
+                await stale.close()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.answers.put_nowait((name, request.token, answer))
+
+    async def _connection(self, address: tuple[str, int]) -> RpcClient:
+        """One connection per node; concurrent calls wait for the same connect."""
+        lock = self.connecting.setdefault(address, asyncio.Lock())
+        async with lock:
+            client = self.connections.get(address)
+            if client is None:
+                client = await RpcClient.connect(*address)
+                self.connections[address] = client
+            return client
+
+    async def close(self) -> None:
+        for task in list(self.calls):
+            task.cancel()
+        for task in list(self.calls):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for client in self.connections.values():
+            await client.close()
+        self.connections.clear()
+
+
+def _answer(reply: WriteReply | ExportReply | ErrorReply) -> MoverInput:
+    match reply:
+        case ExportReply():
+            return Exported(
+                records=reply.records,
+                cursor=reply.cursor,
+                generation=reply.generation,
+                total=reply.total,
+            )
+        case WriteReply():
+            return Proposed(result=reply.result)
+        case ErrorReply():
+            return Unanswered()
