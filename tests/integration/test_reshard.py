@@ -110,3 +110,51 @@ async def scenario(tmp: Path) -> None:
         for node in nodes.values():
             await node.close()
         await manager.close()
+
+
+def test_a_keyspace_reshards_again_after_the_manager_restarts(tmp_path: Path) -> None:
+    """Move ids come from the metastore, so a restarted manager's moves are above every
+    earlier one (the replicas refuse a move id they have seen)."""
+    asyncio.run(restart_scenario(tmp_path))
+
+
+async def restart_scenario(tmp: Path) -> None:
+    (tmp / "sm").mkdir()
+
+    def new_manager(port: int = 0) -> ManagerRuntime:
+        metastore = FileMetastore(tmp / "sm" / "metastore.json")
+        return ManagerRuntime(metastore=metastore, params=SM_PARAMS, port=port)
+
+    manager = new_manager()
+    await manager.start()
+    nodes = {n: NodeRuntime(node=n, data_dir=tmp / n, params=PARAMS) for n in NAMES}
+    client: kv.Client | None = None
+    try:
+        for node in nodes.values():
+            await node.start()
+            node.connect_manager("127.0.0.1", manager.port)
+        await wait_for(lambda: set(NAMES) <= set(manager.infos))
+        client = await kv.connect(f"127.0.0.1:{manager.port}", timeout_s=15)
+        await client.create_keyspace("ks", shards=1, replication=3, ushards=8)
+        ks = client.keyspace("ks")
+        for key in KEYS[:10]:
+            await ks.put(key, b"v1-" + key)
+        first = await client.reshard_keyspace("ks", shards=2)
+        port = manager.port
+        await manager.close()
+        manager = new_manager(port)
+        await manager.start()
+        await wait_for(lambda: set(NAMES) <= set(manager.infos))
+        assert manager.keyspaces["ks"].ranges == first.ranges  # the mapping was stored
+        second = await client.reshard_keyspace("ks", shards=3)
+        assert second.ranges == compact_ranges(8, second.shards())
+        for key in KEYS[:10]:
+            item = await ks.get(key)
+            assert item is not None and item.value == b"v1-" + key
+            await ks.put(key, b"v2")
+    finally:
+        if client is not None:
+            await client.close()
+        for node in nodes.values():
+            await node.close()
+        await manager.close()

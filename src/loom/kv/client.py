@@ -90,6 +90,8 @@ from loom.shardmgr.routing import KeyspaceSpec, RoutingTable, compact_ranges
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
+# `reshard_keyspace` gives up waiting when no μshard arrived for this long.
+RESHARD_STALL_S = 30.0
 # One attempt waits at most this long before the client looks elsewhere (a paused
 # primary must not hold a request for the whole deadline).
 ATTEMPT_TIMEOUT_S = 1.5
@@ -321,6 +323,8 @@ class Client:
     async def _until_resharded(
         self, name: str, progress: Callable[[int, int], None] | None
     ) -> KeyspaceInfo:
+        loop = asyncio.get_running_loop()
+        last_placed, last_change = -1, loop.time()
         while True:
             await self.router.refresh(force=True)
             keyspace = self.router.keyspace(name)
@@ -332,6 +336,13 @@ class Client:
                 progress(placed, keyspace.spec.ushards)
             if placed == keyspace.spec.ushards:
                 return keyspace
+            if placed != last_placed:
+                last_placed, last_change = placed, loop.time()
+            elif loop.time() - last_change > RESHARD_STALL_S:
+                raise Unavailable(
+                    f"resharding {name!r} made no progress for {RESHARD_STALL_S:g} s "
+                    f"({placed} of {keyspace.spec.ushards} μshards placed)"
+                )
             await asyncio.sleep(0.1)
 
     async def drop_keyspace(self, name: str) -> None:

@@ -432,7 +432,9 @@ class ManagerRuntime:
                 keyspace, ranges=compact_ranges(keyspace.spec.ushards, keyspace.shards())
             )
             plan = plan_reshard(keyspace.mapping(), goal.mapping())
-            self.resharder.plan(name, plan)
+            count = max(1, self.resharder.ids_needed(name, plan))
+            first = await asyncio.to_thread(self.catalog.allocate_move_ids, count)
+            self.resharder.plan(name, plan, first)
             log.info("keyspace %s: resharding to %d p-shards, %d moves", name, shards, len(plan))
             return keyspace
 

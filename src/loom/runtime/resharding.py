@@ -76,9 +76,14 @@ class Resharder:
         self.connections: dict[tuple[str, int], RpcClient] = {}
         self.connecting: dict[tuple[str, int], asyncio.Lock] = {}
 
-    def plan(self, name: str, moves: list[tuple[UShard, ShardId]]) -> None:
-        """Queue a keyspace's moves (μshard numbers are per keyspace: one mover each)."""
-        self.movers.setdefault(name, Mover(self.params)).plan(moves)
+    def plan(self, name: str, moves: list[tuple[UShard, ShardId]], first_move_id: int) -> None:
+        """Queue a keyspace's moves (μshard numbers are per keyspace: one mover each).
+        `first_move_id` starts `ids_needed(name, moves)` ids allocated in the metastore."""
+        self.movers.setdefault(name, Mover(self.params)).plan(moves, first_move_id)
+
+    def ids_needed(self, name: str, moves: list[tuple[UShard, ShardId]]) -> int:
+        mover = self.movers.get(name)
+        return len(moves) + (len(mover.planned) if mover is not None else 0)
 
     def pending(self, name: str) -> int:
         mover = self.movers.get(name)

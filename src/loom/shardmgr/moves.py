@@ -167,8 +167,13 @@ class Mover:
 
     # ------------------------------------------------------------------ plans
 
-    def plan(self, moves: Sequence[tuple[UShard, ShardId]]) -> None:
-        """Queue moves (a reshard); `start_planned` starts them as slots free up."""
+    def plan(self, moves: Sequence[tuple[UShard, ShardId]], first_move_id: int = 0) -> None:
+        """Queue moves (a reshard); `start_planned` starts them as slots free up.
+        `first_move_id`: with a durable driver, the first of len(planned) + len(moves)
+        ids it allocated, so ids stay above every earlier one across restarts."""
+        if first_move_id:
+            assert first_move_id >= self.next_move_id, "move ids only grow"
+            self.next_move_id = first_move_id
         self.planned.extend(moves)
 
     def start_planned(self, owner_of: Callable[[UShard], ShardId], now: Instant) -> int:
