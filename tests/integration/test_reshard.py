@@ -158,3 +158,65 @@ async def restart_scenario(tmp: Path) -> None:
         for node in nodes.values():
             await node.close()
         await manager.close()
+
+
+def test_a_reshard_resumes_after_the_manager_restarts_in_the_middle(tmp_path: Path) -> None:
+    """The mover's work is stored before it acts: a new manager on the same metastore
+    finishes the moves under way and the plan, while a writer sees no error."""
+    asyncio.run(resume_scenario(tmp_path))
+
+
+async def resume_scenario(tmp: Path) -> None:
+    (tmp / "sm").mkdir()
+
+    def new_manager(port: int = 0) -> ManagerRuntime:
+        metastore = FileMetastore(tmp / "sm" / "metastore.json")
+        return ManagerRuntime(
+            metastore=metastore, params=SM_PARAMS, port=port, reshard_parallelism=2
+        )
+
+    manager = new_manager()
+    await manager.start()
+    nodes = {n: NodeRuntime(node=n, data_dir=tmp / n, params=PARAMS) for n in NAMES}
+    client: kv.Client | None = None
+    try:
+        for node in nodes.values():
+            await node.start()
+            node.connect_manager("127.0.0.1", manager.port)
+        await wait_for(lambda: set(NAMES) <= set(manager.infos))
+        client = await kv.connect(f"127.0.0.1:{manager.port}", timeout_s=15)
+        before = await client.create_keyspace("ks", shards=2, replication=3, ushards=USHARDS)
+        ks = client.keyspace("ks")
+        acked: dict[bytes, bytes] = {}
+        errors: list[str] = []
+        stop = asyncio.Event()
+        writer = asyncio.create_task(write_until(ks, stop, acked, errors))
+        await client.reshard_keyspace("ks", shards=4, wait=False)
+        first = manager
+        await wait_for(lambda: first.keyspaces["ks"].mapping_version >= before.mapping_version + 3)
+        assert first.resharder.pending("ks") > 0  # interrupted in the middle
+        port = manager.port
+        await manager.close()
+        manager = new_manager(port)
+        await manager.start()
+        second = manager
+        await wait_for(
+            lambda: (
+                second.keyspaces["ks"].ranges
+                == compact_ranges(USHARDS, second.keyspaces["ks"].shards())
+            ),
+            timeout_s=60,
+        )
+        await asyncio.sleep(0.3)
+        stop.set()
+        await writer
+        assert errors == []
+        for key, value in sorted(acked.items()):
+            item = await ks.get(key)
+            assert item is not None and item.value == value, key
+    finally:
+        if client is not None:
+            await client.close()
+        for node in nodes.values():
+            await node.close()
+        await manager.close()

@@ -182,3 +182,46 @@ def test_planned_moves_start_at_most_the_parallelism_and_skip_settled_ushards() 
     assert mover.in_flight() == 2
     assert [u for u, _ in mover.planned] == [UShard(2), UShard(3)]
     assert mover.start_planned(mapping.__getitem__, Instant(10)) == 0  # no free slot
+
+
+def test_a_restored_mover_resumes_its_moves_and_its_plan() -> None:
+    driver = loaded_driver(MoverParams(chunk_records_max=2))
+    driver.mover.plan([(U, T)])
+    driver.mover.start_planned(driver.mapping.__getitem__, Instant(0))
+    for _ in range(4):  # Freeze, Export, Ingest, Export: mid-copy
+        (output,) = driver.mover.outputs()
+        driver.answer(output)
+    (lost,) = driver.mover.outputs()  # the manager dies with this Ingest in flight
+    assert isinstance(lost, ProposeMove)
+    record = driver.mover.record()
+    assert [m.step for m in record.moves] == [Step.INGEST]
+    resumed = Mover(MoverParams(chunk_records_max=2))
+    resumed.restore(record, Instant(0))
+    driver.mover = resumed
+    driver.run()
+    (move,) = resumed.moves.values()
+    assert move.step is Step.DONE and driver.mapping[U] == T
+    target = driver.shards[T]
+    item = read_item(target.state, U, b"k8", target.wall_ms)
+    assert item is not None and item.value == b"v8"
+
+
+def test_a_restored_move_that_may_have_sent_own_never_aborts() -> None:
+    driver = loaded_driver(MoverParams(chunk_records_max=100, abort_after_ms=500))
+    driver.mover.start(U, S, T, Instant(0))
+    for _ in range(3):  # Freeze, Export, Ingest
+        (output,) = driver.mover.outputs()
+        driver.answer(output)
+    record = driver.mover.record()  # Own is about to leave
+    assert record.moves[0].own_sent
+    resumed = Mover(MoverParams(abort_after_ms=500))
+    resumed.restore(record, Instant(0))
+    for _ in range(30):
+        driver.now += 100.0
+        resumed.tick(Instant(driver.now))
+        for output in resumed.outputs():
+            assert isinstance(output, ProposeMove)
+            assert type(decode_command(output.command)).__name__ == "Own"
+    driver.mover = resumed
+    driver.run()
+    assert next(iter(resumed.moves.values())).step is Step.DONE

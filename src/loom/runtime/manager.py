@@ -176,6 +176,7 @@ class ManagerRuntime:
         self.stored_bytes: dict[NodeId, int] = {}
         # μshard moves of `loom keyspace reshard` (runtime/resharding.py).
         self.resharder = Resharder(
+            metastore=metastore,
             keyspace_of=self.keyspaces.get,
             primary_address=self._primary_address,
             install_mapping=self._install_mapping,
@@ -226,6 +227,8 @@ class ManagerRuntime:
                 await self._finish_drop(keyspace_record.keyspace)
             else:
                 await self._install(keyspace_record.keyspace)
+        # After the keyspaces: resumed moves route by their mappings.
+        self.resharder.restore(await asyncio.to_thread(self.resharder.load), now)
 
     @property
     def port(self) -> int:

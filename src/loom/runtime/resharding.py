@@ -9,9 +9,11 @@ Rules of this module:
   drops the answer: the mover resends after `resend_after_ms`);
 - a mapping version is installed through the manager's `install_mapping` (a
   compare-and-swap of the keyspace record) before the mover is told, so the source
-  drops the μshard only once the new mapping is stored.
-Not yet: moves are kept in memory only; a manager restarted mid-move leaves the μshard
-frozen (safe, unavailable) until an operator resharding again re-plans it.
+  drops the μshard only once the new mapping is stored;
+- a mover's unfinished work (`Mover.record`) is stored at `reshard/{keyspace}` before
+  the outputs that follow a change are sent, so a manager that restarts (or a new
+  leader) resumes every move where it was (`restore`), and a move that may have sent
+  Own is never aborted. Move ids come from the metastore (`Catalog.allocate_move_ids`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+
+import msgspec
 
 from loom.core.errors import LoomError
 from loom.core.ids import ShardId, UShard
@@ -35,6 +39,7 @@ from loom.host.requests import (
 )
 from loom.runtime.codec import MoverAnswer, MoverCall, decode, encode
 from loom.runtime.rpc import RpcClient
+from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.moves import (
     ExportChunk,
     Exported,
@@ -42,6 +47,7 @@ from loom.shardmgr.moves import (
     Mover,
     MoverInput,
     MoverParams,
+    MoverRecord,
     Proposed,
     ProposeMove,
     Unanswered,
@@ -49,6 +55,9 @@ from loom.shardmgr.moves import (
 from loom.shardmgr.routing import Keyspace
 
 log = logging.getLogger("loom.sm.reshard")
+RESHARD = "reshard/"
+_ENCODER = msgspec.msgpack.Encoder()
+_RECORD = msgspec.msgpack.Decoder(MoverRecord)
 TICK_S = 0.05
 CALL_TIMEOUT_S = 2.0
 ANSWERS_MAX = 4096
@@ -61,11 +70,15 @@ class Resharder:
     def __init__(
         self,
         *,
+        metastore: Metastore,
         keyspace_of: Callable[[str], Keyspace | None],
         primary_address: AddressOf,
         install_mapping: InstallMapping_,
         params: MoverParams | None = None,
     ) -> None:
+        self.metastore = metastore
+        # What is stored of each mover: (record, revision).
+        self.stored: dict[str, tuple[MoverRecord, int]] = {}
         self.keyspace_of = keyspace_of
         self.primary_address = primary_address
         self.install_mapping = install_mapping
@@ -107,10 +120,54 @@ class Resharder:
                 mover.tick(now)
                 await self._execute(name, mover, now)
 
+    def load(self) -> list[tuple[str, MoverRecord, int]]:
+        """The stored movers (blocking: call off the event loop)."""
+        return [
+            (key.removeprefix(RESHARD), _RECORD.decode(value), revision)
+            for key, value, revision in self.metastore.list(RESHARD)
+        ]
+
+    def restore(self, stored: list[tuple[str, MoverRecord, int]], now: Instant) -> None:
+        """Takes over the stored movers (call after the keyspaces are loaded)."""
+        for name, record, revision in stored:
+            self.stored[name] = (record, revision)
+            if record.moves or record.planned:
+                mover = self.movers.setdefault(name, Mover(self.params))
+                mover.restore(record, now)
+                log.info(
+                    "keyspace %s: resuming %d moves, %d planned",
+                    name, len(record.moves), len(record.planned),
+                )  # fmt: skip
+
+    async def _store(self, name: str, mover: Mover) -> bool:
+        """Stores the mover's work if it changed; False if the metastore failed."""
+        record = mover.record()
+        stored = self.stored.get(name)
+        if stored is not None and stored[0] == record:
+            return True
+        key = RESHARD + name
+        revision = stored[1] if stored is not None else None
+        try:
+            result = await asyncio.to_thread(
+                self.metastore.compare_and_swap, key, revision, _ENCODER.encode(record)
+            )
+        except LoomError as error:
+            log.warning("moves of %s not stored: %s", name, error)
+            return False
+        if result.current is not None:
+            # Another manager wrote it (a deposed leader): take its revision; the
+            # next turn writes ours over it.
+            self.stored[name] = (_RECORD.decode(result.current[0]), result.current[1])
+        return result.ok
+
     async def _execute(self, name: str, mover: Mover, now: Instant) -> None:
         for _ in range(16):  # an install leads to the Drop: drain both
             outputs = mover.outputs()
             if not outputs:
+                return
+            if not await self._store(name, mover):
+                # Nothing leaves before it is stored; installs wait, the rest is resent.
+                mover.pending.extend(o for o in outputs if isinstance(o, InstallMapping))
                 return
             for output in outputs:
                 match output:

@@ -31,6 +31,8 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from msgspec import Struct
+
 from loom.core.ids import Generation, MoveId, ShardId, UShard
 from loom.core.time import Instant
 from loom.kvstate.commands import (
@@ -108,6 +110,28 @@ class InstallMapping:
 
 
 MoverOutput = ProposeMove | ExportChunk | InstallMapping
+
+
+class MoveRecord(Struct, frozen=True, array_like=True, tag=1):
+    """What a durable driver stores of a move, to resume it after a restart."""
+
+    move_id: MoveId
+    ushard: UShard
+    source: ShardId
+    target: ShardId
+    step: Step
+    cursor: bytes | None
+    generation: Generation
+    records: int
+    own_sent: bool
+
+
+class MoverRecord(Struct, frozen=True, array_like=True, tag=1):
+    """A mover's unfinished work: its moves under way and its plan."""
+
+    next_move_id: int
+    moves: tuple[MoveRecord, ...]
+    planned: tuple[tuple[UShard, ShardId], ...]
 
 
 # What the driver reports back for a request token.
@@ -211,7 +235,11 @@ class Mover:
             move = self.moves[move_id]
             if move.step in FINISHED or move.step is Step.INSTALL:
                 continue
-            if move.step in _BEFORE_OWN and now - move.started_at > self.params.abort_after_ms:
+            if (
+                move.step in _BEFORE_OWN
+                and not move.own_sent
+                and now - move.started_at > self.params.abort_after_ms
+            ):
                 move.problem = f"not copied within {self.params.abort_after_ms:g} ms"
                 self._go(move, Step.ABORT_TARGET, now)
             elif now - move.sent_at >= self.params.resend_after_ms:
@@ -242,6 +270,52 @@ class Mover:
     def outputs(self) -> list[MoverOutput]:
         out, self.pending = self.pending, []
         return out
+
+    # ------------------------------------------------------------------ durability
+
+    def record(self) -> MoverRecord:
+        """The unfinished work. A driver stores it before it sends the outputs that
+        follow a change (so `own_sent` is durable before Own leaves: a resumed move
+        that may have committed never aborts)."""
+        moves = tuple(
+            MoveRecord(
+                move_id=m.move_id,
+                ushard=m.ushard,
+                source=m.source,
+                target=m.target,
+                step=m.step,
+                cursor=m.cursor,
+                generation=m.generation,
+                records=m.records,
+                own_sent=m.own_sent or m.step is Step.OWN,
+            )
+            for _, m in sorted(self.moves.items())
+            if m.step not in FINISHED
+        )
+        return MoverRecord(next_move_id=self.next_move_id, moves=moves, planned=tuple(self.planned))
+
+    def restore(self, record: MoverRecord, now: Instant) -> None:
+        """Resume stored work: each move sends its step again (every step is
+        idempotent); a copy goes on from the stored cursor; a move whose mapping may
+        not be stored yet installs it again."""
+        self.next_move_id = max(self.next_move_id, record.next_move_id)
+        self.planned = list(record.planned)
+        for r in record.moves:
+            step = Step.EXPORT if r.step is Step.INGEST else r.step  # the chunk is gone
+            move = Move(
+                move_id=r.move_id,
+                ushard=r.ushard,
+                source=r.source,
+                target=r.target,
+                started_at=now,
+                step=step,
+                cursor=r.cursor,
+                generation=r.generation,
+                records=r.records,
+                own_sent=r.own_sent,
+            )
+            self.moves[r.move_id] = move
+            self._go(move, step, now)
 
     # ------------------------------------------------------------------ queries
 
