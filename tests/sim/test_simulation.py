@@ -77,6 +77,13 @@ def test_same_seed_replays_the_same_trace() -> None:
     assert first.operations_checked == second.operations_checked
 
 
+def test_same_seed_with_moves_replays_the_same_trace() -> None:
+    first = run_seed(5, faults="moves", ops=150)
+    second = run_seed(5, faults="moves", ops=150)
+    assert first.trace_hash == second.trace_hash
+    assert first.moves_done == second.moves_done > 0
+
+
 def test_different_seeds_give_different_traces() -> None:
     assert (
         run_seed(7, faults="all", ops=100).trace_hash
