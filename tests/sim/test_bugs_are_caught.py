@@ -32,7 +32,7 @@ FIRST_FAILING_SEED = {
 # `loom sim --seeds 200 --faults moves --bug NAME --fail-fast`.
 FIRST_FAILING_MOVES_SEED = {
     "move-own-before-catchup": 1,
-    "moved-source-serves-reads": 1,
+    "moved-source-serves-reads": 2,
 }
 
 

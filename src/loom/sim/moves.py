@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 MOVES_IN_FLIGHT_MAX = 2
 MOVE_GAP_MS = (300.0, 2500.0)
+MOVER_RESTART_PROBABILITY = 0.15
 
 
 def workload_ushards() -> tuple[UShard, ...]:
@@ -54,7 +55,8 @@ def workload_ushards() -> tuple[UShard, ...]:
 class MoveSchedule:
     """First a reshard of the keyspace from `shards` onto `shards + spare_shards`
     p-shards (every μshard u to u mod the new count, the mover's
-    `moves_in_flight_max` at a time),
+    `moves_in_flight_max` at a time), with now and then a restart of the shard
+    manager's mover (it resumes from its stored record);
     at a random moment of the load; then single moves of the workload's μshards."""
 
     def __init__(
@@ -67,6 +69,7 @@ class MoveSchedule:
         owner_of: Callable[[UShard], ShardId],
         start_move: Callable[[UShard, ShardId], None],
         later: Callable[[float, Callable[[], None]], None],
+        restart_mover: Callable[[], Mover] | None = None,
     ) -> None:
         self.rng = random.Random(f"moves-{seed}")
         self.mover = mover
@@ -74,6 +77,7 @@ class MoveSchedule:
         self.resharded = spare_shards == 0
         self.owner_of = owner_of
         self.start_move = start_move
+        self.restart_mover = restart_mover
         self.later = later
         self.running = False
         self.started = 0
@@ -95,6 +99,11 @@ class MoveSchedule:
             plan = plan_reshard(current, goal)
             self.mover.plan(plan)
             self.started += len(plan)
+            self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
+            return
+        if self.restart_mover is not None and self.rng.random() < MOVER_RESTART_PROBABILITY:
+            # The manager restarts mid-reshard or mid-move: the mover resumes.
+            self.mover = self.restart_mover()
             self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
             return
         if self.mover.planned:

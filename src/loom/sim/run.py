@@ -41,6 +41,7 @@ class SeedResult:
     virtual_ms: float = 0.0
     moves_started: int = 0
     moves_done: int = 0
+    mover_restarts: int = 0
 
 
 def replay_command(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> str:
@@ -67,6 +68,7 @@ def run_seed(
         owner_of=world.mapping.__getitem__,
         start_move=world.start_move,
         later=lambda delay, action: world.at(world.t + delay, action),
+        restart_mover=world.restart_mover,
     )
     if world.cfg.faults.moves:
         moves.start()
@@ -168,6 +170,8 @@ def _verdicts(world: World, result: SeedResult, finals: dict[bytes, int]) -> Non
     if world.cfg.faults.moves:
         result.violations += world.ownership.violations
         result.violations += check_final_ownership(world)
-        result.moves_done = sum(1 for m in world.mover.moves.values() if m.step is Step.DONE)
+        done = sum(1 for m in world.mover.moves.values() if m.step is Step.DONE)
+        result.moves_done = world.moves_done_before + done
+        result.mover_restarts = world.mover_restarts
     result.violations += rec.violations
     result.operations_checked = rec.operations() - unchecked

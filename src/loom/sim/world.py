@@ -41,6 +41,7 @@ from loom.shardmgr.moves import (
     MoverParams,
     Proposed,
     ProposeMove,
+    Step,
     Unanswered,
 )
 from loom.sim.faults import Faults
@@ -113,13 +114,16 @@ class World:
         # The keyspace's μshard → p-shard mapping and its version; moves change it.
         self.mapping = {UShard(u): shard_of(UShard(u), config.shards) for u in range(USHARDS)}
         self.mapping_version = 1
-        self.mover = Mover(
-            MoverParams(
-                chunk_records_max=4,
-                moves_in_flight_max=4,
-                bugs=frozenset(b for b in config.bugs if b.startswith("move-")),
-            )
+        self.mover_params = MoverParams(
+            chunk_records_max=4,
+            moves_in_flight_max=4,
+            bugs=frozenset(b for b in config.bugs if b.startswith("move-")),
         )
+        self.mover = Mover(self.mover_params)
+        # What a durable manager has stored of the mover: taken before outputs leave.
+        self.mover_record = self.mover.record()
+        self.mover_restarts = 0
+        self.moves_done_before = 0  # by movers replaced in a manager restart
         self.ownership = OwnershipChecker(self.mapping)
         self.nodes: dict[NodeId, SimNode] = {}
         for i in range(1, config.nodes + 1):
@@ -467,11 +471,26 @@ class World:
         self.mover.on_reply(reply.token, answer, self._sm_now())
         self._mover_outputs()
 
+    def restart_mover(self) -> Mover:
+        """The manager restarts: a new mover resumes from what was stored. Its request
+        tokens start far above the old ones, so a late answer to an old request is
+        ignored as stale (a real restart also loses the old connections)."""
+        self.mover_restarts += 1
+        self.note("mover restart", self.mover_restarts)
+        self.moves_done_before += sum(1 for m in self.mover.moves.values() if m.step is Step.DONE)
+        mover = Mover(self.mover_params)
+        mover.next_token = self.mover_restarts * 1_000_000_000
+        mover.restore(self.mover_record, self._sm_now())
+        self.mover = mover
+        self._mover_outputs()
+        return mover
+
     def _mover_outputs(self) -> None:
         for _ in range(16):  # installing a mapping produces the Drop: drain both
             outputs = self.mover.outputs()
             if not outputs:
                 return
+            self.mover_record = self.mover.record()  # stored before anything leaves
             for output in outputs:
                 match output:
                     case ProposeMove():
