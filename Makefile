@@ -7,7 +7,7 @@ SEEDS ?= 60
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install test lint typecheck contracts pytest demo bench sim clean etcd
+.PHONY: install test lint typecheck contracts pytest demo bench sim clean etcd redis chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -31,7 +31,15 @@ contracts: $(STAMP)
 etcd:
 	@command -v etcd >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; }
 
-pytest: $(STAMP) etcd
+# The Celery peer of `loom bench functions` (and its test) starts a real redis-server (Debian's).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+# tests/e2e/test_demo_report.py opens the demo's HTML report in headless Chromium (Debian's).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+pytest: $(STAMP) etcd redis chromium
 	PYTHONHASHSEED=0 $(VENV)/bin/pytest
 
 test: lint typecheck contracts pytest
@@ -39,10 +47,12 @@ test: lint typecheck contracts pytest
 sim: $(STAMP)
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults all
 
+# The Threads launch, replayed on an embedded cluster (3-5 minutes); the report lands in
+# loom-demo-report.html.
 demo: $(STAMP)
-	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 20 --faults all --verbose
+	PYTHONHASHSEED=0 $(VENV)/bin/loom demo threads --report loom-demo-report.html
 
-bench: $(STAMP) etcd
+bench: $(STAMP) etcd redis
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	PYTHONHASHSEED=0 $(PY) -m bench
 	PYTHONHASHSEED=0 $(PY) -m bench.wire_bench --seconds 12

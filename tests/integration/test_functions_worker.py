@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from loom.functions.app import App, CallFailed, Context, Retry
+from loom import kv
+from loom.functions import App, CallFailed, Context, Retry
 from loom.functions.queue import CallState
+from loom.functions.scheduler import Scheduler
 from loom.functions.worker import Worker
 from loom.runtime.localcluster import LocalCluster
 
@@ -66,6 +68,8 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
             cluster.start_node(name)
         app = make_app(cluster.manager_address)
         stop = asyncio.Event()
+        scheduler = Scheduler(await kv.connect(cluster.manager_address))
+        scheduling = asyncio.create_task(scheduler.run(stop))
         worker = Worker(app, concurrency=8)
         running = asyncio.create_task(worker.run(stop))
         try:
@@ -109,9 +113,30 @@ def test_submitted_calls_run_retry_and_dead_letter(tmp_path: Path) -> None:
                 loom, "functions", "dead-letter", "replay", late.call_id, "-c", address
             )
             assert await late.result(timeout_s=30) == 4
+
+            # What ran, from the command line.
+            listed = json.loads(
+                await asyncio.to_thread(loom, "functions", "ls", "--json", "-c", address)
+            )
+            rows = {row["function"]: row for row in listed["functions"]}
+            assert set(rows) == {"test.add", "test.shout", "test.flaky", "test.broken"}
+            assert rows["test.add"]["queued"] == 0 and rows["test.add"]["dispatched"] >= 20
+            assert listed["schedulers"][0]["partitions"] == (await app.queue()).partitions
+            dead = json.loads(
+                await asyncio.to_thread(
+                    loom, "functions", "calls", "--state", "dead", "--json", "-c", address
+                )
+            )
+            assert [c["call_id"] for c in dead] == [broken.call_id]
+            added = await asyncio.to_thread(
+                loom, "functions", "calls", "--function", "test.add", "--limit", "5", "-c", address
+            )
+            assert added.count("succeeded") == 5
         finally:
             stop.set()
             await running
+            await scheduling
+            await scheduler.client.close()
             await app.close()
         assert worker.completed >= 23
 

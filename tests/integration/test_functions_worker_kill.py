@@ -37,6 +37,7 @@ def test_a_call_of_a_killed_worker_runs_again_after_its_lease(tmp_path: Path) ->
         for name in ("n1", "n2", "n3"):
             cluster.start_node(name)
         app.cluster = cluster.manager_address
+        cluster.start_scheduler("scheduler")
         first = start_worker(cluster.manager_address, tmp_path / "w1.log")
         second: subprocess.Popen[bytes] | None = None
         try:

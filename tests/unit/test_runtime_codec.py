@@ -72,11 +72,15 @@ from loom.runtime.codec import (
     ClientAnswer,
     ClientCall,
     CreateKeyspace,
+    CreateTenant,
+    CreateToken,
     Done,
     DropKeyspace,
     DropShard,
     Failure,
     KeyspaceReply,
+    ListTenants,
+    ListTokens,
     ManagerEvent,
     MoverAnswer,
     MoverCall,
@@ -85,11 +89,17 @@ from loom.runtime.codec import (
     NodeStatus,
     PeerMessage,
     ReshardKeyspace,
+    RevokeToken,
     RoutingPush,
     RoutingRequest,
+    SetQuota,
     ShardStatus,
     StatusReply,
     StatusRequest,
+    TenantsReply,
+    TokenInfo,
+    TokenReply,
+    TokensReply,
     decode,
     encode,
 )
@@ -99,10 +109,12 @@ from loom.shardmgr.routing import (
     KeyspaceSpec,
     NodeInfo,
     NodeRoute,
+    Quota,
     RoutingTable,
     ShardPlacement,
     ShardRoute,
 )
+from loom.shardmgr.tenancy import Tenant, TokenGrant
 
 BALLOT = Ballot(epoch=Epoch(7), node=NodeId("n2"), incarnation=Incarnation(3))
 OLDER = Ballot(epoch=Epoch(6), node=NodeId("n1"), incarnation=Incarnation(1))
@@ -233,6 +245,8 @@ _KEYSPACE = Keyspace(
         ShardPlacement(ShardId(4), (NodeId("n2"), NodeId("n1"), NodeId("n3"))),
     ),
     ranges=((0, ShardId(3)), (32, ShardId(4))),
+    tenant="acme",
+    quota=Quota(writes_per_s=250.0),
 )
 _TABLE = RoutingTable(
     version=(1_700_000_000_000, 5),
@@ -249,6 +263,9 @@ _TABLE = RoutingTable(
     ),
     nodes=(NodeRoute(info=NodeInfo(node=NodeId("n1"), host="h", port=1), alive=False),),
     manager="127.0.0.1:7300",
+    auth=True,
+    tenants=(Tenant(name="acme", weight=2),),
+    tokens=(TokenGrant(digest="ab" * 32, tenant="acme", admin=True),),
 )
 CONTROL: tuple[NodeMessage, ...] = (
     NodeReportMessage(
@@ -296,7 +313,16 @@ CONTROL: tuple[NodeMessage, ...] = (
         reply=WriteReply(token=5, result=Applied(version=Version(Generation(1), Seq(2), 0)))
     ),
     MoverAnswer(reply=ErrorReply(token=5, code=ErrorCode.MOVED, message="moved")),
+    SetQuota(name="ks", quota=Quota(reads_per_s=10.0, bytes_max=1 << 20)),
     KeyspaceReply(keyspace=_KEYSPACE),
+    CreateTenant(tenant=Tenant(name="acme", weight=3), auth="loom_x"),
+    ListTenants(auth="loom_x"),
+    TenantsReply(tenants=(Tenant(name="acme"), Tenant(name="globex", weight=2))),
+    CreateToken(tenant="acme", admin=True, auth="loom_x"),
+    TokenReply(secret="loom_s", token_id="0123456789ab", tenant="acme", admin=False),
+    ListTokens(auth="loom_x"),
+    TokensReply(tokens=(TokenInfo(token_id="0123456789ab", tenant="acme", admin=True),)),
+    RevokeToken(token_id="0123456789ab", auth="loom_x"),
     Done(),
     RoutingRequest(),
     RoutingPush(table=_TABLE),

@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import click
 
-from loom.benchmarks import ycsb
+from loom.benchmarks import tenants, ycsb
 from loom.benchmarks.etcd_peer import CLIENT_EXTRA, EtcdError
 from loom.benchmarks.failover import run_failover
+from loom.benchmarks.functions import run as run_functions
 from loom.benchmarks.kv import PEERS, SEED_DEFAULT, SHARDS_DEFAULT, SHARDS_MAX, run_kv_bench
 from loom.core.errors import LoomError
 from loom.runtime.rpc import run
@@ -191,3 +192,115 @@ def _cell(stats: object, field: str) -> str:
     if field == "ops_per_s":
         return f"{value:,.0f}"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@bench_group.command("functions")
+@click.option("--calls", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=64,
+    show_default=True,
+    help="Calls one worker runs at once (Celery: its worker's concurrency).",
+)
+@click.option("--submitters", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--peer", type=click.Choice(["celery"]), help="Also run the same work through this.")
+@click.option(
+    "--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=300.0, show_default=True
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")
+def functions_command(
+    calls: int, concurrency: int, submitters: int, peer: str | None, timeout_s: float, as_json: bool
+) -> None:
+    """Submit CALLS no-op function calls and run them on a local cluster (sm, 3 kv
+    nodes, a scheduler, a worker); calls per second submitted and completed, end-to-end
+    latency, calls lost. With --peer celery, the same through Celery and Redis."""
+    result = run_functions(
+        calls,
+        concurrency=concurrency,
+        submitters=submitters,
+        peer=peer,
+        timeout_s=timeout_s,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for system in ("loom", "peer"):
+        figures = result[system]
+        if isinstance(figures, dict):
+            name = "loom" if system == "loom" else peer
+            click.echo(
+                f"{name}: submitted {figures['submitted_per_s']}/s, completed "
+                f"{figures['completed_per_s']}/s, p50 {figures['p50_ms']} ms, "
+                f"p99 {figures['p99_ms']} ms, lost {figures['lost']}"
+            )
+    if result["ratio"] is not None:
+        click.echo(f"completed calls/s, loom / {peer}: {result['ratio']}")
+
+
+@bench_group.command("tenants")
+@click.option(
+    "--duration",
+    type=click.FloatRange(1, tenants.DURATION_S_MAX),
+    default=10.0,
+    show_default=True,
+    help="Measured seconds of each phase (quiet alone, then with the noisy tenant).",
+)
+@click.option(
+    "--quiet-rate",
+    type=click.FloatRange(1, tenants.RATE_MAX),
+    default=100.0,
+    show_default=True,
+    help="The quiet tenant's ops/s (half reads, half writes), paced.",
+)
+@click.option(
+    "--noisy-writers",
+    type=click.IntRange(1, tenants.NOISY_WRITERS_MAX),
+    default=64,
+    show_default=True,
+    help="The noisy tenant's concurrent writers, back to back.",
+)
+@click.option(
+    "--noisy-quota",
+    type=click.FloatRange(1, tenants.RATE_MAX),
+    default=100.0,
+    show_default=True,
+    help="The noisy tenant's keyspace writes/s quota.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")
+def tenants_command(
+    duration: float, quiet_rate: float, noisy_writers: int, noisy_quota: float, as_json: bool
+) -> None:
+    """A quiet tenant's latency alone and beside a noisy tenant driven far over its
+    writes/s quota, on a fresh local cluster with auth (manager + 3 nodes). Prints both
+    p99s and their ratio; progress on stderr."""
+    try:
+        result = run(
+            _cancelled_by_sigterm(
+                tenants.run_tenants_bench(
+                    quiet_rate=quiet_rate,
+                    noisy_writers=noisy_writers,
+                    noisy_quota=noisy_quota,
+                    duration_s=duration,
+                    progress=lambda line: click.echo(line, err=True),
+                )
+            )
+        )
+    except (RuntimeError, LoomError) as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from None
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    solo, shared, noisy = result["quiet_solo"], result["quiet_with_noisy"], result["noisy"]
+    assert isinstance(solo, dict) and isinstance(shared, dict) and isinstance(noisy, dict)
+    click.echo(
+        f"tenants: quiet p99 {solo['p99_ms']} ms alone, {shared['p99_ms']} ms beside the "
+        f"noisy tenant ({result['p99_ratio']}x); p50 {solo['p50_ms']} → {shared['p50_ms']} ms; "
+        f"quiet errors {solo['errors']}/{shared['errors']}"
+    )
+    click.echo(
+        f"noisy: {noisy['writers']} writers, {noisy['accepted_writes_per_s']} writes/s accepted "
+        f"of a {noisy['quota_writes_per_s']:g}/s quota, {noisy['throttled']} Throttled, "
+        f"other errors {noisy['other_errors'] or 'none'}"
+    )

@@ -11,7 +11,7 @@ from types import FrameType
 
 import click
 
-from loom.cli.processes import DATA_DIR
+from loom.cli.processes import DATA_DIR, NO_AUTH_WARNING
 from loom.runtime.localcluster import LocalCluster
 from loom.shardmgr.routing import LABEL
 
@@ -51,10 +51,21 @@ def cluster_group() -> None:
     "--functions",
     "functions_app",
     metavar="MODULE:APP",
-    help="Also run a worker for this loom.functions App (importable from here).",
+    help="Also run a scheduler and a worker for this loom.functions App (importable from here).",
+)
+@click.option(
+    "--auth",
+    is_flag=True,
+    help="Require tokens; the first start prints the admin token once (ADR 0008).",
 )
 def up_command(
-    nodes: int, regions: str, data: Path, port: int, lease_ms: float, functions_app: str | None
+    nodes: int,
+    regions: str,
+    data: Path,
+    port: int,
+    lease_ms: float,
+    functions_app: str | None,
+    auth: bool,
 ) -> None:
     """Start a shard manager and NODES storage nodes on 127.0.0.1, print the address to
     connect to, and keep them running (restarting any that dies) until Ctrl-C."""
@@ -63,7 +74,7 @@ def up_command(
     if bad:
         raise click.BadParameter(f"invalid region labels {bad}", param_hint="--regions")
     data.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(data_dir=data, lease_ms=lease_ms)
+    cluster = LocalCluster(data_dir=data, lease_ms=lease_ms, auth=auth)
     stopping = _stop_on_signals()
     try:
         cluster.start_manager(port=port)
@@ -71,10 +82,12 @@ def up_command(
             region = labels[index % len(labels)] if labels else ""
             cluster.start_node(f"n{index + 1}", region=region)
         if functions_app:
+            cluster.start_scheduler("scheduler")
             cluster.start_worker("worker", functions_app)
         _announce(cluster, data, nodes, labels)
+        _announce_auth(cluster)
         if functions_app:
-            click.echo(f"  a worker runs the functions of {functions_app}")
+            click.echo(f"  a scheduler and a worker run the functions of {functions_app}")
         _supervise(cluster, stopping)
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None
@@ -104,6 +117,17 @@ def _announce(cluster: LocalCluster, data: Path, nodes: int, labels: list[str]) 
     click.echo(f"  try: loom keyspace create demo --shards 2 -c {address}")
     click.echo(f"       loom kv put demo hello world -c {address}")
     click.echo("  Ctrl-C stops it")
+
+
+def _announce_auth(cluster: LocalCluster) -> None:
+    if not cluster.auth:
+        click.secho(f"  WARNING: {NO_AUTH_WARNING}", fg="yellow", err=True)
+        return
+    if cluster.admin_token is None:
+        click.echo("  auth is on; the admin token was printed when this cluster was first up")
+        return
+    click.echo(f"  auth is on; admin token (shown once, keep it): {cluster.admin_token}")
+    click.echo(f"  use it: export LOOM_TOKEN={cluster.admin_token}")
 
 
 def _supervise(cluster: LocalCluster, stopping: list[bool]) -> None:

@@ -21,7 +21,7 @@ from rich.table import Table
 from loom import kv
 from loom.core.errors import LoomError
 from loom.core.ids import NodeId
-from loom.shardmgr.routing import ShardRoute
+from loom.shardmgr.routing import Quota, ShardRoute
 
 T = TypeVar("T")
 DEFAULT_CLUSTER = "127.0.0.1:7300"
@@ -38,10 +38,19 @@ def cluster_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def current_token() -> str | None:
+    """`loom --token T …` or $LOOM_TOKEN (the root command keeps it in its context)."""
+    context = click.get_current_context(silent=True)
+    root = context.find_root().obj if context is not None else None
+    if isinstance(root, dict) and root.get("token"):
+        return str(root["token"])
+    return os.environ.get("LOOM_TOKEN") or None
+
+
 @contextmanager
 def connected(cluster: str) -> Iterator[kv.SyncClient]:
     try:
-        with kv.connect_sync(cluster, timeout_s=10.0) as client:
+        with kv.connect_sync(cluster, timeout_s=10.0, token=current_token()) as client:
             yield client
     except LoomError as error:
         raise click.ClickException(f"{type(error).__name__}: {error}") from None
@@ -226,9 +235,17 @@ def keyspace_group() -> None:
 @click.option("--ushards", type=click.IntRange(1, 65_536), default=4096, show_default=True)
 @click.option("--tier", default="wildcard", show_default=True)
 @click.option("--regions", default="", help="Comma-separated regions to place replicas in.")
+@click.option("--tenant", help="Owner (admin token only; default: the token's tenant).")
 @cluster_option
 def create_command(
-    name: str, shards: int, replication: str, ushards: int, tier: str, regions: str, cluster: str
+    name: str,
+    shards: int,
+    replication: str,
+    ushards: int,
+    tier: str,
+    regions: str,
+    tenant: str | None,
+    cluster: str,
 ) -> None:
     """Create keyspace NAME and wait until its p-shards serve."""
     with connected(cluster) as client:
@@ -239,6 +256,7 @@ def create_command(
             ushards=ushards,
             tier=tier,
             regions=[r for r in regions.split(",") if r],
+            tenant=tenant,
         )
     click.echo(f"keyspace {keyspace.name}: {len(keyspace.placements)} p-shards ready")
 
@@ -318,8 +336,15 @@ def describe_command(name: str, as_json: bool, cluster: str) -> None:
             }
             for first, last, route in rows
         ]
-        click.echo(json.dumps({"spec": msgspec.to_builtins(keyspace.spec), "shards": shards}))
+        described = {
+            "spec": msgspec.to_builtins(keyspace.spec),
+            "tenant": keyspace.tenant,
+            "quota": _quota_json(keyspace.quota),
+            "shards": shards,
+        }
+        click.echo(json.dumps(described))
         return
+    click.echo(f"tenant: {keyspace.tenant or '-'}   quota: {quota_text(keyspace.quota)}")
     out = Table(title=f"keyspace {name} (mapping v{keyspace.mapping_version})")
     for column in ("p-shard", "μshards", "primary", "epoch", "ready", "acceptors", "followers"):
         out.add_column(column)
@@ -334,6 +359,50 @@ def describe_command(name: str, as_json: bool, cluster: str) -> None:
             ",".join(route.followers) or "-",
         )
     Console().print(out)
+
+
+def _quota_json(quota: Quota) -> dict[str, float | int | None]:
+    return {
+        "reads_per_s": quota.reads_per_s,
+        "writes_per_s": quota.writes_per_s,
+        "bytes_max": quota.bytes_max,
+    }
+
+
+def quota_text(quota: Quota) -> str:
+    """One line, e.g. `reads/s 1000, writes/s unlimited, bytes 10000000`."""
+
+    def shown(value: float | None) -> str:
+        return "unlimited" if value is None else f"{value:g}"
+
+    return (
+        f"reads/s {shown(quota.reads_per_s)}, writes/s {shown(quota.writes_per_s)}, "
+        f"bytes {'unlimited' if quota.bytes_max is None else quota.bytes_max}"
+    )
+
+
+@keyspace_group.command("set-quota")
+@click.argument("name")
+@click.option("--reads-per-s", type=click.FloatRange(min=0, min_open=True), help="Reads/s.")
+@click.option("--writes-per-s", type=click.FloatRange(min=0, min_open=True), help="Writes/s.")
+@click.option("--bytes-max", type=click.IntRange(min=1), help="Stored bytes (approximate).")
+@cluster_option
+def set_quota_command(
+    name: str,
+    reads_per_s: float | None,
+    writes_per_s: float | None,
+    bytes_max: int | None,
+    cluster: str,
+) -> None:
+    """Set keyspace NAME's cluster-wide quota. It replaces the whole quota: a limit not
+    given is unlimited (no option at all removes every limit). Over reads/s or writes/s,
+    requests fail with Throttled; over bytes, writes other than deletes fail with
+    QuotaExceeded."""
+    with connected(cluster) as client:
+        keyspace = client.set_quota(
+            name, reads_per_s=reads_per_s, writes_per_s=writes_per_s, bytes_max=bytes_max
+        )
+    click.echo(f"keyspace {keyspace.name} quota: {quota_text(keyspace.quota)}")
 
 
 @keyspace_group.command("drop")

@@ -1,5 +1,5 @@
-"""`loom worker MODULE:APP`: run the functions of an `App` (functions issue, first form:
-the worker finds due calls itself; schedulers come next)."""
+"""`loom scheduler`, `loom worker MODULE:APP` and `loom functions …`: run and inspect
+the functions platform."""
 
 from __future__ import annotations
 
@@ -8,18 +8,22 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
+from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from loom import kv
 from loom.cli.data import cluster_option
 from loom.cli.processes import LOG_LEVELS, log, setup_logging, until_stopped
 from loom.core.errors import LoomError
 from loom.functions.app import App
-from loom.functions.queue import CallRecord, DurableQueue
+from loom.functions.overview import Overview, overview
+from loom.functions.queue import CallRecord, CallState, DurableQueue
+from loom.functions.scheduler import RETENTION_S, RETENTION_S_MAX, RETENTION_S_MIN, Scheduler
 from loom.functions.worker import Worker
 from loom.runtime.rpc import run
 
@@ -54,17 +58,54 @@ def worker_command(target: str, cluster: str, concurrency: int, log_level: str) 
 
     async def main() -> None:
         worker = Worker(app, concurrency=concurrency)
-        stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
         log.info("worker %s for app %s on %s", worker.name, app.name, cluster)
-        click.echo(f"loom worker {worker.name} running app {app.name}")
-        sys.stdout.flush()
         try:
-            await until_stopped(stop)
+            await _serve(worker.run, f"loom worker {worker.name} running app {app.name}")
         finally:
-            stop.set()
-            await running
             await app.close()
+
+    run(main())
+
+
+async def _serve(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]], ready: str) -> None:
+    """Runs `body(stop)`, says `ready` on stdout, and stops it on SIGTERM or Ctrl-C."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(body(stop))
+    click.echo(ready)
+    sys.stdout.flush()
+    try:
+        await until_stopped(stop)
+    finally:
+        stop.set()
+        await running
+
+
+@click.command("scheduler")
+@cluster_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Where workers reach it.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="0: any free port.")
+@click.option(
+    "--retention",
+    "retention_s",
+    type=click.FloatRange(RETENTION_S_MIN, RETENTION_S_MAX),
+    default=RETENTION_S,
+    show_default=True,
+    help="Seconds a succeeded call (its result and idempotency key) is remembered.",
+)
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def scheduler_command(
+    cluster: str, host: str, port: int, retention_s: float, log_level: str
+) -> None:
+    """Dispatch due function calls to workers. Several may run: each owns a share of
+    the queue's partitions by leases in the store, and takes over a dead one's."""
+    setup_logging(log_level)
+
+    async def main() -> None:
+        async with kv.connect(cluster) as client:
+            scheduler = Scheduler(client, host=host, port=port, retention_s=retention_s)
+            await scheduler.start()
+            ready = f"loom scheduler {scheduler.name} listening on {host}:{scheduler.port}"
+            await _serve(scheduler.run, ready)
 
     run(main())
 
@@ -72,6 +113,100 @@ def worker_command(target: str, cluster: str, concurrency: int, log_level: str) 
 @click.group("functions")
 def functions_group() -> None:
     """Inspect and manage function calls."""
+
+
+@functions_group.command("ls")
+@cluster_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def functions_ls(cluster: str, as_json: bool) -> None:
+    """Functions with their queue depth, running calls, dispatch counts, limits and
+    the downstream controllers' rates (throttling: below their ceiling)."""
+
+    async def main() -> Overview:
+        async with kv.connect(cluster) as client:
+            return await overview(client)
+
+    result = _run(main())
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    table = Table("function", "tenant", "queued", "running", "dispatched", "limits", "downstream")
+    for row in result.functions:
+        limits = ", ".join(
+            text
+            for text in (
+                f"{row.rate_limit_per_s:g}/s" if row.rate_limit_per_s else "",
+                f"≤{row.concurrency_max} at once" if row.concurrency_max else "",
+            )
+            if text
+        )
+        table.add_row(
+            row.function,
+            row.tenant,
+            f"≥{row.queued}" if row.queued_capped else str(row.queued),
+            str(row.running),
+            str(row.dispatched),
+            limits or "-",
+            ", ".join(row.downstream) or "-",
+        )
+    console = Console()
+    console.print(table)
+    for name, controller in result.downstreams.items():
+        state = "THROTTLING" if controller["throttling"] else "open"
+        console.print(
+            f"downstream {name}: {controller['rate']}/s ({state}, {controller['cuts']} cuts)"
+        )
+    console.print(
+        f"{len(result.schedulers)} schedulers: "
+        + ", ".join(f"{s['name']} ({s['partitions']} partitions)" for s in result.schedulers)
+    )
+
+
+@functions_group.command("calls")
+@cluster_option
+@click.option(
+    "--state",
+    type=click.Choice([s.value for s in CallState]),
+    help="Only calls in this state.",
+)
+@click.option(
+    "--function", "function_name", metavar="APP.FUNCTION", help="Only this function's calls."
+)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list.")
+def functions_calls(
+    cluster: str, state: str | None, function_name: str | None, limit: int, as_json: bool
+) -> None:
+    """List calls (every partition's records, read in order, with a progress bar)."""
+
+    async def main() -> list[CallRecord]:
+        async with kv.connect(cluster) as client:
+            queue = await _queue(client)
+            found: list[CallRecord] = []
+            with Progress(transient=True) as progress:
+                task = progress.add_task("reading partitions", total=queue.partitions)
+                for partition in range(queue.partitions):
+                    async for record in queue.records(partition):
+                        if state and record.state.value != state:
+                            continue
+                        if function_name and f"{record.app}.{record.function}" != function_name:
+                            continue
+                        found.append(record)
+                        if len(found) >= limit:
+                            return found
+                    progress.advance(task)
+            return found
+
+    records = _run(main())
+    if as_json:
+        click.echo(json.dumps([_summary(r) for r in records]))
+        return
+    table = Table("call", "function", "state", "attempts", "error")
+    for r in records:
+        table.add_row(
+            r.call_id, f"{r.app}.{r.function}", r.state.value, str(r.attempts_used), r.error or ""
+        )
+    Console().print(table)
 
 
 @functions_group.group("dead-letter")
@@ -145,6 +280,7 @@ def _summary(record: CallRecord) -> dict[str, object]:
     return {
         "call_id": record.call_id,
         "function": f"{record.app}.{record.function}",
-        "attempts": record.attempt,
+        "state": record.state.value,
+        "attempts": record.attempts_used,
         "error": record.error,
     }

@@ -25,6 +25,10 @@ from loom.shardmgr.core import SmParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.routing import DEFAULT_TIER, LABEL
 
+NO_AUTH_WARNING = (
+    "AUTH IS OFF: any client can read, write and drop every keyspace and change quotas. "
+    "Start the shard manager (and nodes) with --auth to require tokens."
+)
 LISTEN_HELP = "HOST:PORT to listen on (port 0: any free port)."
 DATA_DIR = click.Path(file_okay=False, dir_okay=True, path_type=Path)
 
@@ -75,9 +79,19 @@ async def until_stopped(also: asyncio.Event | None = None) -> None:
     show_default=True,
     help="Seconds a node may stay silent before its replicas move to other nodes.",
 )
+@click.option(
+    "--auth",
+    is_flag=True,
+    help="Require tokens (ADR 0008). The first start prints an admin token, once.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def sm_command(
-    listen: str, data: Path | None, etcd: str | None, replace_after_s: float, log_level: str
+    listen: str,
+    data: Path | None,
+    etcd: str | None,
+    replace_after_s: float,
+    auth: bool,
+    log_level: str,
 ) -> None:
     """Run the shard manager: node registry, keyspaces and placement, epochs, failover,
     the routing table (control plane only: never on the data path)."""
@@ -102,12 +116,23 @@ def sm_command(
             leadership = EtcdLeadership(endpoints)
         params = SmParams(replace_after_ms=replace_after_s * 1000)
         manager = ManagerRuntime(
-            metastore=metastore, params=params, host=host, port=port, leadership=leadership
+            metastore=metastore,
+            params=params,
+            host=host,
+            port=port,
+            leadership=leadership,
+            auth=auth,
         )
         await manager.start()
         where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"
         log.info("shard manager up on %s:%d, %s", host, manager.port, where)
         click.echo(f"loom sm listening on {host}:{manager.port}")
+        if auth:
+            # The secret exists only in this line: the catalog keeps its hash.
+            shown = manager.bootstrap_token or "(made earlier; not shown again)"
+            click.echo(f"loom sm admin token: {shown}")
+        else:
+            log.warning(NO_AUTH_WARNING)
         sys.stdout.flush()
         try:
             await until_stopped(manager.deposed)
@@ -143,6 +168,12 @@ def sm_command(
     show_default=True,
     help="Log entries kept per shard; a member further behind gets a snapshot.",
 )
+@click.option(
+    "--auth",
+    is_flag=True,
+    help="Refuse clients until the manager's routing table (with tokens) arrives, and "
+    "any table without auth.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def node_command(
     node_id: str,
@@ -154,6 +185,7 @@ def node_command(
     tier: str,
     lease_ms: float,
     log_entries_max: int,
+    auth: bool,
     log_level: str,
 ) -> None:
     """Run a storage node: the replicas of its shards over one RocksDB."""
@@ -179,6 +211,7 @@ def node_command(
             region=region,
             zone=zone,
             tier=tier,
+            auth=auth,
         )
         await node.start()
         node.connect_managers(managers)

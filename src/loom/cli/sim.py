@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -11,6 +12,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from loom.functions_sim.run import BUGS as FUNCTIONS_BUGS
+from loom.functions_sim.run import run_seed as run_functions_seed
 from loom.paxos.params import KNOWN_BUGS
 from loom.sim.faults import PROFILES
 from loom.sim.run import SeedResult, replay_command, run_seed
@@ -57,8 +60,14 @@ def _ensure_fixed_hash_seed() -> None:
     "--bug",
     "bugs",
     multiple=True,
-    type=click.Choice(sorted(KNOWN_BUGS)),
+    type=click.Choice(sorted(KNOWN_BUGS | FUNCTIONS_BUGS)),
     help="Deliberately break the protocol (repeatable) to see the checkers bite.",
+)
+@click.option(
+    "--functions",
+    is_flag=True,
+    help="Simulate the functions platform's queue lifecycle instead (schedulers, workers, "
+    "leases, limits) under crashes, pauses and store outages.",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failing seed.")
 @click.option("--verbose", is_flag=True, help="Print a line for every seed.")
@@ -70,6 +79,7 @@ def sim(
     bugs: tuple[str, ...],
     fail_fast: bool,
     verbose: bool,
+    functions: bool,
 ) -> None:
     """Run the real protocol cores in a seeded simulation with faults, and check them.
 
@@ -78,6 +88,14 @@ def sim(
     replays it exactly.
     """
     _ensure_fixed_hash_seed()
+    known = FUNCTIONS_BUGS if functions else KNOWN_BUGS
+    if not set(bugs) <= known:
+        raise click.BadParameter(
+            f"with{'' if functions else 'out'} --functions, bugs are {sorted(known)}"
+        )
+    if functions:
+        _functions_sim(seeds, start, frozenset(bugs), fail_fast, verbose)
+        return
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True)
     bug_set = frozenset(bugs)
@@ -107,6 +125,39 @@ def sim(
     if verbose:
         out.print(f"[dim]{ran} seeds in {elapsed:.1f}s[/dim]")
     out.print(f"sim: {ran} seeds, {violations} violations, {checked} operations checked")
+    sys.exit(1 if violations else 0)
+
+
+def _functions_sim(
+    seeds: int, start: int, bugs: frozenset[str], fail_fast: bool, verbose: bool
+) -> None:
+    """`loom sim --functions`: the queue lifecycle, seed by seed (see loom.functions_sim)."""
+    logging.disable(logging.WARNING)  # the platform logs every simulated fault
+    out = Console(highlight=False, soft_wrap=True)
+    violations = ran = runs = 0
+    for seed in range(start, start + seeds):
+        result = run_functions_seed(seed, bugs)
+        ran += 1
+        runs += result.runs
+        violations += len(result.violations)
+        bug = "".join(f" --bug {b}" for b in sorted(bugs))
+        if result.violations:
+            out.print(
+                f"seed {seed}: {len(result.violations)} violations; "
+                f"replay: loom sim --functions --start {seed} --seeds 1{bug}"
+            )
+            for violation in result.violations[:5]:
+                out.print(f"  - {violation}", markup=False)
+            if fail_fast:
+                break
+        elif verbose:
+            faults = ", ".join(f"{n} {f}" for f, n in sorted(result.faults.items()))
+            out.print(
+                f"seed {seed}: ok, {result.submitted} calls, {result.runs} runs; faults: {faults}"
+            )
+    out.print(
+        f"sim --functions: {ran} seeds, {violations} violations, {runs} function runs checked"
+    )
     sys.exit(1 if violations else 0)
 
 

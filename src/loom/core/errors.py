@@ -45,6 +45,11 @@ class Throttled(LoomError):
     retryable = True
 
 
+class QuotaExceeded(LoomError):
+    """A write would grow a keyspace that is over its stored-bytes quota. Waiting does not
+    help: delete data (deletes are still accepted) or raise the quota."""
+
+
 class Unavailable(LoomError):
     """No replica could serve the request in time (failover, partition)."""
 

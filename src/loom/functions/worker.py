@@ -1,37 +1,68 @@
-"""A worker: takes due calls of an `App` from DurableQ and runs them (DESIGN §8).
+"""A worker: pulls calls of an `App` from the schedulers and runs them (DESIGN §8).
 
-First form (functions issue, in progress): the worker itself finds due calls by
-scanning the partitions; schedulers that own partitions, global rate and concurrency
-limits and back-pressure come next. What already holds:
-- a call is claimed under a lease of its timeout plus slack, so no heartbeat is
-  needed: a call cannot run past its timeout, and a dead worker's call is reclaimed
-  once its lease ends (at-least-once);
-- async functions run on the loop, sync ones in a thread pool, both under the timeout;
-- every transition is conditional on the attempt it belongs to (`queue.StaleAttempt`);
-- an exception fails the attempt: retried with exponential backoff and full jitter,
-  then dead-lettered.
+- It publishes its functions' configs (limits, batching, downstreams) to the store,
+  finds the live schedulers there, and long-polls each with its free slots.
+- Async functions run on the loop, sync ones in a thread pool, both under the
+  function's timeout. (A sync function that ignores its timeout cannot be stopped —
+  Python threads cannot be killed; its late outcome is fenced out by the attempt.)
+- Outcomes are recorded in the store in one transaction per partition for all calls
+  that finished within a few ms, each conditional on its attempt; then the dispatching
+  scheduler hears of them. Every few seconds every scheduler hears which calls are
+  still running (heartbeats), so a long call keeps its lease.
+- `Throttled` from loom kv (or `ctx.backpressure()`) sends the call back to the queue
+  without using up an attempt and signals the function's downstreams to the
+  scheduler's AIMD controllers; `NonRetryable` dead-letters at once; any other
+  exception fails the attempt (retried with backoff and full jitter).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import secrets
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import msgspec
 
-from loom.core.errors import LoomError
+from loom.core.errors import LoomError, Throttled
+from loom.functions import protocol, registry
 from loom.functions.app import App, Context, Function
-from loom.functions.queue import CallRecord, DurableQueue, StaleAttempt
+from loom.functions.errors import NonRetryable
+from loom.functions.protocol import Finished, Pull, Report, Signal, Work
+from loom.functions.queue import (
+    CallRecord,
+    DurableQueue,
+    Failed,
+    Outcome,
+    Succeeded,
+    WasThrottled,
+    partition_of,
+)
+from loom.runtime.rpc import RpcClient
 
 log = logging.getLogger("loom.worker")
-POLL_S = 0.1
-LEASE_SLACK_MS = 5_000
-CALLS_PER_SCAN_MAX = 100
+PULL_WAIT_MS = 1_000
+DISCOVER_S = 1.0
+HEARTBEAT_S = 5.0
+FLUSH_S = 0.003
+THROTTLED_RETRY_MS_MIN = 100
+RPC_TIMEOUT_S = 10.0
+MEMBER_TTL_S = 5.0
+THROTTLE_WATCH_S = 0.2
+
+
+@dataclass(slots=True)
+class Pending:
+    """Outcomes recorded in the store, waiting to be reported to their scheduler."""
+
+    finished: list[Finished] = field(default_factory=list)
+    signals: list[Signal] = field(default_factory=list)
 
 
 class Worker:
@@ -40,97 +71,290 @@ class Worker:
             raise ValueError("concurrency must be 1..10000")
         self.app = app
         self.name = name or f"worker-{secrets.token_hex(4)}"
-        self.slots = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
+        self.free = concurrency
+        self.freed = asyncio.Event()
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fn")
-        self.running: set[asyncio.Task[None]] = set()
+        self.running: dict[str, tuple[int, str]] = {}  # call id → (attempt, scheduler)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.schedulers: dict[str, RpcClient] = {}
+        self.pullers: dict[str, asyncio.Task[None]] = {}
+        self.members = registry.Liveness(ttl_s=MEMBER_TTL_S)
+        self.outbox: list[tuple[CallRecord, Outcome, int, list[str]]] = []
+        self.outbox_ready = asyncio.Event()
         self.rng = random.Random()
         self.completed = 0
         self.failed = 0
+        self.throttled = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Until `stop` is set; then waits for the calls it runs."""
+        """Until `stop` is set; then finishes the calls it runs."""
         queue = await self.app.queue()
+        await registry.publish_configs(
+            await self.app.client(), [f.config() for f in self.app.functions.values()]
+        )
+        flusher = asyncio.create_task(self._flush_loop(queue))
+        beats = asyncio.create_task(self._heartbeat_loop())
+        watcher = asyncio.create_task(self._throttle_watch())
         try:
             while not stop.is_set():
-                found = await self._scan(queue)
-                if not found:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), POLL_S)
+                with contextlib.suppress(LoomError):
+                    await self._discover(stop)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), DISCOVER_S)
         finally:
-            if self.running:
-                await asyncio.gather(*self.running, return_exceptions=True)
+            for puller in self.pullers.values():
+                puller.cancel()
+            await asyncio.gather(*self.pullers.values(), return_exceptions=True)
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.outbox_ready.set()
+            await asyncio.sleep(FLUSH_S * 2)
+            for task in (flusher, beats, watcher):
+                task.cancel()
+            await asyncio.gather(flusher, beats, watcher, return_exceptions=True)
+            await self._flush(queue)
+            for client in self.schedulers.values():
+                await client.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _scan(self, queue: DurableQueue) -> int:
-        now_ms = int(time.time() * 1000)
-        found = 0
-        for partition in range(queue.partitions):
-            for call_id in await queue.expired_leases(partition, now_ms):
-                with contextlib.suppress(StaleAttempt):
-                    await queue.reclaim(call_id, now_ms=now_ms)
-            for call_id in await queue.due(partition, now_ms, limit=CALLS_PER_SCAN_MAX):
-                await self.slots.acquire()
-                record = await self._claim(queue, call_id, now_ms)
-                if record is None:
-                    self.slots.release()
-                    continue
-                found += 1
-                task = asyncio.create_task(self._run(queue, record))
-                self.running.add(task)
-                task.add_done_callback(self.running.discard)
-        return found
-
-    async def _claim(self, queue: DurableQueue, call_id: str, now_ms: int) -> CallRecord | None:
-        record = await queue.get(call_id)
-        function = self.app.functions.get(record.function) if record else None
-        if record is None or function is None:
-            return None  # another app's call, or gone
-        if record.deadline_ms is not None and record.deadline_ms < now_ms:
-            with contextlib.suppress(StaleAttempt):
-                await queue.expire(call_id, now_ms=now_ms)
-            return None
-        lease_ms = int(function.timeout_s * 1000) + LEASE_SLACK_MS
-        try:
-            return await queue.claim(call_id, worker=self.name, lease_ms=lease_ms, now_ms=now_ms)
-        except StaleAttempt:
-            return None  # another worker took it
-
-    async def _run(self, queue: DurableQueue, record: CallRecord) -> None:
-        function = self.app.functions[record.function]
-        try:
-            try:
-                value = await self._invoke(function, record)
-                result = msgspec.msgpack.encode(value)
-            except Exception as error:  # noqa: BLE001 - a function's failure is data
-                await queue.fail(
-                    record.call_id,
-                    attempt=record.attempt,
-                    error=f"{type(error).__name__}: {error}",
-                    now_ms=int(time.time() * 1000),
-                    jitter=self.rng.random(),
+    async def _discover(self, stop: asyncio.Event) -> None:
+        """Pulls from every live scheduler; a silent one's record may linger in the
+        store (a killed scheduler cannot remove it), so liveness is its beat moving."""
+        for member in await registry.read_members(await self.app.client()):
+            self.members.observe(member.name, member.beat)
+            puller = self.pullers.get(member.name)
+            if not self.members.alive(member.name):
+                if puller is not None:
+                    puller.cancel()
+                continue
+            if puller is None or puller.done():
+                address = (member.host, member.port)
+                self.pullers[member.name] = asyncio.create_task(
+                    self._pull_loop(member.name, address, stop)
                 )
-                self.failed += 1
-                return
-            await queue.complete(record.call_id, attempt=record.attempt, result=result)
-            self.completed += 1
-        except StaleAttempt:
-            log.info("call %s attempt %d was taken over", record.call_id, record.attempt)
-        except LoomError as error:
-            # The store is unreachable: the lease runs out and another attempt follows.
-            log.warning("call %s attempt %d: %s", record.call_id, record.attempt, error)
-        finally:
-            self.slots.release()
 
-    async def _invoke(self, function: Function, record: CallRecord) -> object:
-        args, kwargs = msgspec.msgpack.decode(record.args)
-        ctx = Context(
-            call_id=record.call_id,
-            attempt=record.attempt,
-            idempotency_key=record.idempotency_key,
-            kv=await self.app.client(),
-        )
+    async def _connection(self, scheduler: str, address: tuple[str, int]) -> RpcClient:
+        client = self.schedulers.get(scheduler)
+        if client is None:
+            client = self.schedulers[scheduler] = await RpcClient.connect(*address)
+        return client
+
+    async def _pull_loop(
+        self, scheduler: str, address: tuple[str, int], stop: asyncio.Event
+    ) -> None:
+        functions = tuple(self.app.functions)
+        failures = 0
+        while not stop.is_set():
+            slots = await self._reserve()
+            try:
+                client = await self._connection(scheduler, address)
+                pull = Pull(
+                    worker=self.name,
+                    app=self.app.name,
+                    functions=functions,
+                    slots=slots,
+                    wait_ms=PULL_WAIT_MS,
+                )
+                reply = protocol.decode(
+                    await client.call(
+                        protocol.encode(pull), timeout_s=PULL_WAIT_MS / 1000 + RPC_TIMEOUT_S
+                    )
+                )
+            except LoomError as error:
+                self._release(slots)
+                if (stale := self.schedulers.pop(scheduler, None)) is not None:
+                    await stale.close()
+                failures += 1
+                if failures >= 5:
+                    log.info("scheduler %s unreachable (%s); rediscovering", scheduler, error)
+                    return
+                await asyncio.sleep(min(1.0, 0.05 * 2**failures))
+                continue
+            failures = 0
+            if not isinstance(reply, Work):
+                self._release(slots)
+                continue
+            self._release(slots - len(reply.batches))
+            for batch in reply.batches:
+                self._start(list(batch), scheduler)
+
+    async def _reserve(self) -> int:
+        """Waits for a free slot, then takes a fair part of the free ones for one pull."""
+        while self.free <= 0:
+            self.freed.clear()
+            await self.freed.wait()
+        slots = max(1, self.free // max(1, len(self.pullers)))
+        self.free -= slots
+        return slots
+
+    def _release(self, slots: int) -> None:
+        if slots > 0:
+            self.free += slots
+            self.freed.set()
+
+    def _start(self, batch: list[CallRecord], scheduler: str) -> None:
+        for record in batch:
+            self.running[record.call_id] = (record.attempt, scheduler)
+        task = asyncio.create_task(self._run(batch, scheduler))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, batch: list[CallRecord], scheduler: str) -> None:
+        function = self.app.functions.get(batch[0].function)
+        started = time.monotonic()
+        ctx: Context | None = None
+        outcomes: list[Outcome]
+        try:
+            if function is None:
+                raise NonRetryable(f"this worker's app has no function {batch[0].function!r}")
+            ctx = Context(
+                call_id=batch[0].call_id,
+                attempt=batch[0].attempt,
+                idempotency_key=batch[0].idempotency_key,
+                kv=await self.app.functions_client(),
+                downstream=function.downstream,
+                batch=tuple(r.call_id for r in batch) if function.batch else (),
+            )
+            results = await self._invoke(function, ctx, batch)
+            outcomes = [
+                Succeeded(r.call_id, r.attempt, msgspec.msgpack.encode(v))
+                for r, v in zip(batch, results, strict=True)
+            ]
+            self.completed += len(batch)
+        except Throttled as error:
+            retry_ms = max(THROTTLED_RETRY_MS_MIN, error.retry_after_ms or 0)
+            outcomes = [WasThrottled(r.call_id, r.attempt, retry_ms) for r in batch]
+            if ctx is not None:
+                ctx.backpressure()
+            self.throttled += len(batch)
+        except Exception as error:  # noqa: BLE001 - a function's failure is data
+            text = f"{type(error).__name__}: {error}"[:2000]
+            retryable = not isinstance(error, NonRetryable)
+            outcomes = [Failed(r.call_id, r.attempt, text, retryable) for r in batch]
+            self.failed += len(batch)
+        finally:
+            self._release(1)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        signals = list(ctx.signals) if ctx is not None else []
+        for record, outcome in zip(batch, outcomes, strict=True):
+            self.outbox.append((record, outcome, duration_ms, signals))
+            signals = []
+        self.outbox_ready.set()
+
+    async def _invoke(
+        self, function: Function, ctx: Context, batch: list[CallRecord]
+    ) -> Sequence[object]:
+        decoded = [msgspec.msgpack.decode(r.args) for r in batch]
         async with asyncio.timeout(function.timeout_s):
-            if function.is_async:
-                return await function.fn(ctx, *args, **kwargs)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.pool, lambda: function.fn(ctx, *args, **kwargs))
+            if function.batch is not None:
+                items = [args[0] for args, _ in decoded]
+                results = await self._call(function, ctx, (items,), {})
+                if results is None:
+                    return [None] * len(batch)
+                if not isinstance(results, list) or len(results) != len(batch):
+                    raise TypeError(
+                        f"batched {function.name} must return a list of {len(batch)} results"
+                    )
+                return results
+            args, kwargs = decoded[0]
+            return [await self._call(function, ctx, args, kwargs)]
+
+    async def _call(
+        self, function: Function, ctx: Context, args: Sequence[object], kwargs: dict[str, object]
+    ) -> object:
+        if function.is_async:
+            return await function.fn(ctx, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: function.fn(ctx, *args, **kwargs))
+
+    # ---------------------------------------------------------------- outcomes
+
+    async def _flush_loop(self, queue: DurableQueue) -> None:
+        while True:
+            await self.outbox_ready.wait()
+            await asyncio.sleep(FLUSH_S)  # let the outcomes of a few ms gather
+            self.outbox_ready.clear()
+            await self._flush(queue)
+
+    async def _flush(self, queue: DurableQueue) -> None:
+        """Records outcomes in the store (one transaction per partition), then tells
+        the schedulers. An outcome the store cannot take now is left to the lease: the
+        scheduler reclaims the call and it runs again (at-least-once)."""
+        outbox, self.outbox = self.outbox, []
+        if not outbox:
+            return
+        by_partition: dict[int, list[tuple[CallRecord, Outcome, int, list[str]]]] = {}
+        for entry in outbox:
+            by_partition.setdefault(partition_of(entry[0].call_id), []).append(entry)
+        reports: dict[str, Pending] = {}
+
+        async def record(
+            partition: int, entries: list[tuple[CallRecord, Outcome, int, list[str]]]
+        ) -> None:
+            for start in range(0, len(entries), 100):
+                chunk = entries[start : start + 100]
+                try:
+                    await queue.finish_many(
+                        partition,
+                        [e[1] for e in chunk],
+                        now_ms=int(time.time() * 1000),
+                        jitter=self.rng.random,
+                    )
+                except LoomError as error:
+                    log.warning(
+                        "recording %d outcomes in partition %d: %s", len(chunk), partition, error
+                    )
+                for call_record, _, duration_ms, signals in chunk:
+                    _, scheduler = self.running.pop(call_record.call_id, (0, ""))
+                    pending = reports.setdefault(scheduler, Pending())
+                    pending.finished.append(
+                        Finished(call_record.call_id, call_record.attempt, duration_ms)
+                    )
+                    pending.signals += [Signal(d, "throttled") for d in signals]
+
+        await asyncio.gather(*(record(p, entries) for p, entries in by_partition.items()))
+        await asyncio.gather(*(self._report(name, pending) for name, pending in reports.items()))
+
+    async def _report(self, scheduler: str, pending: Pending) -> None:
+        client = self.schedulers.get(scheduler)
+        if client is None:
+            return
+        report = Report(
+            worker=self.name, finished=tuple(pending.finished), signals=tuple(pending.signals)
+        )
+        with contextlib.suppress(LoomError):
+            await client.call(protocol.encode(report), timeout_s=RPC_TIMEOUT_S)
+
+    async def _throttle_watch(self) -> None:
+        """Requests of the functions that a keyspace throttled — even ones a retry then
+        got through — signal `kv:{keyspace}` to every scheduler: the platform, not
+        each call, should slow down."""
+        client = await self.app.functions_client()
+        declared = {d for f in self.app.functions.values() for d in f.downstream}
+        seen = collections.Counter(client.throttled_requests)
+        while True:
+            await asyncio.sleep(THROTTLE_WATCH_S)
+            now = collections.Counter(client.throttled_requests)
+            signals = tuple(
+                Signal(f"kv:{keyspace}", "throttled")
+                for keyspace in (now - seen)
+                if f"kv:{keyspace}" in declared
+            )
+            seen = now
+            if signals:
+                report = protocol.encode(Report(worker=self.name, signals=signals))
+                for scheduler in list(self.schedulers.values()):
+                    with contextlib.suppress(LoomError):
+                        await scheduler.call(report, timeout_s=RPC_TIMEOUT_S)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            running = tuple((call_id, attempt) for call_id, (attempt, _) in self.running.items())
+            if not running:
+                continue
+            report = protocol.encode(Report(worker=self.name, running=running))
+            for client in list(self.schedulers.values()):
+                with contextlib.suppress(LoomError):
+                    await client.call(report, timeout_s=RPC_TIMEOUT_S)

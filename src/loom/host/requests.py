@@ -122,6 +122,12 @@ class ErrorCode(enum.Enum):
     INVALID = "invalid"
     # The μshard is not owned by this p-shard (moving or moved): refresh the mapping.
     MOVED = "moved"
+    # Over the keyspace's reads/s or writes/s quota: retry after `retry_after_ms`.
+    THROTTLED = "throttled"
+    # Over the keyspace's stored-bytes quota: not retryable (ADR 0008).
+    QUOTA_EXCEEDED = "quota_exceeded"
+    # The request's token is missing, unknown, or does not reach this keyspace.
+    PERMISSION_DENIED = "permission_denied"
 
 
 class ErrorReply(Struct, frozen=True, tag="error", kw_only=True):

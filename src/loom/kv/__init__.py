@@ -21,6 +21,7 @@ from loom.core.errors import (
     NotFound,
     OutcomeUnknown,
     PermissionDenied,
+    QuotaExceeded,
     Throttled,
     TransactionConflict,
     Unavailable,
@@ -41,6 +42,16 @@ from loom.kv.options import (
 )
 from loom.kv.sync import SyncClient, SyncKeyspace, SyncTransaction, connect_sync
 from loom.kv.transaction import Transaction
+from loom.kvstate.records import decode_counter
+
+
+def counter_value(value: bytes) -> int:
+    """The number a counter's stored value holds (what `increment` returned last)."""
+    number = decode_counter(value)
+    if number is None:
+        raise InvalidArgument(f"{value!r} is not a counter's value")
+    return number
+
 
 __all__ = [
     "EVENTUAL",
@@ -58,6 +69,7 @@ __all__ = [
     "OutcomeUnknown",
     "Page",
     "PermissionDenied",
+    "QuotaExceeded",
     "ReadConsistency",
     "SyncClient",
     "SyncKeyspace",
@@ -71,4 +83,5 @@ __all__ = [
     "bounded",
     "connect",
     "connect_sync",
+    "counter_value",
 ]

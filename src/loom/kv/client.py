@@ -16,6 +16,7 @@ the table can forget. A write whose outcome stays unknown at its deadline raises
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
+import msgspec
+
 from loom.core.errors import (
     ConditionFailed,
     InvalidArgument,
@@ -34,6 +37,7 @@ from loom.core.errors import (
     NotFound,
     OutcomeUnknown,
     PermissionDenied,
+    QuotaExceeded,
     Throttled,
     TransactionConflict,
     Unavailable,
@@ -69,24 +73,36 @@ from loom.kvstate.commands import (
 )
 from loom.kvstate.reads import Item
 from loom.runtime.codec import (
+    AUTHENTICATED,
     ClientAnswer,
     ClientCall,
     CreateKeyspace,
+    CreateTenant,
+    CreateToken,
     Done,
     DropKeyspace,
     Failure,
     KeyspaceReply,
+    ListTenants,
+    ListTokens,
     NodeMessage,
     ReshardKeyspace,
+    RevokeToken,
     RoutingRequest,
+    SetQuota,
     StatusReply,
     StatusRequest,
+    TenantsReply,
+    TokenInfo,
+    TokenReply,
+    TokensReply,
     decode,
     encode,
 )
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
-from loom.shardmgr.routing import KeyspaceSpec, RoutingTable, compact_ranges
+from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable, compact_ranges
+from loom.shardmgr.tenancy import TOKEN_CHARS_MAX, Tenant, tenant_problem
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
@@ -203,6 +219,7 @@ class _Attempts:
     hint: NodeId | None = None
     uncertain: bool = False  # a write attempt got no definite answer
     overloaded: bool = False
+    throttled: bool = False  # the last attempt was over a quota (THROTTLED)
     problem: str = "no attempt"
     retry_after_ms: int = 0
 
@@ -221,9 +238,17 @@ class Client:
     ) -> None:
         if not math.isfinite(timeout_s) or not 0 < timeout_s <= 3600:
             raise InvalidArgument(f"timeout_s must be in (0, 3600], not {timeout_s!r}")
-        # Tokens are checked once the cluster enforces auth (multi-tenancy issue).
+        if token is not None and (not isinstance(token, str) or not token):
+            raise InvalidArgument("token must be a non-empty str (or None)")
+        if token is not None and len(token) > TOKEN_CHARS_MAX:
+            raise InvalidArgument(f"token of {len(token)} characters is over {TOKEN_CHARS_MAX}")
+        # Sent with every request; checked by the nodes and the manager when the cluster
+        # runs with auth (ADR 0008).
         self.token = token
         self.timeout_s = timeout_s
+        # Requests a keyspace's quota throttled at least once (even if a retry then
+        # succeeded), per keyspace: back-pressure for whoever drives this client.
+        self.throttled_requests: collections.Counter[str] = collections.Counter()
         self.router = Router(seeds, self._fetch_routing, region=region)
         self.ids = _RequestIds()
         self._tokens = itertools.count(1)
@@ -265,9 +290,11 @@ class Client:
         ushards: int = 4096,
         tier: str = "wildcard",
         regions: Sequence[str] = (),
+        tenant: str | None = None,
     ) -> KeyspaceInfo:
         """Create a keyspace (the same spec again is a no-op) and wait until every one
-        of its p-shards has an active primary."""
+        of its p-shards has an active primary. It belongs to the tenant of the client's
+        token; an admin token may name another `tenant`."""
         spec = KeyspaceSpec(
             name=name,
             shards=shards,
@@ -279,7 +306,9 @@ class Client:
         problem = spec.problem()
         if problem is not None:
             raise InvalidArgument(problem)
-        reply = await self._admin_retrying(CreateKeyspace(spec=spec))
+        if tenant is not None and not isinstance(tenant, str):
+            raise InvalidArgument("tenant must be a str")
+        reply = await self._admin_retrying(CreateKeyspace(spec=spec, tenant=tenant or ""))
         if not isinstance(reply, KeyspaceReply):
             raise Unavailable(f"the shard manager answered {type(reply).__name__}")
         await self._until_ready(reply.keyspace)
@@ -351,6 +380,77 @@ class Client:
         if not isinstance(reply, Done):
             raise Unavailable(f"the shard manager answered {type(reply).__name__}")
         await self.router.refresh(force=True)
+
+    async def set_quota(
+        self,
+        name: str,
+        *,
+        reads_per_s: float | None = None,
+        writes_per_s: float | None = None,
+        bytes_max: int | None = None,
+    ) -> KeyspaceInfo:
+        """Set keyspace `name`'s cluster-wide quota; a limit left out (None) is
+        unlimited. Returns once every live node enforces its share (at most ~2 s)."""
+        for label, rate in (("reads_per_s", reads_per_s), ("writes_per_s", writes_per_s)):
+            if rate is not None and not _is_number(rate):
+                raise InvalidArgument(f"{label} must be a number, not {type(rate).__name__}")
+        if bytes_max is not None and not _is_int(bytes_max):
+            raise InvalidArgument(f"bytes_max must be an int, not {type(bytes_max).__name__}")
+        quota = Quota(
+            reads_per_s=None if reads_per_s is None else float(reads_per_s),
+            writes_per_s=None if writes_per_s is None else float(writes_per_s),
+            bytes_max=bytes_max,
+        )
+        problem = quota.problem()
+        if problem is not None:
+            raise InvalidArgument(problem)
+        reply = await self._admin(SetQuota(name=name, quota=quota))
+        if not isinstance(reply, KeyspaceReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        await self.router.refresh(force=True)
+        return reply.keyspace
+
+    async def create_tenant(self, name: str, *, weight: int = 1) -> Tenant:
+        """Create a tenant (admin); `weight`: its share under contention."""
+        problem = tenant_problem(name, weight)
+        if problem is not None:
+            raise InvalidArgument(problem)
+        reply = await self._admin(CreateTenant(tenant=Tenant(name=name, weight=weight)))
+        if not isinstance(reply, TenantsReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return next(t for t in reply.tenants if t.name == name)
+
+    async def tenants(self) -> list[Tenant]:
+        """Every tenant (admin)."""
+        reply = await self._admin(ListTenants())
+        if not isinstance(reply, TenantsReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return list(reply.tenants)
+
+    async def create_token(self, tenant: str, *, admin: bool = False) -> TokenReply:
+        """A new token for `tenant` (admin). `.secret` is shown now and never again:
+        the cluster keeps only its hash."""
+        if not isinstance(tenant, str) or not isinstance(admin, bool):
+            raise InvalidArgument("tenant must be a str and admin a bool")
+        reply = await self._admin(CreateToken(tenant=tenant, admin=admin))
+        if not isinstance(reply, TokenReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return reply
+
+    async def tokens(self) -> list[TokenInfo]:
+        """Every token's id, tenant and role (admin); never a secret."""
+        reply = await self._admin(ListTokens())
+        if not isinstance(reply, TokensReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return list(reply.tokens)
+
+    async def revoke_token(self, token_id: str) -> None:
+        """Delete a token (admin); returns once every live node refuses it."""
+        if not isinstance(token_id, str):
+            raise InvalidArgument("token_id must be a str")
+        reply = await self._admin(RevokeToken(token_id=token_id))
+        if not isinstance(reply, Done):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
 
     async def keyspaces(self) -> list[KeyspaceInfo]:
         await self.router.refresh(force=True)
@@ -445,6 +545,8 @@ class Client:
     ) -> NodeMessage:
         if self._closed:
             raise Unavailable("the client is closed")
+        if self.token is not None and isinstance(message, AUTHENTICATED):
+            message = msgspec.structs.replace(message, auth=self.token)
         connection = await self._connection(address)
         try:
             body = await connection.call(encode(message), timeout_s=timeout_s)
@@ -476,12 +578,20 @@ class Client:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            was_throttled = state.throttled
             reply = await self._attempt(keyspace, ushard, build, state, remaining)
+            if state.throttled and not was_throttled:
+                self.throttled_requests[keyspace] += 1
             if reply is not None:
                 return reply
+            if state.throttled and loop.time() + state.retry_after_ms / 1000 >= deadline:
+                break  # a retry would not fit in the deadline: the caller hears it now
         message = f"gave up after {self.timeout_s:g} s: {state.problem}"
         if state.uncertain:
             raise OutcomeUnknown(message + "; the write may or may not have been applied")
+        if state.throttled:
+            # The caller (e.g. the functions platform's back-pressure) needs this one.
+            raise Throttled(state.problem, retry_after_ms=max(1, state.retry_after_ms))
         raise (Throttled if state.overloaded else Unavailable)(message)
 
     async def _attempt(
@@ -500,7 +610,7 @@ class Client:
             state.problem = f"no route to μshard {ushard} of {keyspace!r}"
             await self._refresh_quietly()
             return None
-        state.overloaded = False
+        state.overloaded = state.throttled = False
         try:
             answer = await self._call(
                 address,
@@ -547,6 +657,12 @@ class Client:
                 # routing table again; the retry goes where its mapping points.
                 state.hint = None
                 await self._refresh_quietly()
+            case ErrorCode.THROTTLED:
+                state.throttled = True
+            case ErrorCode.PERMISSION_DENIED:
+                raise PermissionDenied(reply.message or "the token does not reach this keyspace")
+            case ErrorCode.QUOTA_EXCEEDED:
+                raise QuotaExceeded(reply.message or "over the keyspace's stored-bytes quota")
             case ErrorCode.NOT_READY | ErrorCode.NOT_APPLIED:
                 pass
 

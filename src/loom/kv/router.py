@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from loom.core.errors import LoomError, NotFound, Unavailable
+from loom.core.errors import LoomError, NotFound, PermissionDenied, Unavailable
 from loom.core.ids import NodeId, ShardId
 from loom.shardmgr.routing import EMPTY_TABLE, Keyspace, NodeRoute, RoutingTable, ShardRoute
 
@@ -59,6 +59,8 @@ class Router:
         for address in candidates:
             try:
                 table = await self.fetch(address)
+            except PermissionDenied:
+                raise  # the token is refused: asking elsewhere will not change that
             except LoomError as error:
                 failures.append(f"{address[0]}:{address[1]}: {error}")
                 continue

@@ -31,9 +31,10 @@ from loom.kv.client import (
 from loom.kv.options import QUORUM, STRONG, Page, ReadConsistency
 from loom.kv.transaction import Transaction
 from loom.kvstate.reads import Item
-from loom.runtime.codec import StatusReply
+from loom.runtime.codec import StatusReply, TokenInfo, TokenReply
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
 from loom.shardmgr.routing import RoutingTable
+from loom.shardmgr.tenancy import Tenant
 
 T = TypeVar("T")
 JOIN_TIMEOUT_S = 10.0
@@ -94,6 +95,7 @@ class SyncClient:
         ushards: int = 4096,
         tier: str = "wildcard",
         regions: Sequence[str] = (),
+        tenant: str | None = None,
     ) -> KeyspaceInfo:
         return self._runner.run(
             self.client.create_keyspace(
@@ -103,6 +105,7 @@ class SyncClient:
                 ushards=ushards,
                 tier=tier,
                 regions=regions,
+                tenant=tenant,
             )
         )
 
@@ -118,8 +121,37 @@ class SyncClient:
             self.client.reshard_keyspace(name, shards=shards, wait=wait, progress=progress)
         )
 
+    def create_tenant(self, name: str, *, weight: int = 1) -> Tenant:
+        return self._runner.run(self.client.create_tenant(name, weight=weight))
+
+    def tenants(self) -> list[Tenant]:
+        return self._runner.run(self.client.tenants())
+
+    def create_token(self, tenant: str, *, admin: bool = False) -> TokenReply:
+        return self._runner.run(self.client.create_token(tenant, admin=admin))
+
+    def tokens(self) -> list[TokenInfo]:
+        return self._runner.run(self.client.tokens())
+
+    def revoke_token(self, token_id: str) -> None:
+        self._runner.run(self.client.revoke_token(token_id))
+
     def drop_keyspace(self, name: str) -> None:
         self._runner.run(self.client.drop_keyspace(name))
+
+    def set_quota(
+        self,
+        name: str,
+        *,
+        reads_per_s: float | None = None,
+        writes_per_s: float | None = None,
+        bytes_max: int | None = None,
+    ) -> KeyspaceInfo:
+        return self._runner.run(
+            self.client.set_quota(
+                name, reads_per_s=reads_per_s, writes_per_s=writes_per_s, bytes_max=bytes_max
+            )
+        )
 
     def keyspaces(self) -> list[KeyspaceInfo]:
         return self._runner.run(self.client.keyspaces())

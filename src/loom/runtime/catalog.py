@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import msgspec
 
-from loom.core.errors import InvalidArgument, NotFound, Unavailable
+from loom.core.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from loom.core.ids import ShardId
 from loom.shardmgr.metastore import Metastore
-from loom.shardmgr.routing import Keyspace
+from loom.shardmgr.routing import Keyspace, Quota
 
 KEYSPACES = "keyspaces/"
 NEXT_SHARD = "meta/next_shard"
@@ -87,6 +87,10 @@ class Catalog:
         existing = _DECODER.decode(result.current[0])
         if existing.dropping:
             raise Unavailable(f"keyspace {record.keyspace.name!r} is being dropped; retry")
+        if existing.keyspace.tenant != record.keyspace.tenant:
+            raise PermissionDenied(
+                f"keyspace {record.keyspace.name!r} exists and belongs to another tenant"
+            )
         if existing.keyspace.spec != record.keyspace.spec:
             raise InvalidArgument(
                 f"keyspace {record.keyspace.name!r} exists with another spec: "
@@ -107,6 +111,23 @@ class Catalog:
         new = _ENCODER.encode(KeyspaceRecord(keyspace=keyspace))
         if not self.metastore.compare_and_swap(key, current[1], new).ok:
             raise Unavailable(f"keyspace {name!r} changed meanwhile; retry")
+
+    def set_quota(self, name: str, quota: Quota) -> KeyspaceRecord:
+        """Replaces the keyspace's quota (one compare-and-swap of its record)."""
+        key = KEYSPACES + name
+        for _ in range(CAS_ATTEMPTS_MAX):
+            current = self.metastore.get(key)
+            if current is None:
+                raise NotFound(f"no keyspace {name!r}")
+            record = _DECODER.decode(current[0])
+            if record.dropping:
+                raise NotFound(f"keyspace {name!r} is being dropped")
+            keyspace = msgspec.structs.replace(record.keyspace, quota=quota)
+            updated = KeyspaceRecord(keyspace=keyspace)
+            result = self.metastore.compare_and_swap(key, current[1], _ENCODER.encode(updated))
+            if result.ok:
+                return updated
+        raise Unavailable(f"keyspace {name!r} is contended; retry")
 
     def mark_dropping(self, name: str) -> KeyspaceRecord:
         key = KEYSPACES + name

@@ -21,6 +21,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import typing
 from typing import Final, Literal
 
 import msgspec
@@ -32,7 +33,8 @@ from loom.paxos.messages import Envelope
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
 from loom.shardmgr.core import NodeReport
-from loom.shardmgr.routing import Keyspace, KeyspaceSpec, NodeInfo, RoutingTable
+from loom.shardmgr.routing import Keyspace, KeyspaceSpec, NodeInfo, Quota, RoutingTable
+from loom.shardmgr.tenancy import Tenant
 from loom.wire.frames import FRAME_BYTES_MAX
 
 CODEC_VERSION: Final = 1
@@ -58,6 +60,7 @@ class ClientCall(msgspec.Struct, frozen=True, kw_only=True, tag="cc1"):
 
     shard: ShardId
     request: ClientRequest
+    auth: str = ""  # the caller's token (ADR 0008); "" when it has none
 
 
 class ClientAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="ca1"):
@@ -83,6 +86,9 @@ class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
 
     report: NodeReport
     info: NodeInfo
+    # The version of the routing table the node holds: the manager waits for it after
+    # a change nodes must know before the caller goes on (a new token, a quota).
+    routing_version: tuple[int, int] = (0, 0)
 
 
 class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):
@@ -116,13 +122,26 @@ class DropShard(msgspec.Struct, frozen=True, kw_only=True, tag="ds1"):
 
 
 class CreateKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="ck1"):
-    """Create a keyspace (idempotent: the same spec again answers the existing one)."""
+    """Create a keyspace (idempotent: the same spec again answers the existing one).
+    `tenant`: the owner an admin names; "" means the caller's own tenant."""
 
     spec: KeyspaceSpec
+    tenant: str = ""
+    auth: str = ""
 
 
 class DropKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="dk1"):
     name: str
+    auth: str = ""
+
+
+class SetQuota(msgspec.Struct, frozen=True, kw_only=True, tag="qs1"):
+    """Replace a keyspace's quota (every limit not given is unlimited); answers
+    `KeyspaceReply`."""
+
+    name: str
+    quota: Quota
+    auth: str = ""
 
 
 class ReshardKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="rs1"):
@@ -131,10 +150,63 @@ class ReshardKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="rs1"):
 
     name: str
     shards: int
+    auth: str = ""
 
 
 class KeyspaceReply(msgspec.Struct, frozen=True, kw_only=True, tag="kr1"):
     keyspace: Keyspace
+
+
+class CreateTenant(msgspec.Struct, frozen=True, kw_only=True, tag="ct1"):
+    """Create a tenant (admin; the same again is a no-op); answers `TenantsReply`."""
+
+    tenant: Tenant
+    auth: str = ""
+
+
+class ListTenants(msgspec.Struct, frozen=True, kw_only=True, tag="lt1"):
+    auth: str = ""
+
+
+class TenantsReply(msgspec.Struct, frozen=True, kw_only=True, tag="tl1"):
+    tenants: tuple[Tenant, ...]
+
+
+class CreateToken(msgspec.Struct, frozen=True, kw_only=True, tag="tc1"):
+    """Make a token for `tenant` (admin only); answers `TokenReply` with the secret,
+    which nobody can see again."""
+
+    tenant: str
+    admin: bool = False
+    auth: str = ""
+
+
+class TokenReply(msgspec.Struct, frozen=True, kw_only=True, tag="tr1"):
+    secret: str
+    token_id: str
+    tenant: str
+    admin: bool
+
+
+class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
+    token_id: str
+    tenant: str
+    admin: bool
+
+
+class ListTokens(msgspec.Struct, frozen=True, kw_only=True, tag="lk1"):
+    auth: str = ""
+
+
+class TokensReply(msgspec.Struct, frozen=True, kw_only=True, tag="tl2"):
+    tokens: tuple[TokenInfo, ...]
+
+
+class RevokeToken(msgspec.Struct, frozen=True, kw_only=True, tag="rk1"):
+    """Delete a token (admin); nodes stop taking it with the next routing push."""
+
+    token_id: str
+    auth: str = ""
 
 
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="ok1"):
@@ -143,6 +215,8 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, tag="ok1"):
 
 class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True, tag="rq1"):
     """Asks the shard manager, or any node (its last pushed copy), for the routing table."""
+
+    auth: str = ""
 
 
 class RoutingPush(msgspec.Struct, frozen=True, kw_only=True, tag="rp1"):
@@ -165,6 +239,8 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True, tag="er1"):
 
 class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sq1"):
     """Asks the shard manager for the cluster's state (`loom status`)."""
+
+    auth: str = ""
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,7 +286,16 @@ NodeMessage = (
     | DropShard
     | CreateKeyspace
     | DropKeyspace
+    | SetQuota
     | KeyspaceReply
+    | CreateTenant
+    | ListTenants
+    | TenantsReply
+    | CreateToken
+    | TokenReply
+    | ListTokens
+    | TokensReply
+    | RevokeToken
     | Done
     | RoutingRequest
     | RoutingPush
@@ -219,6 +304,23 @@ NodeMessage = (
     | StatusRequest
     | StatusReply
 )
+
+# The messages a client sends with its token in `auth`.
+Authenticated = (
+    ClientCall
+    | CreateKeyspace
+    | DropKeyspace
+    | SetQuota
+    | ReshardKeyspace
+    | RoutingRequest
+    | StatusRequest
+    | CreateTenant
+    | ListTenants
+    | CreateToken
+    | ListTokens
+    | RevokeToken
+)
+AUTHENTICATED: Final = typing.get_args(Authenticated)
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 # Annotated: mypy cannot infer a union's Decoder type from the call.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LISTENING = re.compile(r"listening on [^\s:]+:(\d+)")
+ADMIN_TOKEN = re.compile(r"admin token: (loom_\S+)")
 WORKING = re.compile(r"loom worker \S+ running")
 STOP_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
@@ -31,6 +32,10 @@ class LocalCluster:
 
     # Names of the shard-manager processes (several with etcd).
     managers: list[str] = field(default_factory=list)
+    # Tokens required (`--auth` to the manager and nodes); the admin token the manager
+    # printed on its first start lands in `admin_token`.
+    auth: bool = False
+    admin_token: str | None = None
 
     @property
     def manager_address(self) -> str:
@@ -84,10 +89,22 @@ class LocalCluster:
         """A shard manager with a file metastore (in `data`, default DATA/NAME), or
         (`etcd`: HOST:PORT,…) one of several sharing etcd, one of which leads."""
         store = ["--etcd", etcd] if etcd else ["--data", str(data or self.data_dir / name)]
-        port = self._spawn(name, ["sm", "--listen", f"127.0.0.1:{port}", *store, *extra])
+        auth = ["--auth"] if self.auth else []
+        port = self._spawn(name, ["sm", "--listen", f"127.0.0.1:{port}", *store, *auth, *extra])
         if name not in self.managers:
             self.managers.append(name)
+        if self.auth:
+            self._read_admin_token(name)
         return port
+
+    def _read_admin_token(self, name: str) -> None:
+        """`loom sm --auth` prints one more line: the admin token on the first start."""
+        stdout = self.processes[name].stdout
+        assert stdout is not None
+        line = stdout.readline()
+        match = ADMIN_TOKEN.search(line)
+        if match is not None:
+            self.admin_token = match.group(1)
 
     def start_node(
         self,
@@ -103,6 +120,7 @@ class LocalCluster:
             "--sm", self.manager_address,
             "--data", str(data or self.data_dir / name),
             "--lease-ms", str(self.lease_ms),
+            *(["--auth"] if self.auth else []),
             *self.node_args,
         ]  # fmt: skip
         if region:
@@ -111,16 +129,23 @@ class LocalCluster:
             args += ["--zone", zone]
         return self._spawn(name, args)
 
-    def start_worker(self, name: str, target: str) -> None:
+    def start_worker(self, name: str, target: str, *, concurrency: int = 16) -> None:
         """`loom worker TARGET` (MODULE:APP, importable from the current directory)."""
-        args = ["worker", target, "-c", self.manager_address]
+        args = ["worker", target, "-c", self.manager_address, "--concurrency", str(concurrency)]
         self._spawn(name, args, ready=WORKING)
+
+    def start_scheduler(self, name: str) -> int:
+        """`loom scheduler`: dispatches due function calls to workers."""
+        return self._spawn(name, ["scheduler", "-c", self.manager_address, "--port", "0"])
 
     def restart(self, name: str) -> int:
         """Starts a stopped or killed process again with its arguments (same data)."""
         assert name not in self.processes, f"{name} is running"
         ready = WORKING if self.commands[name][0] == "worker" else LISTENING
-        return self._spawn(name, self.commands[name], ready=ready)
+        port = self._spawn(name, self.commands[name], ready=ready)
+        if name in self.managers and self.auth:
+            self._read_admin_token(name)
+        return port
 
     def pid(self, name: str) -> int:
         return self.processes[name].pid
@@ -128,7 +153,7 @@ class LocalCluster:
     def kill(self, name: str) -> None:
         """SIGKILL: the process gets no chance to flush or say goodbye."""
         proc = self.processes.pop(name)
-        self.ports.pop(name)
+        self.ports.pop(name, None)  # workers listen nowhere
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=STOP_TIMEOUT_S)
         _close(proc)

@@ -36,22 +36,32 @@ from loom.runtime.codec import (
     AssignMessage,
     BadMessage,
     CreateKeyspace,
+    CreateTenant,
+    CreateToken,
     Done,
     DropKeyspace,
     DropShard,
     Failure,
     FailureKind,
     KeyspaceReply,
+    ListTenants,
+    ListTokens,
     ManagerEvent,
     NodeReportMessage,
     NodeStatus,
     PeerAddress,
     ReshardKeyspace,
+    RevokeToken,
     RoutingPush,
     RoutingRequest,
+    SetQuota,
     ShardStatus,
     StatusReply,
     StatusRequest,
+    TenantsReply,
+    TokenInfo,
+    TokenReply,
+    TokensReply,
     decode,
     encode,
 )
@@ -59,6 +69,7 @@ from loom.runtime.leadership import EtcdLeadership
 from loom.runtime.outbound import Outbound
 from loom.runtime.resharding import Resharder
 from loom.runtime.rpc import RpcServer
+from loom.runtime.tenancy import Tenancy
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.moves import MoverParams, plan_reshard
@@ -70,6 +81,7 @@ from loom.shardmgr.routing import (
     NodeInfo,
     NodeRoute,
     PlacementError,
+    Quota,
     RoutingTable,
     ShardPlacement,
     ShardRoute,
@@ -101,6 +113,8 @@ RATE_MIN_S = 0.5  # between the two counts a rate is taken from
 RATE_SMOOTHING = 0.5
 # A node gets the table again after this long even when nothing changed (a lost push).
 ROUTING_REPUSH_MS = 2_000.0
+ROUTING_SETTLE_S = 2.0
+ROUTING_SETTLE_POLL_S = 0.02
 _FAILURE_KINDS: tuple[tuple[type[LoomError], FailureKind], ...] = (
     (InvalidArgument, "invalid"),
     (NotFound, "not_found"),
@@ -148,8 +162,14 @@ class ManagerRuntime:
         port: int = 0,
         leadership: EtcdLeadership | None = None,
         reshard_parallelism: int = 8,
+        auth: bool = False,
     ) -> None:
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
+        # Tenants and tokens; with `auth`, every operator call needs a token (ADR 0008).
+        self.tenancy = Tenancy(metastore, auth=auth)
+        # The first admin token's secret, made when this manager first led with auth on
+        # an empty catalog; printed once by `loom sm`, never stored.
+        self.bootstrap_token: str | None = None
         # With several managers, this one acts only while it leads (etcd lease); it keeps
         # its node registry warm from reports meanwhile, so a takeover is quick.
         self.leadership = leadership
@@ -182,6 +202,7 @@ class ManagerRuntime:
             install_mapping=self._install_mapping,
             params=MoverParams(moves_in_flight_max=reshard_parallelism),
         )
+        self.routing_seen: dict[NodeId, tuple[int, int]] = {}
 
     async def start(self) -> None:
         """Serve at once; act as the manager now (one manager) or once elected."""
@@ -211,6 +232,8 @@ class ManagerRuntime:
         """Takes the state over from the metastore and starts deciding."""
         now = Instant(time.monotonic() * 1000)
         records, keyspaces, self.next_shard = await asyncio.to_thread(self._load)
+        await asyncio.to_thread(self.tenancy.load)
+        self.bootstrap_token = await asyncio.to_thread(self.tenancy.bootstrap)
         for shard, record in records:
             self.core.restore(shard, record, now)
             if record.activated:
@@ -262,22 +285,82 @@ class ManagerRuntime:
                         lambda now: self.core.on_event(message.shard, message.event, now)
                     )
                 case CreateKeyspace():
-                    return encode(KeyspaceReply(keyspace=await self.create_keyspace(message.spec)))
+                    grant = self.tenancy.authorize(message.auth)
+                    owner = self.tenancy.owner_for(grant, message.tenant)
+                    keyspace = await self.create_keyspace(message.spec, tenant=owner)
+                    return encode(KeyspaceReply(keyspace=keyspace))
                 case DropKeyspace():
+                    grant = self.tenancy.authorize(message.auth)
+                    existing = self.keyspaces.get(message.name)
+                    if existing is not None:
+                        self.tenancy.check_reach(grant, message.name, existing.tenant)
                     await self.drop_keyspace(message.name)
                     return encode(Done())
                 case ReshardKeyspace():
+                    self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.reshard_keyspace(message.name, message.shards)
                     return encode(KeyspaceReply(keyspace=keyspace))
+                case SetQuota():
+                    self.tenancy.authorize(message.auth, admin=True)
+                    keyspace = await self.set_quota(message.name, message.quota)
+                    await self.until_nodes_have_routing()
+                    return encode(KeyspaceReply(keyspace=keyspace))
                 case RoutingRequest():
-                    return encode(self.routing())
+                    self.tenancy.authorize(message.auth)
+                    return encode(self.routing().for_clients())
                 case StatusRequest():
+                    self.tenancy.authorize(message.auth, admin=True)
                     return encode(self.status())
+                case CreateTenant() | ListTenants() | CreateToken() | ListTokens() | RevokeToken():
+                    answer = await self._tenancy_call(message)
+                    if isinstance(message, CreateToken | RevokeToken | CreateTenant):
+                        await self.until_nodes_have_routing()
+                    return encode(answer)
                 case _:
                     raise BadMessage(f"the shard manager does not take {type(message).__name__}")
         except LoomError as error:
             return encode(failure(error))
         return b""
+
+    async def _tenancy_call(
+        self, message: CreateTenant | ListTenants | CreateToken | ListTokens | RevokeToken
+    ) -> TenantsReply | TokenReply | TokensReply | Done:
+        """Tenant and token management: admin only (anyone without auth)."""
+        self.tenancy.authorize(message.auth, admin=True)
+        async with self.admin_lock:
+            match message:
+                case CreateTenant():
+                    await asyncio.to_thread(self.tenancy.create_tenant, message.tenant)
+                case CreateToken():
+                    secret, grant = await asyncio.to_thread(
+                        functools.partial(
+                            self.tenancy.create_token, message.tenant, admin=message.admin
+                        )
+                    )
+                    log.info(
+                        "token %s made for tenant %s%s",
+                        grant.token_id, grant.tenant, " (admin)" if grant.admin else "",
+                    )  # fmt: skip
+                    return TokenReply(
+                        secret=secret,
+                        token_id=grant.token_id,
+                        tenant=grant.tenant,
+                        admin=grant.admin,
+                    )
+                case RevokeToken():
+                    revoked = await asyncio.to_thread(self.tenancy.revoke_token, message.token_id)
+                    log.info("token %s of tenant %s revoked", revoked.token_id, revoked.tenant)
+                    return Done()
+                case ListTokens():
+                    return TokensReply(
+                        tokens=tuple(
+                            TokenInfo(token_id=g.token_id, tenant=g.tenant, admin=g.admin)
+                            for g in self.tenancy.sorted_grants()
+                        )
+                    )
+                case ListTenants():
+                    pass
+        return TenantsReply(tenants=self.tenancy.sorted_tenants())
 
     async def _standby_answer(self) -> Failure:
         leader = None
@@ -302,6 +385,7 @@ class ManagerRuntime:
         if not self.leading:
             return
         self.stored_bytes[node] = message.report.stored_bytes
+        self.routing_seen[node] = message.routing_version
         for progress in message.report.shards:
             shard = progress.shard
             if progress.is_primary:
@@ -339,13 +423,17 @@ class ManagerRuntime:
 
     # ---------------------------------------------------------------- keyspaces
 
-    async def create_keyspace(self, spec: KeyspaceSpec) -> Keyspace:
+    async def create_keyspace(self, spec: KeyspaceSpec, *, tenant: str = "") -> Keyspace:
         problem = spec.problem()
         if problem is not None:
             raise InvalidArgument(problem)
         async with self.admin_lock:
             existing = self.keyspaces.get(spec.name)
             if existing is not None:
+                if existing.tenant != tenant:
+                    raise PermissionDenied(
+                        f"keyspace {spec.name!r} exists and belongs to another tenant"
+                    )
                 if existing.spec != spec:
                     raise InvalidArgument(f"keyspace {spec.name!r} exists with another spec")
                 return existing
@@ -362,6 +450,7 @@ class ManagerRuntime:
                     for shard, p, (first, _), end in zip(ids, placements, ranges, ends, strict=True)
                 ),
                 ranges=ranges,
+                tenant=tenant,
             )
             record = await asyncio.to_thread(self.catalog.create, KeyspaceRecord(keyspace=keyspace))
             await self._install(record.keyspace)
@@ -395,6 +484,17 @@ class ManagerRuntime:
                     self.core.create_shard(placement.shard, placement.acceptors, now)
 
         await self._in_core(create_missing)
+
+    async def set_quota(self, name: str, quota: Quota) -> Keyspace:
+        """Replaces a keyspace's quota; nodes get it with the next routing push."""
+        problem = quota.problem()
+        if problem is not None:
+            raise InvalidArgument(problem)
+        async with self.admin_lock:
+            record = await asyncio.to_thread(self.catalog.set_quota, name, quota)
+            if name in self.keyspaces:
+                self.keyspaces[name] = record.keyspace
+            return record.keyspace
 
     async def drop_keyspace(self, name: str) -> None:
         async with self.admin_lock:
@@ -553,7 +653,8 @@ class ManagerRuntime:
             NodeRoute(info=self.infos[node], alive=self.core.is_alive(node, now))
             for node in sorted(self.infos)
         )
-        content = (keyspaces, shards, nodes)
+        tenants, tokens = self.tenancy.sorted_tenants(), self.tenancy.sorted_grants()
+        content = (keyspaces, shards, nodes, tenants, tokens)
         if content != self.routing_content:
             self.routing_content = content
             self.routing_counter += 1
@@ -564,7 +665,31 @@ class ManagerRuntime:
             shards=shards,
             nodes=nodes,
             manager=f"{self.host}:{self.port}",
+            auth=self.tenancy.auth,
+            tenants=tenants,
+            tokens=tokens,
         )
+
+    async def until_nodes_have_routing(self) -> None:
+        """Until every live node reports the current routing table (or newer), at most
+        ROUTING_SETTLE_S: then a new token works, a revoked one is refused and a quota
+        is in force everywhere when the operator's call returns. A node that does not
+        report in time (dying) gets the table with a later push."""
+        version = self.routing().version
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ROUTING_SETTLE_S
+        behind: list[NodeId] = []
+        while loop.time() < deadline:
+            now = Instant(time.monotonic() * 1000)
+            behind = [
+                n
+                for n in sorted(self.infos)
+                if self.core.is_alive(n, now) and self.routing_seen.get(n, (0, 0)) < version
+            ]
+            if not behind:
+                return
+            await asyncio.sleep(ROUTING_SETTLE_POLL_S)
+        log.warning("nodes %s did not report routing table %s in time", behind, version)
 
     async def _push_routing(self) -> None:
         pushed: dict[NodeId, tuple[tuple[int, int], float]] = {}

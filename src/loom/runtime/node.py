@@ -35,6 +35,7 @@ from pathlib import Path
 
 from loom.core.ids import Incarnation, NodeId, ShardId
 from loom.core.time import Instant, WallMs
+from loom.host.fair_queue import FairQueue
 from loom.host.requests import (
     ClientReply,
     ClientRequest,
@@ -51,6 +52,7 @@ from loom.kvstate.keys import prefix_end
 from loom.paxos.messages import Envelope
 from loom.paxos.params import ReplicaParams
 from loom.paxos.replica import Assignment
+from loom.runtime.auth_gate import AuthGate
 from loom.runtime.codec import (
     AssignMessage,
     BadMessage,
@@ -69,7 +71,9 @@ from loom.runtime.codec import (
     encode,
 )
 from loom.runtime.outbound import Outbound
+from loom.runtime.quota_gate import QuotaGate
 from loom.runtime.rpc import RpcServer
+from loom.runtime.sizes import ShardSizes
 from loom.shardmgr.core import NodeReport, ShardProgress
 from loom.shardmgr.routing import DEFAULT_TIER, EMPTY_TABLE, NodeInfo
 from loom.storage.api import WriteBatch
@@ -80,6 +84,10 @@ TICK_MS = 10.0
 # Turns whose outputs may wait for an fsync at once (then the storage thread waits).
 UNSYNCED_TURNS_MAX = 64
 INPUTS_MAX = 10_000
+# Client requests taken into one storage turn, across tenants by weight (DESIGN §7);
+# the rest wait in their tenant's queue for the next turn.
+CALLS_PER_TURN_MAX = 512
+CALLS_PER_TENANT_MAX = 4_096
 REPORT_MS = 100.0
 CLIENT_CALL_TIMEOUT_S = 10.0
 INCARNATION_FILE = "INCARNATION"
@@ -120,6 +128,7 @@ class NodeRuntime:
         region: str = "",
         zone: str = "",
         tier: str = DEFAULT_TIER,
+        auth: bool = False,
     ) -> None:
         self.node = node
         self.host = host
@@ -144,7 +153,17 @@ class NodeRuntime:
         self.managers: list[Outbound] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped_messages = 0
+        # Per-keyspace quotas, checked on the loop before a request is queued (ADR 0008).
+        self.quotas = QuotaGate(node)
+        # Tokens, checked before quotas; `auth`: refuse clients until the table has auth.
+        self.auth = AuthGate(required=auth)
+        self.routing_for_clients = EMPTY_TABLE  # the table without token hashes
+        # Admitted client calls wait here, one queue per tenant, until a turn takes them.
+        self.fair: FairQueue[tuple[int, ShardId, ClientRequest]] = FairQueue(
+            per_tenant_max=CALLS_PER_TENANT_MAX, total_max=INPUTS_MAX
+        )
         # Owned by the storage thread:
+        self.sizes = ShardSizes()
         self.store: RocksStore | None = None
         self.incarnation = Incarnation(0)
         self.hosts: dict[ShardId, ShardHost] = {}
@@ -216,8 +235,17 @@ class NodeRuntime:
                 tier=tier,
                 pid=os.getpid(),
             )
-            self._to_managers(encode(NodeReportMessage(report=report, info=info)))
+            message = NodeReportMessage(
+                report=report, info=info, routing_version=self.routing.version
+            )
+            self._to_managers(encode(message))
+            self.quotas.on_sizes(await loop.run_in_executor(self.pool, self._measure_sizes))
             await asyncio.sleep(REPORT_MS / 1000)
+
+    def _measure_sizes(self) -> dict[ShardId, int]:
+        """In the storage thread: bytes per local p-shard, for the stored-bytes quota."""
+        assert self.store is not None
+        return self.sizes.measure(self.store, self.hosts.keys())
 
     def _report(self) -> NodeReport:
         """In the storage thread: this node's progress on each of its shards."""
@@ -280,9 +308,17 @@ class NodeRuntime:
                 dropped = message.shard
                 self._enqueue(lambda i: i.drops.append(dropped))
             case RoutingPush():
-                if message.table.version > self.routing.version:
-                    self.routing = message.table
+                table = message.table
+                if table.version > self.routing.version and self.auth.accepts(table):
+                    self.routing = table
+                    self.routing_for_clients = table.for_clients()
+                    self.auth.on_routing(table)
+                    self.fair.set_weights({t.name: t.weight for t in table.tenants})
+                    self.quotas.on_routing(table, time.monotonic() * 1000)
             case RoutingRequest():
+                if not self.auth.may_read_routing(message.auth):
+                    denied = Failure(kind="permission", message="a valid token is needed")
+                    return encode(denied)
                 if self.routing is EMPTY_TABLE:
                     failure = Failure(
                         kind="unavailable",
@@ -290,7 +326,7 @@ class NodeRuntime:
                         retry_after_ms=200,
                     )
                     return encode(failure)
-                return encode(self.routing)
+                return encode(self.routing_for_clients)
             case _:
                 raise BadMessage(f"a node does not take {type(message).__name__}")
         return b""
@@ -314,6 +350,11 @@ class NodeRuntime:
             )  # fmt: skip
 
     async def _client_call(self, call: ClientCall) -> bytes:
+        refusal = self.auth.check(call.shard, call.request, call.auth)
+        if refusal is None:
+            refusal = self.quotas.check(call.shard, call.request, time.monotonic() * 1000)
+        if refusal is not None:  # answered at once: never queued, never dropped
+            return encode(ClientAnswer(reply=refusal))
         call_id = next(self.call_ids)
         future: asyncio.Future[ClientReply | MoverReply] = (
             asyncio.get_running_loop().create_future()
@@ -321,7 +362,14 @@ class NodeRuntime:
         self.calls[call_id] = future
         reply: ClientReply | MoverReply
         try:
-            self._enqueue(lambda i: i.calls.append((call_id, call.shard, call.request)))
+            tenant = self.auth.owner_of.get(call.shard, "")
+            if not self.fair.push(tenant, (call_id, call.shard, call.request)):
+                raise asyncio.QueueFull  # this tenant's queue (or all of them) is full
+            if len(self.fair) == 1:
+                # The pump may be waiting for inputs; if they are full, it is busy and
+                # takes from the fair queue on its next turn anyway.
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._enqueue(_wake)
             async with asyncio.timeout(CLIENT_CALL_TIMEOUT_S):
                 reply = await future
         except TimeoutError:
@@ -375,9 +423,11 @@ class NodeRuntime:
                 self.sync_done.clear()
                 await self.sync_done.wait()
             batch = _Inputs()
-            (await self.inputs.get())(batch)
+            if not self.fair:
+                (await self.inputs.get())(batch)
             while not self.inputs.empty():
                 self.inputs.get_nowait()(batch)
+            batch.calls.extend(self.fair.pop(CALLS_PER_TURN_MAX))
             outputs = await loop.run_in_executor(self.pool, self._turn, batch)
             self.unsynced.append(outputs)
             self.sync_wanted.set()
@@ -496,3 +546,7 @@ def _not_hosted(node: NodeId, shard: ShardId, request: ClientRequest | MoverRequ
 
 def _request_tick(inputs: _Inputs) -> None:
     inputs.tick = True
+
+
+def _wake(_inputs: _Inputs) -> None:
+    """Queued client calls wait in the fair queue; this only wakes the pump."""

@@ -15,14 +15,17 @@ Pure: no IO. Wire format v1 (msgspec structs).
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 from msgspec import Struct
+from msgspec.structs import replace
 
 from loom.core.ids import NodeId, ShardId, UShard
+from loom.shardmgr.tenancy import Tenant, TokenGrant
 
 DEFAULT_TIER = "wildcard"
 KEYSPACE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -31,6 +34,10 @@ SHARDS_PER_KEYSPACE_MAX = 1024
 USHARDS_MAX = 65_536
 REPLICATION_FACTORS = (1, 3, 5)
 REGIONS_MAX = 16
+# Quota limits: far above what one cluster serves, low enough that float and int
+# arithmetic on them stays exact (token buckets, byte shares).
+QUOTA_RATE_MAX = 1e9
+QUOTA_BYTES_MAX = 2**60
 
 
 class NodeInfo(Struct, frozen=True, kw_only=True):
@@ -77,6 +84,30 @@ class KeyspaceSpec(Struct, frozen=True, kw_only=True):
         return None
 
 
+class Quota(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A keyspace's cluster-wide limits; None is unlimited. Nodes enforce their share of
+    it (`loom.shardmgr.quotas`, ADR 0008)."""
+
+    reads_per_s: float | None = None
+    writes_per_s: float | None = None
+    bytes_max: int | None = None
+
+    def problem(self) -> str | None:
+        """Why this quota cannot be set, or None."""
+        for name, rate in (("reads_per_s", self.reads_per_s), ("writes_per_s", self.writes_per_s)):
+            if rate is not None and not (math.isfinite(rate) and 0 < rate <= QUOTA_RATE_MAX):
+                return f"{name} must be in (0, {QUOTA_RATE_MAX:g}] or unlimited, not {rate!r}"
+        if self.bytes_max is not None and not 0 < self.bytes_max <= QUOTA_BYTES_MAX:
+            return f"bytes_max must be 1..{QUOTA_BYTES_MAX} or unlimited, not {self.bytes_max!r}"
+        return None
+
+    def is_unlimited(self) -> bool:
+        return self.reads_per_s is None and self.writes_per_s is None and self.bytes_max is None
+
+
+UNLIMITED = Quota()
+
+
 class ShardPlacement(Struct, frozen=True, array_like=True):
     """A p-shard of a keyspace and its first acceptors (the first is its first primary)."""
 
@@ -99,6 +130,9 @@ class Keyspace(Struct, frozen=True, kw_only=True):
     # Sorted (first μshard, p-shard) ranges covering 0..ushards-1, starting at 0.
     ranges: tuple[tuple[int, ShardId], ...]
     mapping_version: int = 1
+    # Multi-tenancy (ADR 0008): the owning tenant ("" before auth) and the quota.
+    tenant: str = ""
+    quota: Quota = UNLIMITED
 
     @property
     def name(self) -> str:
@@ -161,6 +195,15 @@ class RoutingTable(Struct, frozen=True, kw_only=True, tag="rt1"):
     shards: tuple[ShardRoute, ...]
     nodes: tuple[NodeRoute, ...]
     manager: str = ""  # the leading shard manager's HOST:PORT, for operator calls
+    # Multi-tenancy (ADR 0008). `auth`: requests must carry a token. `tokens` (hashes,
+    # never secrets) reach nodes only: what nodes and the manager serve to clients is
+    # `for_clients()`, without them.
+    auth: bool = False
+    tenants: tuple[Tenant, ...] = ()
+    tokens: tuple[TokenGrant, ...] = ()
+
+    def for_clients(self) -> RoutingTable:
+        return replace(self, tokens=()) if self.tokens else self
 
 
 EMPTY_TABLE = RoutingTable(version=(0, 0), keyspaces=(), shards=(), nodes=())

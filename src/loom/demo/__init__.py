@@ -1,0 +1,1 @@
+"""`loom demo threads`: the Threads launch, replayed on an embedded cluster."""
