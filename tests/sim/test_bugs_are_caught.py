@@ -28,9 +28,16 @@ FIRST_FAILING_SEED = {
     "staleness-from-heartbeat": 4,
 }
 
+# Bugs of μshard moves, caught under the "moves" profile (all faults + moves); seeds from
+# `loom sim --seeds 200 --faults moves --bug NAME --fail-fast`.
+FIRST_FAILING_MOVES_SEED = {
+    "move-own-before-catchup": 1,
+    "moved-source-serves-reads": 2,
+}
+
 
 def test_every_known_bug_has_a_seed() -> None:
-    assert set(FIRST_FAILING_SEED) == set(KNOWN_BUGS)
+    assert set(FIRST_FAILING_SEED) | set(FIRST_FAILING_MOVES_SEED) == set(KNOWN_BUGS)
 
 
 @pytest.mark.parametrize(("bug", "seed"), sorted(FIRST_FAILING_SEED.items()))
@@ -42,3 +49,14 @@ def test_bug_is_caught_by_a_checker(bug: str, seed: int) -> None:
 @pytest.mark.parametrize("seed", sorted(set(FIRST_FAILING_SEED.values())))
 def test_the_same_seed_is_clean_without_any_bug(seed: int) -> None:
     assert run_seed(seed, faults="all", ops=300).violations == []
+
+
+@pytest.mark.parametrize(("bug", "seed"), sorted(FIRST_FAILING_MOVES_SEED.items()))
+def test_move_bug_is_caught_by_a_checker(bug: str, seed: int) -> None:
+    result = run_seed(seed, faults="moves", ops=300, bugs=frozenset({bug}))
+    assert result.violations, f"--bug {bug} went unnoticed at seed {seed} (moves)"
+
+
+@pytest.mark.parametrize("seed", sorted(set(FIRST_FAILING_MOVES_SEED.values())))
+def test_the_same_moves_seed_is_clean_without_any_bug(seed: int) -> None:
+    assert run_seed(seed, faults="moves", ops=300).violations == []

@@ -59,6 +59,8 @@ class Harness:
     generation: Generation = Generation(1)
     batches: list[WriteBatch] = field(default_factory=list)
     request_seq: int = 0
+    # The μshards the p-shard was created with (None: all).
+    initial: frozenset[UShard] | None = None
 
     def next_request(self, client: str = "c1") -> RequestId:
         self.request_seq += 1
@@ -70,6 +72,7 @@ class Harness:
             epoch=self.epoch,
             wall_ms=WallMs(self.wall_ms),
             generation=self.generation,
+            initial=self.initial,
         )
 
     def entry(self, commands: Sequence[Command | bytes]) -> list[Result]:

@@ -16,6 +16,7 @@ from loom.core.ids import (
     Epoch,
     Generation,
     Incarnation,
+    MoveId,
     NodeId,
     RequestId,
     RequestSeq,
@@ -31,6 +32,9 @@ from loom.host.requests import (
     Durability,
     ErrorCode,
     ErrorReply,
+    ExportReply,
+    ExportRequest,
+    MoveRequest,
     ReadReply,
     ReadRequest,
     ScanReply,
@@ -38,7 +42,7 @@ from loom.host.requests import (
     WriteReply,
     WriteRequest,
 )
-from loom.kvstate.commands import Applied, Put, Rejected, Result, encode_command
+from loom.kvstate.commands import Applied, Freeze, Put, Rejected, Result, encode_command
 from loom.kvstate.reads import Item
 from loom.paxos.messages import (
     Accept,
@@ -78,10 +82,13 @@ from loom.runtime.codec import (
     ListTenants,
     ListTokens,
     ManagerEvent,
+    MoverAnswer,
+    MoverCall,
     NodeMessage,
     NodeReportMessage,
     NodeStatus,
     PeerMessage,
+    ReshardKeyspace,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
@@ -282,9 +289,30 @@ CONTROL: tuple[NodeMessage, ...] = (
         event=SmEvent(kind=SmEventKind.ACTIVATED, ballot=_ASSIGNMENT.ballot, config=None),
     ),
     AssignMessage(shard=ShardId(3), assignment=_ASSIGNMENT),
+    AssignMessage(shard=ShardId(3), assignment=_ASSIGNMENT, initial=((0, 16), (40, 41))),
     DropShard(shard=ShardId(3)),
     CreateKeyspace(spec=_SPEC),
     DropKeyspace(name="ks"),
+    ReshardKeyspace(name="ks", shards=4),
+    MoverCall(
+        shard=ShardId(3),
+        request=MoveRequest(
+            token=5, command=encode_command(Freeze(ushard=UShard(2), move_id=MoveId(1)))
+        ),
+    ),
+    MoverCall(
+        shard=ShardId(3),
+        request=ExportRequest(token=6, ushard=UShard(2), move_id=MoveId(1), after=b"d", limit=9),
+    ),
+    MoverAnswer(
+        reply=ExportReply(
+            token=6, records=((b"k", b"v"),), cursor=b"k", generation=Generation(1), total=3
+        )
+    ),
+    MoverAnswer(
+        reply=WriteReply(token=5, result=Applied(version=Version(Generation(1), Seq(2), 0)))
+    ),
+    MoverAnswer(reply=ErrorReply(token=5, code=ErrorCode.MOVED, message="moved")),
     SetQuota(name="ks", quota=Quota(reads_per_s=10.0, bytes_max=1 << 20)),
     KeyspaceReply(keyspace=_KEYSPACE),
     CreateTenant(tenant=Tenant(name="acme", weight=3), auth="loom_x"),

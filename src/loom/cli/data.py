@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 import msgspec
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from loom import kv
@@ -258,6 +259,23 @@ def create_command(
             tenant=tenant,
         )
     click.echo(f"keyspace {keyspace.name}: {len(keyspace.placements)} p-shards ready")
+
+
+@keyspace_group.command("reshard")
+@click.argument("name")
+@click.option("--shards", type=click.IntRange(1, 1024), required=True)
+@cluster_option
+def reshard_command(name: str, shards: int, cluster: str) -> None:
+    """Grow keyspace NAME to SHARDS p-shards, moving μshards live (clients see a short
+    pause per μshard, no errors)."""
+    with connected(cluster) as client, Progress() as bar:
+        task = bar.add_task(f"resharding {name}", total=None)
+
+        def show(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        keyspace = client.reshard_keyspace(name, shards=shards, progress=show)
+    click.echo(f"keyspace {keyspace.name}: {len(keyspace.placements)} p-shards, resharded")
 
 
 @keyspace_group.command("list")

@@ -16,6 +16,8 @@ Seq = NewType("Seq", int)
 Incarnation = NewType("Incarnation", int)
 UShard = NewType("UShard", int)
 Generation = NewType("Generation", int)
+# A μshard move, allocated by the shard manager; grows per μshard (never reused).
+MoveId = NewType("MoveId", int)
 ClientId = NewType("ClientId", str)
 RequestSeq = NewType("RequestSeq", int)
 

@@ -4,6 +4,7 @@ P          promise record (ballot, config, prior config)
 C          commit point known to this replica
 A          applied_seq: written in the same atomic batch as the data it covers
 T          truncation point (seq, ballot of that entry)
+I          the μshards the p-shard was created with ([first, end) ranges); absent: all
 L<seq>     log entries, seq as 8 bytes big-endian
 K...       the kv state machine's namespace (loom.kvstate.keys)
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
-from loom.core.ids import ZERO_BALLOT, Ballot, Seq
+from loom.core.ids import ZERO_BALLOT, Ballot, Seq, UShard
 from loom.kvstate.overlay import StateReader
 from loom.paxos.durable import DurableState
 from loom.paxos.messages import Entry
@@ -23,6 +24,7 @@ PROMISE = b"P"
 COMMIT = b"C"
 APPLIED = b"A"
 TRUNCATED = b"T"
+INITIAL = b"I"
 LOG = b"L"
 LOG_END = b"M"
 STATE = b"K"
@@ -32,6 +34,7 @@ _encoder = msgspec.msgpack.Encoder()
 _entry_decoder = msgspec.msgpack.Decoder(Entry)
 _promise_decoder = msgspec.msgpack.Decoder(PromiseRecord)
 _truncated_decoder = msgspec.msgpack.Decoder(tuple[int, Ballot])
+_initial_decoder = msgspec.msgpack.Decoder(tuple[tuple[int, int], ...])
 
 
 def log_key(seq: Seq) -> bytes:
@@ -87,3 +90,16 @@ def put_applied(batch: WriteBatch, seq: Seq) -> None:
 def truncate(batch: WriteBatch, through: Seq, ballot: Ballot = ZERO_BALLOT) -> None:
     batch.delete_range(LOG, log_key(Seq(through + 1)))
     batch.put(TRUNCATED, _encoder.encode((through, ballot)))
+
+
+def put_initial(batch: WriteBatch, ranges: tuple[tuple[int, int], ...]) -> None:
+    batch.put(INITIAL, _encoder.encode(ranges))
+
+
+def load_initial(store: StateReader) -> frozenset[UShard] | None:
+    """The μshards the p-shard was created with; None if never recorded (all)."""
+    stored = store.get(INITIAL)
+    if stored is None:
+        return None
+    ranges = _initial_decoder.decode(stored)
+    return frozenset(UShard(u) for first, end in ranges for u in range(first, end))

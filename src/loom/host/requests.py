@@ -9,7 +9,7 @@ import enum
 
 from msgspec import Struct
 
-from loom.core.ids import Ballot, Epoch, NodeId, Seq, UShard, Version
+from loom.core.ids import Ballot, Epoch, Generation, MoveId, NodeId, Seq, UShard, Version
 from loom.kvstate.commands import Result
 from loom.kvstate.reads import Item
 
@@ -54,6 +54,35 @@ class ScanRequest(Struct, frozen=True, tag="scan", kw_only=True):
     min_version: Version | None = None
 
 
+class MoveRequest(Struct, frozen=True, tag="move", kw_only=True):
+    """From the shard manager's mover: an encoded Freeze/Ingest/Own/Abort/Drop to
+    propose at this p-shard's primary. Answered like a write (WriteReply)."""
+
+    token: int
+    command: bytes
+
+
+class ExportRequest(Struct, frozen=True, tag="export", kw_only=True):
+    """From the mover: the next chunk of a μshard frozen by `move_id`, after `after`."""
+
+    token: int
+    ushard: UShard
+    move_id: MoveId
+    after: bytes | None = None
+    limit: int = 512
+
+
+class ExportReply(Struct, frozen=True, tag="exported", kw_only=True):
+    token: int
+    records: tuple[tuple[bytes, bytes], ...]
+    # Pass as `after` for the next chunk; None when the μshard is fully exported.
+    cursor: bytes | None
+    # The μshard's generation at the source; the target's Own sets one above it.
+    generation: Generation
+    # In the first chunk (after=None) only: how many records the whole export holds.
+    total: int | None = None
+
+
 class WriteReply(Struct, frozen=True, tag="wrote", kw_only=True):
     token: int
     result: Result
@@ -68,6 +97,9 @@ class ReadReply(Struct, frozen=True, tag="readreply", kw_only=True):
     record_version: Version | None
     applied_seq: Seq
     epoch: Epoch
+    # The μshard's generation at this replica: a transaction's snapshot is
+    # (generation, applied_seq), comparable with the versions it reads.
+    generation: Generation = Generation(0)
 
 
 class ScanReply(Struct, frozen=True, tag="scanned", kw_only=True):
@@ -88,6 +120,8 @@ class ErrorCode(enum.Enum):
     # The slot this write was sequenced in holds another command: it never applied.
     NOT_APPLIED = "not_applied"
     INVALID = "invalid"
+    # The μshard is not owned by this p-shard (moving or moved): refresh the mapping.
+    MOVED = "moved"
     # Over the keyspace's reads/s or writes/s quota: retry after `retry_after_ms`.
     THROTTLED = "throttled"
     # Over the keyspace's stored-bytes quota: not retryable (ADR 0008).
@@ -107,3 +141,5 @@ class ErrorReply(Struct, frozen=True, tag="error", kw_only=True):
 ReadLike = ReadRequest | ScanRequest
 ClientRequest = WriteRequest | ReadRequest | ScanRequest
 ClientReply = WriteReply | ReadReply | ScanReply | ErrorReply
+MoverRequest = MoveRequest | ExportRequest
+MoverReply = WriteReply | ExportReply | ErrorReply

@@ -23,6 +23,7 @@ from loom.core.ids import (
     RequestId,
     Seq,
     ShardId,
+    UShard,
     Version,
 )
 from loom.core.limits import Limits
@@ -34,6 +35,10 @@ from loom.host.requests import (
     Durability,
     ErrorCode,
     ErrorReply,
+    ExportReply,
+    ExportRequest,
+    MoveRequest,
+    MoverReply,
     ReadLike,
     ReadReply,
     ReadRequest,
@@ -43,14 +48,20 @@ from loom.host.requests import (
     WriteRequest,
 )
 from loom.host.snapshots import SnapshotTransfers
+from loom.kvstate import ownership
 from loom.kvstate.apply import EntryContext, apply_entry
 from loom.kvstate.commands import (
+    Abort,
     Applied,
     Command,
     Delete,
+    Freeze,
     Gc,
     Increment,
+    MoveCommand,
     Put,
+    Rejected,
+    Result,
     TxnCommit,
     WriteCommand,
     decode_command,
@@ -89,7 +100,10 @@ class HostOutput:
     # For observers (the simulator's checkers): entries applied by this flush, and the
     # ballot of every lease read it served.
     applied: list[Entry] = field(default_factory=list)
+    applied_results: list[list[Result]] = field(default_factory=list)
     lease_reads: list[tuple[Ballot, Config]] = field(default_factory=list)
+    # Answers to the shard manager's mover (moves of μshards, docs/protocols/resharding.md).
+    mover_replies: list[tuple[Origin, MoverReply]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +112,10 @@ class _Queued:
     token: int
     command: bytes
     durability: Durability
+    # The μshard's generation when submitted (it is owned then, so it cannot change
+    # before this command applies): a FAST_ACK reply's version carries it.
+    generation: Generation = GENERATION_ZERO
+    from_mover: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +125,7 @@ class _Awaiting:
     command: bytes
     index: int
     durability: Durability
+    from_mover: bool = False
 
 
 class ShardHost:
@@ -120,6 +139,7 @@ class ShardHost:
         params: ReplicaParams,
         now: Instant,
         generation: Generation = GENERATION_ZERO,
+        initial: frozenset[UShard] | None = None,
     ) -> None:
         self.shard = shard
         self.node = node
@@ -127,6 +147,13 @@ class ShardHost:
         self.generation = generation
         self.store = store
         self.view = PrefixedStore(store, shard_prefix(shard))
+        # The μshards this p-shard was created with (None: all), the same on every
+        # replica; μshards moved in or out since are in the replicated state.
+        self.initial = initial if initial is not None else layout.load_initial(self.view)
+        # μshards whose Freeze this primary has queued, under its ballot: writes
+        # submitted after it are answered MOVED at once instead of being sequenced
+        # after the Freeze (a FAST_ACK reply must never name a write apply refuses).
+        self.fencing: dict[UShard, Ballot] = {}
         self.state = PrefixedStore(store, shard_prefix(shard) + layout.STATE)
         durable = layout.load(self.view)
         self.is_member = not durable.is_empty() or params.has_bug("amnesia")
@@ -151,7 +178,14 @@ class ShardHost:
 
     # ------------------------------------------------------------------ inputs
 
-    def assign(self, assignment: Assignment, now: Instant) -> None:
+    def assign(
+        self,
+        assignment: Assignment,
+        now: Instant,
+        initial: tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
+        """`initial`: the μshards the p-shard was created with (from the manager), kept
+        by a replica that has nothing yet, before it applies anything."""
         named = assignment.incarnation_of(self.node)
         if (
             named is not None
@@ -159,6 +193,12 @@ class ShardHost:
             and not self.p.has_bug("amnesia")
         ):
             return  # for an earlier incarnation of this node (a wiped disk): not us
+        if initial is not None and not self.is_member and self.initial is None:
+            # Written before any entry applies, in store order: durable with them.
+            self.initial = frozenset(UShard(u) for first, end in initial for u in range(first, end))
+            batch = WriteBatch()
+            layout.put_initial(batch, initial)
+            self._write(batch)
         self.is_member = True
         self.replica.assign(assignment, now)
 
@@ -180,14 +220,19 @@ class ShardHost:
     def submit(
         self,
         origin: Origin,
-        request: WriteRequest | ReadRequest | ScanRequest,
+        request: WriteRequest | ReadRequest | ScanRequest | MoveRequest | ExportRequest,
         now: Instant,
         wall_ms: WallMs,
     ) -> None:
-        if isinstance(request, WriteRequest):
-            self._submit_write(origin, request)
-        else:
-            self._submit_read(origin, request, now, wall_ms)
+        match request:
+            case WriteRequest():
+                self._submit_write(origin, request)
+            case MoveRequest():
+                self._submit_move(origin, request)
+            case ExportRequest():
+                self._export(origin, request)
+            case _:
+                self._submit_read(origin, request, now, wall_ms)
 
     def _submit_write(self, origin: Origin, request: WriteRequest) -> None:
         try:
@@ -205,12 +250,93 @@ class ShardHost:
                 origin, request.token, ErrorCode.OVERLOADED, "write queue full", retry_after_ms=20
             )
             return
+        if not self._serves(command.ushard) or self._is_fenced(command.ushard):
+            self._moved(origin, request.token, command.ushard)
+            return
         data = request.command
         if self.p.has_bug("no-dedupe"):
             data = self._rename_request(command)
         self.queue.append(
-            _Queued(origin=origin, token=request.token, command=data, durability=request.durability)
+            _Queued(
+                origin=origin,
+                token=request.token,
+                command=data,
+                durability=request.durability,
+                generation=ownership.generation(self.state, command.ushard, self.generation),
+            )
         )
+
+    # ------------------------------------------------------------------ moves
+
+    def _serves(self, ushard: UShard) -> bool:
+        """Whether this replica's applied state owns the μshard (DESIGN §6)."""
+        return ownership.is_owned(self.state, ushard, self.initial)
+
+    def _is_fenced(self, ushard: UShard) -> bool:
+        fenced_by = self.fencing.get(ushard)
+        lead = self.replica.lead
+        return fenced_by is not None and lead is not None and lead.ballot == fenced_by
+
+    def _moved(self, origin: Origin, token: int, ushard: UShard) -> None:
+        message = f"μshard {ushard} is not served by p-shard {self.shard}"
+        self._error(origin, token, ErrorCode.MOVED, message, retry_after_ms=10)
+
+    def _submit_move(self, origin: Origin, request: MoveRequest) -> None:
+        """A mover's command, proposed in log order with the writes around it."""
+        try:
+            command = decode_command(request.command)
+        except msgspec.DecodeError:
+            command = None
+        if not isinstance(command, MoveCommand) or not is_valid_ushard(command.ushard):
+            self._mover_error(origin, request.token, ErrorCode.INVALID, "not a move command")
+            return
+        if len(self.queue) >= self.p.limits.pending_proposals_max:
+            self._mover_error(origin, request.token, ErrorCode.OVERLOADED, "write queue full")
+            return
+        lead = self.replica.lead
+        if isinstance(command, Freeze) and lead is not None:
+            self.fencing[command.ushard] = lead.ballot
+        elif isinstance(command, Abort):
+            self.fencing.pop(command.ushard, None)
+        self.queue.append(
+            _Queued(
+                origin=origin,
+                token=request.token,
+                command=request.command,
+                durability=Durability.QUORUM,
+                from_mover=True,
+            )
+        )
+
+    def _export(self, origin: Origin, request: ExportRequest) -> None:
+        """A chunk of a frozen μshard. Any replica that applied the Freeze has the same
+        bytes (a frozen μshard never changes), so no lease or quorum round is needed."""
+        if not is_valid_ushard(request.ushard) or not request.limit > 0:
+            self._mover_error(origin, request.token, ErrorCode.INVALID, "bad export request")
+            return
+        held = ownership.ownership(self.state, request.ushard, self.initial)
+        if held.state is not ownership.Owner.FROZEN or held.move_id != request.move_id:
+            message = f"μshard {request.ushard} is {held.state.value}({held.move_id}) here"
+            self._mover_error(origin, request.token, ErrorCode.NOT_READY, message)
+            return
+        limit = min(request.limit, self.p.limits.snapshot_chunk_items_max)
+        records, cursor = ownership.export_chunk(self.state, request.ushard, request.after, limit)
+        reply = ExportReply(
+            token=request.token,
+            records=tuple(records),
+            cursor=cursor,
+            generation=ownership.generation(self.state, request.ushard, self.generation),
+            total=(
+                ownership.movable_records(self.state, request.ushard)
+                if request.after is None
+                else None
+            ),
+        )
+        self.out.mover_replies.append((origin, reply))
+
+    def _mover_error(self, origin: Origin, token: int, code: ErrorCode, message: str) -> None:
+        reply = ErrorReply(token=token, code=code, message=message, retry_after_ms=20)
+        self.out.mover_replies.append((origin, reply))
 
     def _rename_request(self, command: WriteCommand) -> bytes:
         """Deliberate bug `no-dedupe`: every attempt looks new to apply's dedupe table."""
@@ -283,7 +409,7 @@ class ShardHost:
             outcome = self.replica.propose(tuple(q.command for q in batch), wall_ms, now)
             if isinstance(outcome, Refused):
                 for queued in batch:
-                    self._refuse(queued.origin, queued.token, outcome)
+                    self._refuse(queued.origin, queued.token, outcome, queued.from_mover)
                 continue
             self._await(outcome, batch)
 
@@ -292,7 +418,7 @@ class ShardHost:
         for index, queued in enumerate(batch):
             if queued.durability is Durability.FAST_ACK:
                 shared = self.p.has_bug("shared-batch-version")
-                version = Version(self.generation, outcome.seq, 0 if shared else index)
+                version = Version(queued.generation, outcome.seq, 0 if shared else index)
                 reply = WriteReply(
                     token=queued.token,
                     result=Applied(version=version),
@@ -307,6 +433,7 @@ class ShardHost:
                     command=queued.command,
                     index=index,
                     durability=queued.durability,
+                    from_mover=queued.from_mover,
                 )
             )
 
@@ -351,6 +478,7 @@ class ShardHost:
             epoch=entry.epoch,
             wall_ms=WallMs(entry.wall_ms),
             generation=self.generation,
+            initial=self.initial,
         )
         state_batch = WriteBatch()
         results = apply_entry(
@@ -371,10 +499,19 @@ class ShardHost:
         self.applied_epoch = entry.epoch
         self.applied_commands += len(entry.commands)
         self.out.applied.append(entry)
+        self.out.applied_results.append(results)
         for waiting in self.awaiting.pop(entry.seq, []):
             index = waiting.index
             if index < len(entry.commands) and entry.commands[index] == waiting.command:
-                reply: ClientReply = WriteReply(token=waiting.token, result=results[index])
+                result = results[index]
+                reply: WriteReply | ErrorReply = WriteReply(token=waiting.token, result=result)
+                if isinstance(result, Rejected) and result.reason == "moved":
+                    reply = ErrorReply(
+                        token=waiting.token,
+                        code=ErrorCode.MOVED,
+                        message=result.message,
+                        retry_after_ms=10,
+                    )
             else:
                 reply = ErrorReply(
                     token=waiting.token,
@@ -382,7 +519,10 @@ class ShardHost:
                     message="the primary lost this write in a failover; it was not applied",
                     retry_after_ms=10,
                 )
-            self.out.replies.append((waiting.origin, reply))
+            if waiting.from_mover:
+                self.out.mover_replies.append((waiting.origin, reply))
+            else:
+                self.out.replies.append((waiting.origin, reply))
 
     # ------------------------------------------------------------------ reads
 
@@ -395,6 +535,11 @@ class ShardHost:
         wall_ms: WallMs,
     ) -> None:
         reply: ClientReply
+        if not self._serves(request.ushard) and not self.p.has_bug("moved-source-serves-reads"):
+            # At every consistency level: a reader with an old mapping must never get
+            # stale data from a source that froze or dropped the μshard (PITFALLS 10).
+            self._moved(origin, request.token, request.ushard)
+            return
         if isinstance(request, ScanRequest):
             items, cursor = scan_ushard(
                 self.state,
@@ -420,6 +565,7 @@ class ShardHost:
                 record_version=version,
                 applied_seq=self.replica.applied_seq,
                 epoch=self.applied_epoch,
+                generation=ownership.generation(self.state, request.ushard, self.generation),
             )
         # A lease read reads first and checks the lease after (PITFALLS 16).
         if decision.lease_read and not self.replica.lease_valid(now):
@@ -431,18 +577,19 @@ class ShardHost:
 
     # ------------------------------------------------------------------ helpers
 
-    def _refuse(self, origin: Origin, token: int, refused: Refused) -> None:
-        self.out.replies.append(
-            (
-                origin,
-                ErrorReply(
-                    token=token,
-                    code=_REFUSAL_CODES[refused.reason],
-                    primary_hint=refused.primary_hint,
-                    retry_after_ms=refused.retry_after_ms,
-                ),
-            )
+    def _refuse(
+        self, origin: Origin, token: int, refused: Refused, from_mover: bool = False
+    ) -> None:
+        reply = ErrorReply(
+            token=token,
+            code=_REFUSAL_CODES[refused.reason],
+            primary_hint=refused.primary_hint,
+            retry_after_ms=refused.retry_after_ms,
         )
+        if from_mover:
+            self.out.mover_replies.append((origin, reply))
+        else:
+            self.out.replies.append((origin, reply))
 
     def _error(
         self, origin: Origin, token: int, code: ErrorCode, message: str, retry_after_ms: int = 0

@@ -86,6 +86,7 @@ from loom.runtime.codec import (
     ListTenants,
     ListTokens,
     NodeMessage,
+    ReshardKeyspace,
     RevokeToken,
     RoutingRequest,
     SetQuota,
@@ -100,11 +101,13 @@ from loom.runtime.codec import (
 )
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
-from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable
+from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable, compact_ranges
 from loom.shardmgr.tenancy import TOKEN_CHARS_MAX, Tenant, tenant_problem
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
+# `reshard_keyspace` gives up waiting when no μshard arrived for this long.
+RESHARD_STALL_S = 30.0
 # One attempt waits at most this long before the client looks elsewhere (a paused
 # primary must not hold a request for the whole deadline).
 ATTEMPT_TIMEOUT_S = 1.5
@@ -332,6 +335,51 @@ class Client:
                     f"have an active primary after {KEYSPACE_READY_TIMEOUT_S:g} s"
                 )
             await asyncio.sleep(0.05)
+
+    async def reshard_keyspace(
+        self,
+        name: str,
+        *,
+        shards: int,
+        wait: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> KeyspaceInfo:
+        """Grow keyspace `name` to `shards` p-shards by moving μshards live
+        (docs/protocols/resharding.md). With `wait`, returns once every μshard is on
+        the p-shard the compact mapping over all p-shards gives it; `progress(done,
+        total)` is called as μshards arrive."""
+        reply = await self._admin_retrying(ReshardKeyspace(name=name, shards=shards))
+        if not isinstance(reply, KeyspaceReply):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        await self._until_ready(reply.keyspace)
+        if not wait:
+            return reply.keyspace
+        return await self._until_resharded(name, progress)
+
+    async def _until_resharded(
+        self, name: str, progress: Callable[[int, int], None] | None
+    ) -> KeyspaceInfo:
+        loop = asyncio.get_running_loop()
+        last_placed, last_change = -1, loop.time()
+        while True:
+            await self.router.refresh(force=True)
+            keyspace = self.router.keyspace(name)
+            goal = compact_ranges(keyspace.spec.ushards, keyspace.shards())
+            placed = sum(
+                1 for u in range(keyspace.spec.ushards) if keyspace.shard_of(u) == _owner(goal, u)
+            )
+            if progress is not None:
+                progress(placed, keyspace.spec.ushards)
+            if placed == keyspace.spec.ushards:
+                return keyspace
+            if placed != last_placed:
+                last_placed, last_change = placed, loop.time()
+            elif loop.time() - last_change > RESHARD_STALL_S:
+                raise Unavailable(
+                    f"resharding {name!r} made no progress for {RESHARD_STALL_S:g} s "
+                    f"({placed} of {keyspace.spec.ushards} μshards placed)"
+                )
+            await asyncio.sleep(0.1)
 
     async def drop_keyspace(self, name: str) -> None:
         """Delete a keyspace and all its data."""
@@ -612,6 +660,11 @@ class Client:
                 state.uncertain |= state.is_write
             case ErrorCode.OVERLOADED:
                 state.overloaded = True
+            case ErrorCode.MOVED:
+                # The μshard moved or is moving (docs/protocols/resharding.md): fetch the
+                # routing table again; the retry goes where its mapping points.
+                state.hint = None
+                await self._refresh_quietly()
             case ErrorCode.THROTTLED:
                 state.throttled = True
             case ErrorCode.PERMISSION_DENIED:
@@ -674,7 +727,10 @@ class Client:
     def _note_written(self, keyspace: str, ushard: UShard, version: Version) -> None:
         shard = self.router.keyspace(keyspace).shard_of(ushard)
         current = self._written.get(shard)
-        if current is None or version > current:
+        # A replica serves READ_YOUR_WRITES from applied seq ≥ min_version.seq: keep the
+        # highest seq. Not the highest version: μshards of one p-shard can be in
+        # different generations after moves (docs/protocols/resharding.md).
+        if current is None or version.seq > current.seq:
             self._written[shard] = version
 
     def written(self, keyspace: str, ushard: UShard) -> Version | None:
@@ -938,3 +994,8 @@ def connect(
     there; `timeout_s` bounds every request, retries included."""
     client = Client(parse_seeds(address), token=token, region=region, timeout_s=timeout_s)
     return _Connecting(client)
+
+
+def _owner(ranges: tuple[tuple[int, ShardId], ...], ushard: int) -> ShardId:
+    """The p-shard of `ushard` under sorted (first μshard, p-shard) ranges."""
+    return next(shard for first, shard in reversed(ranges) if first <= ushard)

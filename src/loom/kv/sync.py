@@ -109,6 +109,18 @@ class SyncClient:
             )
         )
 
+    def reshard_keyspace(
+        self,
+        name: str,
+        *,
+        shards: int,
+        wait: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> KeyspaceInfo:
+        return self._runner.run(
+            self.client.reshard_keyspace(name, shards=shards, wait=wait, progress=progress)
+        )
+
     def create_tenant(self, name: str, *, weight: int = 1) -> Tenant:
         return self._runner.run(self.client.create_tenant(name, weight=weight))
 

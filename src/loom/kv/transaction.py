@@ -35,6 +35,9 @@ class Transaction:
         self._reads: dict[bytes, Version | None] = {}
         self._writes: dict[bytes, bytes | None] = {}
         self._snapshot: Seq | None = None
+        # The μshard's generation where the snapshot was read: versions compare as
+        # (generation, seq), and a μshard that moved since is a conflict.
+        self._generation = Generation(0)
         self._epoch = Epoch(0)
         self._finished = False
 
@@ -74,9 +77,18 @@ class Transaction:
         reply = await self.keyspace._read(await self._ushard_of_txn(), key, STRONG)
         if self._snapshot is None:
             self._snapshot, self._epoch = reply.applied_seq, reply.epoch
+            self._generation = reply.generation
         version = reply.record_version
-        moved = reply.epoch != self._epoch or reply.applied_seq < self._snapshot
-        if moved or (version is not None and version.seq > self._snapshot):
+        moved = (
+            reply.epoch != self._epoch
+            or reply.generation != self._generation
+            or reply.applied_seq < self._snapshot
+        )
+        newer = version is not None and (version.generation, version.seq) > (
+            self._generation,
+            self._snapshot,
+        )
+        if moved or newer:
             # Another epoch, a replica behind the snapshot, or a newer record: the
             # snapshot cannot be read any more.
             raise TransactionConflict(f"{key!r} changed after the transaction's snapshot")
@@ -112,7 +124,8 @@ class Transaction:
             # Blind writes: snapshot at the primary's current state.
             reply = await self.keyspace._read(ushard, next(iter(self._writes)), STRONG)
             self._snapshot, self._epoch = reply.applied_seq, reply.epoch
-        snapshot = Version(Generation(0), self._snapshot, SNAPSHOT_INDEX_MAX)
+            self._generation = reply.generation
+        snapshot = Version(self._generation, self._snapshot, SNAPSHOT_INDEX_MAX)
         reads = tuple(TxnRead(key, version) for key, version in sorted(self._reads.items()))
         writes = tuple(TxnWrite(key, value) for key, value in sorted(self._writes.items()))
         epoch = self._epoch

@@ -33,13 +33,18 @@ import msgspec
 from loom.core.ids import Epoch, Generation, Seq, UShard, Version
 from loom.core.limits import DEFAULT_LIMITS, Limits
 from loom.core.time import WallMs
-from loom.kvstate import dedupe, keys
+from loom.kvstate import dedupe, keys, ownership
 from loom.kvstate.commands import (
+    Abort,
     Applied,
     Delete,
+    Drop,
+    Freeze,
     Gc,
     Increment,
+    Ingest,
     Noop,
+    Own,
     Put,
     Rejected,
     Result,
@@ -75,7 +80,10 @@ class EntryContext:
     seq: Seq
     epoch: Epoch
     wall_ms: WallMs
+    # The generation of a μshard that never moved (its record overrides it after a move).
     generation: Generation
+    # The μshards the p-shard was created with (None: all); see loom.kvstate.ownership.
+    initial: frozenset[UShard] | None = None
 
 
 def apply_entry(
@@ -97,10 +105,7 @@ def apply_entry(
     view = Overlay(state)
     results: list[Result] = []
     for index, data in enumerate(commands):
-        version = Version(
-            generation=ctx.generation, seq=ctx.seq, index=0 if shared_version_bug else index
-        )
-        results.append(_apply_command(view, ctx, version, data, limits))
+        results.append(_apply_command(view, ctx, 0 if shared_version_bug else index, data, limits))
     view.flush(batch)
     return results
 
@@ -112,19 +117,34 @@ def tombstone_horizon(state: StateReader) -> Seq:
 
 
 def _apply_command(
-    view: Overlay, ctx: EntryContext, version: Version, data: bytes, limits: Limits
+    view: Overlay, ctx: EntryContext, index: int, data: bytes, limits: Limits
 ) -> Result:
     try:
         command = decode_command(data)
     except msgspec.DecodeError as exc:
         return _invalid(f"undecodable command: {exc}")
+    version = Version(generation=ctx.generation, seq=ctx.seq, index=index)
     match command:
         case Noop():
             return Applied(version=version)
         case Gc():
             return _collect_garbage(view, ctx, version, command)
         case Put() | Delete() | Increment() | TxnCommit():
+            if not keys.is_valid_ushard(command.ushard):
+                return _invalid(f"ushard must be in 0..{keys.USHARD_MAX}")
+            if not ownership.is_owned(view, command.ushard, ctx.initial):
+                # Not dedupe'd: the μshard's table is frozen or elsewhere, and the retry
+                # at the owner must find the request fresh (or remembered there).
+                return Rejected(reason="moved", message=f"μshard {command.ushard} is not here")
+            # The μshard's own generation: above every version it had on earlier p-shards.
+            generation = ownership.generation(view, command.ushard, ctx.generation)
+            version = Version(generation=generation, seq=ctx.seq, index=index)
             return _apply_write(view, ctx, version, command, limits)
+        case Freeze() | Ingest() | Own() | Abort() | Drop():
+            refusal = ownership.apply_move(view, command, ctx.initial)
+            if refusal is not None:
+                return Rejected(reason="ownership", message=refusal)
+            return Applied(version=version)
         case _:
             assert_never(command)
 
@@ -241,7 +261,7 @@ def _commit_transaction(
     if cmd.epoch != ctx.epoch:
         # PITFALLS 9: a snapshot read in another epoch may predate a lost failover.
         return Rejected(reason="epoch", message="the snapshot was read in another epoch")
-    if cmd.snapshot.generation != ctx.generation:
+    if cmd.snapshot.generation != version.generation:
         # PITFALLS 9: the μshard moved since the snapshot; its history here is partial.
         return Rejected(reason="epoch", message="the μshard moved since the snapshot")
     if cmd.snapshot.seq < tombstone_horizon(view):
@@ -293,14 +313,23 @@ def _collect_garbage(view: Overlay, ctx: EntryContext, version: Version, cmd: Gc
         return _invalid("dedupe_before_wall_ms must not be negative")
     horizon = max(tombstone_horizon(view), cmd.tombstone_horizon)
     view.put(keys.TOMBSTONE_HORIZON_KEY, encode_uint64(horizon))
+    owned: dict[UShard, bool] = {}
+
+    def is_owned(ushard: UShard) -> bool:
+        # A μshard that is frozen or being ingested must not change under the copy.
+        if ushard not in owned:
+            owned[ushard] = ownership.is_owned(view, ushard, ctx.initial)
+        return owned[ushard]
+
     dead = [
         stored_key
         for stored_key, value in view.scan(keys.ALL_DATA.start, keys.ALL_DATA.end)
         if _is_collectable(decode_value_record(value), horizon, ctx.wall_ms)
+        and is_owned(keys.ushard_of_table_key(stored_key))
     ]
     for stored_key in dead:
         view.delete(stored_key)
-    dedupe.forget_before(view, cmd.dedupe_before_wall_ms)
+    dedupe.forget_before(view, cmd.dedupe_before_wall_ms, is_owned)
     return Applied(version=version)
 
 
@@ -331,8 +360,6 @@ def _write_record(view: Overlay, ushard: UShard, key: bytes, record: ValueRecord
 
 
 def _request_problem(cmd: WriteCommand) -> str | None:
-    if not keys.is_valid_ushard(cmd.ushard):
-        return f"ushard must be in 0..{keys.USHARD_MAX}"
     if not keys.is_valid_request(cmd.request):
         return "request id out of range"
     if not 0 <= cmd.client_floor <= cmd.request.seq:

@@ -10,7 +10,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct
 
-from loom.core.ids import Epoch, RequestId, RequestSeq, Seq, UShard, Version
+from loom.core.ids import Epoch, Generation, MoveId, RequestId, RequestSeq, Seq, UShard, Version
 
 
 class Put(Struct, frozen=True, tag="put", kw_only=True):
@@ -80,10 +80,72 @@ class Gc(Struct, frozen=True, tag="gc", kw_only=True):
     dedupe_before_wall_ms: int
 
 
-Command = Put | Delete | Increment | TxnCommit | Noop | Gc
+# --- μshard moves (DESIGN §6, docs/protocols/resharding.md) ------------------------------
+# Proposed by the shard manager's mover, never by clients. Each names the move it belongs
+# to; `move_id`s of one μshard only grow, so a delayed copy of a command from an earlier
+# move, or one of an aborted move, is refused instead of re-applied.
+
+
+class Freeze(Struct, frozen=True, tag="freeze", kw_only=True):
+    """On the source: from this entry on the μshard is read-only here, and every read
+    and write of it is answered MOVED."""
+
+    ushard: UShard
+    move_id: MoveId
+
+
+class IngestRecord(Struct, frozen=True, array_like=True):
+    """One stored key/value of the μshard, exactly as the source holds it."""
+
+    key: bytes
+    value: bytes
+
+
+class Ingest(Struct, frozen=True, tag="ingest", kw_only=True):
+    """On the target: a chunk of the frozen source's μshard state (data, dedupe table,
+    μshard meta). The first one turns the μshard `incoming`."""
+
+    ushard: UShard
+    move_id: MoveId
+    records: tuple[IngestRecord, ...]
+
+
+class Own(Struct, frozen=True, tag="own", kw_only=True):
+    """On the target: the single commit point of the move. `generation` is the source's
+    generation + 1, so every version written here is above every version written there."""
+
+    ushard: UShard
+    move_id: MoveId
+    generation: Generation
+    # How many records the source exported: Own refuses a copy that holds another
+    # number, so no mover bug can commit a partial μshard.
+    records: int
+
+
+class Abort(Struct, frozen=True, tag="abort", kw_only=True):
+    """Before Own only: the source owns again, the target forgets what it ingested."""
+
+    ushard: UShard
+    move_id: MoveId
+
+
+class Drop(Struct, frozen=True, tag="drop", kw_only=True):
+    """On the source, after Own committed on the target: forget the μshard."""
+
+    ushard: UShard
+    move_id: MoveId
+
+
+MoveCommand = Freeze | Ingest | Own | Abort | Drop
+Command = Put | Delete | Increment | TxnCommit | Noop | Gc | Freeze | Ingest | Own | Abort | Drop
 WriteCommand = Put | Delete | Increment | TxnCommit
 
-FailureReason = Literal["condition", "conflict", "invalid", "epoch", "horizon"]
+# "moved": the μshard is not owned here (frozen, being ingested, moved away): retry at
+# the owner the routing table names. "ownership": a move command did not fit the
+# μshard's ownership record (a stale or out-of-order command of a move).
+FailureReason = Literal[
+    "condition", "conflict", "invalid", "epoch", "horizon", "moved", "ownership"
+]
 
 
 class Applied(Struct, frozen=True, tag="ok", kw_only=True):

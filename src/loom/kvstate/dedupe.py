@@ -20,6 +20,8 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from loom.core.ids import ClientId, RequestId, RequestSeq, UShard
 from loom.core.limits import Limits
 from loom.kvstate import keys
@@ -119,8 +121,13 @@ def raise_floor(
     _set_count(view, ushard, count)
 
 
-def forget_before(view: Overlay, before_wall_ms: int) -> int:
-    """Forget every record, in every μshard, stamped before `before_wall_ms`.
+def forget_before(
+    view: Overlay, before_wall_ms: int, is_owned: Callable[[UShard], bool] = lambda _: True
+) -> int:
+    """Forget every record, in every owned μshard, stamped before `before_wall_ms`.
+
+    A μshard in a move (frozen, incoming) keeps its table unchanged: the copy must be
+    the table as of the freeze, with its count.
 
     Skips from one μshard's age index to the next, so the work is proportional to
     the records forgotten plus the μshards present. Returns how many were forgotten.
@@ -133,7 +140,7 @@ def forget_before(view: Overlay, before_wall_ms: int) -> int:
             return forgotten
         ushard = keys.ushard_of_table_key(first[0])
         old = keys.dedupe_age_range(ushard, before_wall_ms)
-        stale = [age_key for age_key, _ in view.scan(old.start, old.end)]
+        stale = [] if not is_owned(ushard) else [k for k, _ in view.scan(old.start, old.end)]
         for age_key in stale:
             _forget(view, age_key)
         if stale:

@@ -20,7 +20,8 @@ Tables:
 - client floor  `r | ushard | len16 | client`               → FloorRecord
 - dedupe age    `a | ushard | wall64 | len16 | client [| seq64]` → b"" (index of
   the dedupe table by stamp, so trimming the oldest never scans the table)
-- μshard meta   `u | ushard | name`                         (e.g. dedupe_count)
+- μshard meta   `u | ushard | name`                         (dedupe_count, owner,
+  generation)
 - meta          `m | name`                                  (e.g. tombstone horizon)
 """
 
@@ -215,6 +216,16 @@ def ushard_meta_range(ushard: UShard) -> KeyRange:
 def dedupe_count_key(ushard: UShard) -> bytes:
     """Number of records (entries + floor records) in the μshard's dedupe table."""
     return ushard_meta_key(ushard, b"dedupe_count")
+
+
+def owner_key(ushard: UShard) -> bytes:
+    """The μshard's ownership record (loom.kvstate.ownership); a move never copies it."""
+    return ushard_meta_key(ushard, b"owner")
+
+
+def generation_key(ushard: UShard) -> bytes:
+    """The μshard's generation, set by Own so versions grow across moves (PITFALLS 17)."""
+    return ushard_meta_key(ushard, b"generation")
 
 
 def meta_key(name: bytes) -> bytes:

@@ -4,6 +4,7 @@ p-shard id counter. Synchronous; the manager calls it off the event loop.
 Keys:
 - `keyspaces/{name}`  → `KeyspaceRecord` (msgpack)
 - `meta/next_shard`   → the next unallocated p-shard id (decimal)
+- `meta/next_move`    → the next unallocated μshard move id (decimal)
 - `shards/{id}/epoch` → the shard's `ShardRecord` (written by the manager's epoch CAS)
 
 Crash safety of the multi-step operations (each step is one compare-and-swap):
@@ -25,6 +26,7 @@ from loom.shardmgr.routing import Keyspace, Quota
 
 KEYSPACES = "keyspaces/"
 NEXT_SHARD = "meta/next_shard"
+NEXT_MOVE = "meta/next_move"
 CAS_ATTEMPTS_MAX = 16
 
 
@@ -55,17 +57,24 @@ class Catalog:
 
     def allocate_shards(self, count: int) -> list[ShardId]:
         """`count` fresh p-shard ids, never handed out before (CAS on the counter)."""
-        current = self.metastore.get(NEXT_SHARD)
+        first = self._allocate(NEXT_SHARD, count, "shard ids")
+        return [ShardId(first + i) for i in range(count)]
+
+    def allocate_move_ids(self, count: int) -> int:
+        """The first of `count` fresh μshard move ids: above every id handed out before,
+        across manager restarts (the kv state refuses a move id it has seen)."""
+        return self._allocate(NEXT_MOVE, count, "move ids")
+
+    def _allocate(self, key: str, count: int, what: str) -> int:
+        current = self.metastore.get(key)
         for _ in range(CAS_ATTEMPTS_MAX):
             first = int(current[0]) if current else 1
             revision = current[1] if current else None
-            result = self.metastore.compare_and_swap(
-                NEXT_SHARD, revision, str(first + count).encode()
-            )
+            result = self.metastore.compare_and_swap(key, revision, str(first + count).encode())
             if result.ok:
-                return [ShardId(first + i) for i in range(count)]
+                return first
             current = result.current
-        raise Unavailable("could not allocate shard ids: the metastore is contended")
+        raise Unavailable(f"could not allocate {what}: the metastore is contended")
 
     def create(self, record: KeyspaceRecord) -> KeyspaceRecord:
         """Stores a new keyspace; the existing record if one with this name exists
@@ -88,6 +97,20 @@ class Catalog:
                 f"{msgspec.to_builtins(existing.keyspace.spec)}"
             )
         return existing
+
+    def replace(self, name: str, expected: Keyspace, keyspace: Keyspace) -> None:
+        """Stores `keyspace` over `expected` (a reshard, a new mapping version): one
+        compare-and-swap; `Unavailable` if the record changed meanwhile."""
+        key = KEYSPACES + name
+        current = self.metastore.get(key)
+        if current is None:
+            raise NotFound(f"no keyspace {name!r}")
+        record = _DECODER.decode(current[0])
+        if record.dropping or record.keyspace != expected:
+            raise Unavailable(f"keyspace {name!r} changed meanwhile; retry")
+        new = _ENCODER.encode(KeyspaceRecord(keyspace=keyspace))
+        if not self.metastore.compare_and_swap(key, current[1], new).ok:
+            raise Unavailable(f"keyspace {name!r} changed meanwhile; retry")
 
     def set_quota(self, name: str, quota: Quota) -> KeyspaceRecord:
         """Replaces the keyspace's quota (one compare-and-swap of its record)."""

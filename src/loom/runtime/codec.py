@@ -28,7 +28,7 @@ import msgspec
 
 from loom.core.errors import InvalidArgument
 from loom.core.ids import NodeId, ShardId
-from loom.host.requests import ClientReply, ClientRequest
+from loom.host.requests import ClientReply, ClientRequest, MoverReply, MoverRequest
 from loom.paxos.messages import Envelope
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
@@ -69,6 +69,18 @@ class ClientAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="ca1"):
     reply: ClientReply
 
 
+class MoverCall(msgspec.Struct, frozen=True, kw_only=True, tag="mv1"):
+    """The shard manager's mover to the replica of `shard`: a move command or an export
+    (docs/protocols/resharding.md)."""
+
+    shard: ShardId
+    request: MoverRequest
+
+
+class MoverAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="mva1"):
+    reply: MoverReply
+
+
 class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
     """A node's heartbeat to the shard manager, with where to reach it and its labels."""
 
@@ -100,6 +112,9 @@ class AssignMessage(msgspec.Struct, frozen=True, kw_only=True, tag="as1"):
     shard: ShardId
     assignment: Assignment
     peers: tuple[PeerAddress, ...] = ()
+    # The μshards the p-shard was created with ([first, end) ranges; None: all), kept by
+    # a replica that has nothing yet (loom.kvstate.ownership).
+    initial: tuple[tuple[int, int], ...] | None = None
 
 
 class DropShard(msgspec.Struct, frozen=True, kw_only=True, tag="ds1"):
@@ -128,6 +143,15 @@ class SetQuota(msgspec.Struct, frozen=True, kw_only=True, tag="qs1"):
 
     name: str
     quota: Quota
+    auth: str = ""
+
+
+class ReshardKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="rs1"):
+    """Grow a keyspace to `shards` p-shards by moving μshards (answered at once with the
+    keyspace; the moves go on in the manager, visible in its mapping version)."""
+
+    name: str
+    shards: int
     auth: str = ""
 
 
@@ -257,6 +281,9 @@ NodeMessage = (
     PeerMessage
     | ClientCall
     | ClientAnswer
+    | MoverCall
+    | MoverAnswer
+    | ReshardKeyspace
     | NodeReportMessage
     | ManagerEvent
     | AssignMessage
@@ -288,6 +315,7 @@ Authenticated = (
     | CreateKeyspace
     | DropKeyspace
     | SetQuota
+    | ReshardKeyspace
     | RoutingRequest
     | StatusRequest
     | CreateTenant

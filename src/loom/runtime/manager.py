@@ -28,7 +28,7 @@ from typing import TypeVar
 import msgspec
 
 from loom.core.errors import InvalidArgument, LoomError, NotFound, PermissionDenied, Unavailable
-from loom.core.ids import Epoch, NodeId, ShardId
+from loom.core.ids import Epoch, NodeId, ShardId, UShard
 from loom.core.time import Instant
 from loom.paxos.replica import Assignment
 from loom.runtime import tenancy_calls
@@ -51,6 +51,7 @@ from loom.runtime.codec import (
     NodeReportMessage,
     NodeStatus,
     PeerAddress,
+    ReshardKeyspace,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
@@ -63,10 +64,12 @@ from loom.runtime.codec import (
 )
 from loom.runtime.leadership import EtcdLeadership
 from loom.runtime.outbound import Outbound
+from loom.runtime.resharding import Resharder
 from loom.runtime.rpc import RpcServer
 from loom.runtime.tenancy import Tenancy
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 from loom.shardmgr.metastore import Metastore
+from loom.shardmgr.moves import MoverParams, plan_reshard
 from loom.shardmgr.rebalance import ReplaceMember, ShardView, TransferPrimary, next_move
 from loom.shardmgr.routing import (
     DEFAULT_TIER,
@@ -155,6 +158,7 @@ class ManagerRuntime:
         host: str = "127.0.0.1",
         port: int = 0,
         leadership: EtcdLeadership | None = None,
+        reshard_parallelism: int = 8,
         auth: bool = False,
     ) -> None:
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
@@ -188,6 +192,14 @@ class ManagerRuntime:
         self.routing_content: object = None
         self.rates: dict[ShardId, _Rate] = {}
         self.stored_bytes: dict[NodeId, int] = {}
+        # μshard moves of `loom keyspace reshard` (runtime/resharding.py).
+        self.resharder = Resharder(
+            metastore=metastore,
+            keyspace_of=self.keyspaces.get,
+            primary_address=self._primary_address,
+            install_mapping=self._install_mapping,
+            params=MoverParams(moves_in_flight_max=reshard_parallelism),
+        )
         self.routing_seen: dict[NodeId, tuple[int, int]] = {}
         self.throttle_rates: dict[NodeId, _Rate] = {}
 
@@ -233,11 +245,14 @@ class ManagerRuntime:
         self.tasks.append(loop.create_task(self._ticker()))
         self.tasks.append(loop.create_task(self._push_routing()))
         self.tasks.append(loop.create_task(self._rebalance()))
+        self.tasks.append(loop.create_task(self.resharder.run()))
         for keyspace_record in keyspaces:
             if keyspace_record.dropping:
                 await self._finish_drop(keyspace_record.keyspace)
             else:
                 await self._install(keyspace_record.keyspace)
+        # After the keyspaces: resumed moves route by their mappings.
+        self.resharder.restore(await asyncio.to_thread(self.resharder.load), now)
 
     @property
     def port(self) -> int:
@@ -252,6 +267,7 @@ class ManagerRuntime:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.resharder.close()
         await self.server.close()
 
     # ---------------------------------------------------------------- inputs
@@ -281,6 +297,10 @@ class ManagerRuntime:
                         self.tenancy.check_reach(grant, message.name, existing.tenant)
                     await self.drop_keyspace(message.name)
                     return encode(Done())
+                case ReshardKeyspace():
+                    self.tenancy.authorize(message.auth, admin=True)
+                    keyspace = await self.reshard_keyspace(message.name, message.shards)
+                    return encode(KeyspaceReply(keyspace=keyspace))
                 case SetQuota():
                     self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.set_quota(message.name, message.quota)
@@ -382,13 +402,16 @@ class ManagerRuntime:
             placements = await self._in_core(lambda now: self._place(spec, now))
             ids = await asyncio.to_thread(self.catalog.allocate_shards, spec.shards)
             self.next_shard = max(self.next_shard, ids[-1] + 1)
+            ranges = compact_ranges(spec.ushards, ids)
+            ends = [first for first, _ in ranges[1:]] + [spec.ushards]
             keyspace = Keyspace(
                 spec=spec,
                 placements=tuple(
-                    ShardPlacement(shard, p.acceptors)
-                    for shard, p in zip(ids, placements, strict=True)
+                    # Each p-shard is created owning its range (kvstate.ownership).
+                    ShardPlacement(shard, p.acceptors, initial=((first, end),))
+                    for shard, p, (first, _), end in zip(ids, placements, ranges, ends, strict=True)
                 ),
-                ranges=compact_ranges(spec.ushards, ids),
+                ranges=ranges,
                 tenant=tenant,
             )
             record = await asyncio.to_thread(self.catalog.create, KeyspaceRecord(keyspace=keyspace))
@@ -454,6 +477,73 @@ class ManagerRuntime:
 
     def _drop_shard(self, shard: ShardId, _now: Instant) -> tuple[NodeId, ...]:
         return self.core.drop_shard(shard)
+
+    # ---------------------------------------------------------------- resharding
+
+    async def reshard_keyspace(self, name: str, shards: int) -> Keyspace:
+        """Grows the keyspace to `shards` p-shards (new ones created owning nothing) and
+        plans the μshard moves to the compact mapping over all of them; the moves run
+        in `self.resharder`. Shrinking is not built yet."""
+        async with self.admin_lock:
+            keyspace = self.keyspaces.get(name)
+            if keyspace is None:
+                raise NotFound(f"no keyspace {name!r}")
+            have = len(keyspace.placements)
+            if shards < have:
+                raise InvalidArgument("shrinking a keyspace is not supported yet")
+            if shards > have:
+                keyspace = await self._add_shards(keyspace, shards)
+            goal = msgspec.structs.replace(
+                keyspace, ranges=compact_ranges(keyspace.spec.ushards, keyspace.shards())
+            )
+            plan = plan_reshard(keyspace.mapping(), goal.mapping())
+            count = max(1, self.resharder.ids_needed(name, plan))
+            first = await asyncio.to_thread(self.catalog.allocate_move_ids, count)
+            self.resharder.plan(name, plan, first)
+            log.info("keyspace %s: resharding to %d p-shards, %d moves", name, shards, len(plan))
+            return keyspace
+
+    async def _add_shards(self, keyspace: Keyspace, shards: int) -> Keyspace:
+        spec = msgspec.structs.replace(keyspace.spec, shards=shards)
+        problem = spec.problem()
+        if problem is not None:
+            raise InvalidArgument(problem)
+        extra = msgspec.structs.replace(spec, shards=shards - len(keyspace.placements))
+        placements = await self._in_core(lambda now: self._place(extra, now))
+        ids = await asyncio.to_thread(self.catalog.allocate_shards, extra.shards)
+        self.next_shard = max(self.next_shard, ids[-1] + 1)
+        grown = msgspec.structs.replace(
+            keyspace,
+            spec=spec,
+            placements=keyspace.placements
+            + tuple(
+                ShardPlacement(shard, p.acceptors, initial=())
+                for shard, p in zip(ids, placements, strict=True)
+            ),
+        )
+        await asyncio.to_thread(self.catalog.replace, keyspace.name, keyspace, grown)
+        await self._install(grown)
+        return grown
+
+    async def _install_mapping(self, name: str, ushard: UShard, shard: ShardId) -> None:
+        """A committed move: store the next mapping version, then serve it."""
+        async with self.admin_lock:
+            keyspace = self.keyspaces.get(name)
+            if keyspace is None:
+                raise NotFound(f"no keyspace {name!r}")
+            moved = keyspace.with_ushard(ushard, shard)
+            await asyncio.to_thread(self.catalog.replace, name, keyspace, moved)
+            self.keyspaces[name] = moved
+
+    def _primary_address(self, shard: ShardId) -> tuple[str, int] | None:
+        state = self.core.shards.get(shard)
+        info = self.infos.get(state.current.primary) if state is not None else None
+        return None if info is None else (info.host, info.port)
+
+    def _initial_of(self, shard: ShardId) -> tuple[tuple[int, int], ...] | None:
+        keyspace = self.keyspaces.get(self.shard_keyspace.get(shard, ""))
+        placement = keyspace.placement(shard) if keyspace is not None else None
+        return placement.initial if placement is not None else None
 
     # ---------------------------------------------------------------- placement
 
@@ -711,7 +801,12 @@ class ManagerRuntime:
             for n in members
             if n in self.infos
         )
-        message = AssignMessage(shard=announce.shard, assignment=announce.assignment, peers=peers)
+        message = AssignMessage(
+            shard=announce.shard,
+            assignment=announce.assignment,
+            peers=peers,
+            initial=self._initial_of(announce.shard),
+        )
         body = encode(message)
         for node in announce.to:
             outbound = self.outboxes.get(node)

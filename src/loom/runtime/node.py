@@ -36,7 +36,17 @@ from pathlib import Path
 from loom.core.ids import Incarnation, NodeId, ShardId
 from loom.core.time import Instant, WallMs
 from loom.host.fair_queue import FairQueue
-from loom.host.requests import ClientReply, ClientRequest, ErrorCode, ErrorReply
+from loom.host.requests import (
+    ClientReply,
+    ClientRequest,
+    ErrorCode,
+    ErrorReply,
+    ExportReply,
+    MoverReply,
+    MoverRequest,
+    ReadReply,
+    ScanReply,
+)
 from loom.host.shard import HostOutput, ShardHost, shard_prefix
 from loom.kvstate.keys import prefix_end
 from loom.paxos.messages import Envelope
@@ -51,6 +61,8 @@ from loom.runtime.codec import (
     DropShard,
     Failure,
     ManagerEvent,
+    MoverAnswer,
+    MoverCall,
     NodeReportMessage,
     PeerMessage,
     RoutingPush,
@@ -96,8 +108,10 @@ class _Inputs:
     """Everything the storage thread applies in one turn."""
 
     messages: list[Envelope] = field(default_factory=list)
-    calls: list[tuple[int, ShardId, ClientRequest]] = field(default_factory=list)
-    assignments: list[tuple[ShardId, Assignment]] = field(default_factory=list)
+    calls: list[tuple[int, ShardId, ClientRequest | MoverRequest]] = field(default_factory=list)
+    assignments: list[tuple[ShardId, Assignment, tuple[tuple[int, int], ...] | None]] = field(
+        default_factory=list
+    )
     drops: list[ShardId] = field(default_factory=list)
     tick: bool = False
 
@@ -133,7 +147,7 @@ class NodeRuntime:
         self.sync_wanted = asyncio.Event()
         self.sync_done = asyncio.Event()
         self.inputs: asyncio.Queue[Callable[[_Inputs], None]] = asyncio.Queue(INPUTS_MAX)
-        self.calls: dict[int, asyncio.Future[ClientReply]] = {}
+        self.calls: dict[int, asyncio.Future[ClientReply | MoverReply]] = {}
         self.call_ids = itertools.count(1)
         self.outboxes: dict[NodeId, Outbound] = {}
         self.managers: list[Outbound] = []
@@ -154,6 +168,7 @@ class NodeRuntime:
         self.incarnation = Incarnation(0)
         self.hosts: dict[ShardId, ShardHost] = {}
         self.orphan_replies: list[tuple[object, ClientReply]] = []
+        self.orphan_mover_replies: list[tuple[object, MoverReply]] = []
         self.snapshots_installed: dict[ShardId, int] = {}
 
     # ---------------------------------------------------------------- lifecycle
@@ -275,7 +290,7 @@ class NodeRuntime:
     # ---------------------------------------------------------------- inputs
 
     def assign(self, shard: ShardId, assignment: Assignment) -> None:
-        self._enqueue(lambda i: i.assignments.append((shard, assignment)))
+        self._enqueue(lambda i: i.assignments.append((shard, assignment, None)))
 
     def _enqueue(self, add: Callable[[_Inputs], None]) -> None:
         self.inputs.put_nowait(add)  # QueueFull reaches the caller: it answers Overloaded
@@ -288,11 +303,13 @@ class NodeRuntime:
                 self._enqueue(lambda i: i.messages.append(envelope))
             case ClientCall():
                 return await self._client_call(message)
+            case MoverCall():
+                return await self._mover_call(message)
             case AssignMessage():
                 self.connect_peers({p.node: (p.host, p.port) for p in message.peers})
-                shard, assignment = message.shard, message.assignment
+                shard, assignment, initial = message.shard, message.assignment, message.initial
                 self._log_assignment(shard, assignment)
-                self._enqueue(lambda i: i.assignments.append((shard, assignment)))
+                self._enqueue(lambda i: i.assignments.append((shard, assignment, initial)))
             case DropShard():
                 dropped = message.shard
                 self._enqueue(lambda i: i.drops.append(dropped))
@@ -345,8 +362,11 @@ class NodeRuntime:
         if refusal is not None:  # answered at once: never queued, never dropped
             return encode(ClientAnswer(reply=refusal))
         call_id = next(self.call_ids)
-        future: asyncio.Future[ClientReply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ClientReply | MoverReply] = (
+            asyncio.get_running_loop().create_future()
+        )
         self.calls[call_id] = future
+        reply: ClientReply | MoverReply
         try:
             tenant = self.auth.owner_of.get(call.shard, "")
             if not self.fair.push(tenant, (call_id, call.shard, call.request)):
@@ -366,7 +386,33 @@ class NodeRuntime:
             )
         finally:
             self.calls.pop(call_id, None)
+        if isinstance(reply, ExportReply):
+            raise BadMessage("a client request was answered with an export")
         return encode(ClientAnswer(reply=reply))
+
+    async def _mover_call(self, call: MoverCall) -> bytes:
+        """The manager's mover, answered like a client call (its own reply types)."""
+        call_id = next(self.call_ids)
+        future: asyncio.Future[ClientReply | MoverReply] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.calls[call_id] = future
+        reply: ClientReply | MoverReply
+        try:
+            self._enqueue(lambda i: i.calls.append((call_id, call.shard, call.request)))
+            async with asyncio.timeout(CLIENT_CALL_TIMEOUT_S):
+                reply = await future
+        except TimeoutError:
+            reply = ErrorReply(token=call.request.token, code=ErrorCode.TIMEOUT, retry_after_ms=10)
+        except asyncio.QueueFull:
+            reply = ErrorReply(
+                token=call.request.token, code=ErrorCode.OVERLOADED, retry_after_ms=20
+            )
+        finally:
+            self.calls.pop(call_id, None)
+        if isinstance(reply, ReadReply | ScanReply):
+            raise BadMessage("a move command was answered with a read reply")
+        return encode(MoverAnswer(reply=reply))
 
     async def _ticker(self) -> None:
         while True:
@@ -415,8 +461,8 @@ class NodeRuntime:
         wall = WallMs(int(time.time() * 1000))
         for shard in batch.drops:
             self._drop(shard)
-        for shard, assignment in batch.assignments:
-            self._host(shard, now).assign(assignment, now)
+        for shard, assignment, initial in batch.assignments:
+            self._host(shard, now).assign(assignment, now, initial)
         for envelope in batch.messages:
             self._host(envelope.shard, now).on_message(envelope, now)
         for call_id, shard, request in batch.calls:
@@ -479,7 +525,7 @@ class NodeRuntime:
                 self._send(envelope)
             for event in out.sm_events:
                 self._to_managers(encode(ManagerEvent(shard=shard, event=event)))
-            for origin, reply in out.replies:
+            for origin, reply in (*out.replies, *out.mover_replies):
                 future = self.calls.get(origin) if isinstance(origin, int) else None
                 if future is not None and not future.done():
                     future.set_result(reply)
@@ -495,7 +541,7 @@ class NodeRuntime:
         outbound.put(encode(PeerMessage(envelope=envelope)))
 
 
-def _not_hosted(node: NodeId, shard: ShardId, request: ClientRequest) -> ErrorReply:
+def _not_hosted(node: NodeId, shard: ShardId, request: ClientRequest | MoverRequest) -> ErrorReply:
     return ErrorReply(
         token=request.token,
         code=ErrorCode.NOT_PRIMARY,

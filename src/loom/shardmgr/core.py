@@ -89,6 +89,13 @@ class SmParams:
     catchup_slack_entries: int = 64
     # A member silent this long is replaced by another node (`shardmgr.rebalance`).
     replace_after_ms: float = 60_000.0
+    # Among acceptors with the longest log, prefer the highest commit point: it holds
+    # every chosen slot up to it, so its activation cannot fail for lack of a value
+    # the others truncated (without it, two less caught-up acceptors can take turns
+    # failing forever while the one that could activate is never chosen). Off by
+    # default only so the simulator's recorded bug seeds keep their schedules; the
+    # `moves` profile turns it on. TODO(lead): turn on everywhere, re-record seeds.
+    prefer_highest_commit: bool = False
 
 
 @dataclass(slots=True, kw_only=True)
@@ -345,14 +352,26 @@ class ShardManagerCore:
         ]
         if not candidates:
             return
-        # Prefer the most caught-up acceptor; ties broken by name for determinism.
-        candidates.sort(key=lambda n: (-self._last_seq(n, state.shard), n))
+        # Prefer the most caught-up acceptor (see SmParams.prefer_highest_commit); ties
+        # broken by name for determinism.
+        commit_weight = 1 if self.p.prefer_highest_commit else 0
+        candidates.sort(
+            key=lambda n: (
+                -self._last_seq(n, state.shard),
+                -commit_weight * self._commit_seq(n, state.shard),
+                n,
+            )
+        )
         primary = candidates[0]
         self._allocate(state, primary, config, now)
 
     def _last_seq(self, node: NodeId, shard: ShardId) -> int:
         progress = self.nodes[node].progress.get(shard)
         return progress.last_seq if progress else 0
+
+    def _commit_seq(self, node: NodeId, shard: ShardId) -> int:
+        progress = self.nodes[node].progress.get(shard)
+        return progress.commit_seq if progress else 0
 
     def _allocate(self, state: _ShardState, primary: NodeId, config: Config, now: Instant) -> None:
         epoch = Epoch(state.current.epoch + 1)

@@ -20,10 +20,11 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+import msgspec
 from msgspec import Struct
 from msgspec.structs import replace
 
-from loom.core.ids import NodeId, ShardId
+from loom.core.ids import NodeId, ShardId, UShard
 from loom.shardmgr.tenancy import Tenant, TokenGrant
 
 DEFAULT_TIER = "wildcard"
@@ -112,6 +113,15 @@ class ShardPlacement(Struct, frozen=True, array_like=True):
 
     shard: ShardId
     acceptors: tuple[NodeId, ...]
+    # The μshards the p-shard was created with, as [first, end) ranges; None (records
+    # of before moves): every μshard. A p-shard a reshard adds starts with none. Fixed
+    # for the p-shard's life: its replicas' ownership defaults (kvstate.ownership).
+    initial: tuple[tuple[int, int], ...] | None = None
+
+    def initial_ushards(self) -> frozenset[UShard] | None:
+        if self.initial is None:
+            return None
+        return frozenset(UShard(u) for first, end in self.initial for u in range(first, end))
 
 
 class Keyspace(Struct, frozen=True, kw_only=True):
@@ -136,6 +146,24 @@ class Keyspace(Struct, frozen=True, kw_only=True):
 
     def shards(self) -> tuple[ShardId, ...]:
         return tuple(p.shard for p in self.placements)
+
+    def placement(self, shard: ShardId) -> ShardPlacement | None:
+        return next((p for p in self.placements if p.shard == shard), None)
+
+    def mapping(self) -> dict[UShard, ShardId]:
+        return {UShard(u): self.shard_of(u) for u in range(self.spec.ushards)}
+
+    def with_ushard(self, ushard: int, shard: ShardId) -> Keyspace:
+        """The next mapping version, with `ushard` on `shard` (a committed move)."""
+        assert 0 <= ushard < self.spec.ushards and shard in self.shards()
+        owners = [self.shard_of(u) for u in range(self.spec.ushards)]
+        owners[ushard] = shard
+        ranges = tuple(
+            (u, owner) for u, owner in enumerate(owners) if u == 0 or owners[u - 1] != owner
+        )
+        return msgspec.structs.replace(
+            self, ranges=ranges, mapping_version=self.mapping_version + 1
+        )
 
 
 def compact_ranges(ushards: int, shards: Sequence[ShardId]) -> tuple[tuple[int, ShardId], ...]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from loom.core.ids import ShardId, Version
+from loom.core.ids import Generation, ShardId, UShard, Version
 from loom.host.requests import Consistency
 from loom.sim.workload import ReadObservation, WriteAck
 
@@ -39,7 +39,10 @@ def _reflects(read: ReadObservation, write: Version) -> bool:
     """Whether the read's state includes `write`: a newer record, or no record at all (a
     collected tombstone) on a replica that applied the write's slot."""
     if read.record_version is None:
-        return read.applied_seq >= write.seq
+        # A generation above the write's holds everything of the μshard before its move.
+        return read.generation > write.generation or (
+            read.generation == write.generation and read.applied_seq >= write.seq
+        )
     return read.record_version >= write
 
 
@@ -58,16 +61,25 @@ def check_read_your_writes(reads: Sequence[ReadObservation]) -> list[str]:
 
 
 def check_durability(
-    acks: Sequence[WriteAck], applied: dict[tuple[ShardId, int], tuple[bytes, ...]]
+    acks: Sequence[WriteAck],
+    applied: dict[tuple[ShardId, int], tuple[bytes, ...]],
+    homes: Mapping[tuple[UShard, Generation], ShardId] | None = None,
 ) -> list[str]:
-    """No acknowledged QUORUM write is lost: the slot its version names holds its command."""
+    """No acknowledged QUORUM write is lost: the slot its version names holds its command.
+
+    After a move, a retry answered from the moved dedupe table carries the version of
+    the p-shard it applied on: `homes` names the p-shard of each μshard generation.
+    """
     problems = []
     for ack in acks:
-        commands = applied.get((ack.shard, int(ack.version.seq)), ())
+        shard = ack.shard
+        if homes is not None:
+            shard = homes.get((ack.ushard, ack.version.generation), shard)
+        commands = applied.get((shard, int(ack.version.seq)), ())
         index = ack.version.index
         if index >= len(commands) or commands[index] != ack.command:
             problems.append(
                 f"durability: write to {ack.key!r} acknowledged at {ack.completed_ms:.1f}ms as "
-                f"version {ack.version} of shard {ack.shard} is not in the log there"
+                f"version {ack.version} of shard {shard} is not in the log there"
             )
     return problems

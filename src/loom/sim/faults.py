@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROFILES = ("none", "network", "crash", "all")
+# "moves" is "all" plus μshard moves; "all" keeps its schedules of before moves existed,
+# so the seeds recorded for deliberate bugs keep catching them.
+PROFILES = ("none", "network", "crash", "all", "moves")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -20,6 +22,8 @@ class Faults:
     drift_fraction: float = 0.0
     sm_chaos: bool = False
     reconfigure: bool = False
+    # μshards move between p-shards while the load runs (loom.sim.moves).
+    moves: bool = False
 
     @staticmethod
     def profile(name: str) -> Faults:
@@ -37,8 +41,9 @@ class Faults:
                 )
             case "crash":
                 return Faults(crashes=True, drift_fraction=1.0, reconfigure=True)
-            case "all":
+            case "all" | "moves":
                 return Faults(
+                    moves=name == "moves",
                     loss=0.03,
                     duplicate=0.02,
                     detour=0.03,

@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loom.core.ids import Incarnation, NodeId, ShardId
+from loom.core.ids import Incarnation, NodeId, ShardId, UShard
 from loom.core.time import Instant, WallMs
 from loom.host.shard import HostOutput, ShardHost
 from loom.paxos.params import ReplicaParams
@@ -58,6 +58,8 @@ class SimNode:
     # Aimed torn crash: "" = off, "any" = the next flush that leaves unsynced writes,
     # "promise" = the next flush that sends a Promise.
     torn_crash: str = ""
+    # With moves on: the μshards each p-shard was created with (None: all, as before).
+    initial: dict[ShardId, frozenset[UShard]] | None = None
 
     def host(self, shard: ShardId, t: float) -> ShardHost:
         host = self.hosts.get(shard)
@@ -69,6 +71,7 @@ class SimNode:
                 store=self.store,
                 params=self.params,
                 now=self.clock.monotonic(t),
+                initial=None if self.initial is None else self.initial[shard],
             )
             self.hosts[shard] = host
         return host
@@ -81,7 +84,7 @@ class SimNode:
         deliver: Callable[[HostOutput], None],
     ) -> HostOutput:
         out = host.flush(self.clock.monotonic(t), self.clock.wall(t))
-        if not (out.messages or out.replies or out.sm_events):
+        if not (out.messages or out.replies or out.sm_events or out.mover_replies):
             if self.store.unsynced_batches:
                 self._schedule_sync(t, schedule, None, deliver)
             return out

@@ -10,6 +10,7 @@ from loom.core.ids import ShardId
 from loom.host.requests import Consistency
 from loom.kvstate.reads import read_item, state_digest
 from loom.kvstate.records import decode_counter
+from loom.shardmgr.moves import Step
 from loom.sim.chaos import Chaos
 from loom.sim.checkers.counters import check_counters
 from loom.sim.checkers.linearizability import check_history
@@ -20,7 +21,8 @@ from loom.sim.checks import (
     check_read_your_writes,
 )
 from loom.sim.faults import Faults
-from loom.sim.workload import COUNTER_KEYS, REGISTER_KEYS, USHARDS, shard_of
+from loom.sim.moves import MoveSchedule, check_final_ownership
+from loom.sim.workload import COUNTER_KEYS, REGISTER_KEYS, USHARDS
 from loom.sim.world import World, WorldConfig
 
 WARMUP_MS = 2500.0
@@ -37,6 +39,9 @@ class SeedResult:
     unchecked_operations: int = 0
     trace_hash: str = ""
     virtual_ms: float = 0.0
+    moves_started: int = 0
+    moves_done: int = 0
+    mover_restarts: int = 0
 
 
 def replay_command(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> str:
@@ -47,11 +52,26 @@ def replay_command(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> st
 def run_seed(
     seed: int, *, faults: str = "all", ops: int = 300, bugs: frozenset[str] = frozenset()
 ) -> SeedResult:
-    world = World(WorldConfig(seed=seed, faults=Faults.profile(faults), ops=ops, bugs=bugs))
+    profile = Faults.profile(faults)
+    # With moves, two more p-shards start empty and the keyspace is resharded onto them.
+    spare = 2 if profile.moves else 0
+    world = World(WorldConfig(seed=seed, faults=profile, ops=ops, bugs=bugs, spare_shards=spare))
     world.start()
     world.run_until(WARMUP_MS)
     chaos = Chaos(world, random.Random(world.rng.random()))
     chaos.start()
+    moves = MoveSchedule(
+        seed=seed,
+        mover=world.mover,
+        shards=world.cfg.shards,
+        spare_shards=world.cfg.spare_shards,
+        owner_of=world.mapping.__getitem__,
+        start_move=world.start_move,
+        later=lambda delay, action: world.at(world.t + delay, action),
+        restart_mover=world.restart_mover,
+    )
+    if world.cfg.faults.moves:
+        moves.start()
     world.start_clients()
     target = ops
     world.run_until(
@@ -59,10 +79,12 @@ def run_seed(
         stop=lambda: world.rec.operations() >= target,
     )
     world.load_running = False
+    moves.stop()
     chaos.stop_and_heal()
     world.run_until(world.t + SETTLE_MS, stop=world.clients_idle)
     world.run_until(world.t + 1500)
     result = SeedResult(seed=seed)
+    result.moves_started = moves.started
     _final_reads(world, result)
     finals = _convergence(world, result)
     _verdicts(world, result, finals)
@@ -95,6 +117,8 @@ def _replica_states(world: World, shard: ShardId) -> dict[str, tuple[int, bytes]
 
 
 def _is_converged(world: World) -> bool:
+    if world.mover.in_flight() or world.mover.planned:
+        return False
     for shard in sorted(world.sm.shards):
         manager = world.sm.shards[shard]
         if not manager.activated or manager.change is not None:
@@ -121,7 +145,7 @@ def _convergence(world: World, result: SeedResult) -> dict[bytes, int]:
             continue
         for key in COUNTER_KEYS:
             ushard = ushard_of(key, USHARDS)
-            if shard_of(ushard, world.cfg.shards) == shard:
+            if world.mapping[ushard] == shard:
                 item = read_item(host.state, ushard, key, 0)
                 finals[key] = (decode_counter(item.value) or 0) if item else 0
     return finals
@@ -140,7 +164,14 @@ def _verdicts(world: World, result: SeedResult, finals: dict[bytes, int]) -> Non
     result.violations += [f"counters: {p}" for p in check_counters(increments, finals)]
     result.violations += check_bounded_reads(rec.reads, rec.acks)
     result.violations += check_read_your_writes(rec.reads)
-    result.violations += check_durability(rec.acks, world.applied_commands)
+    homes = world.ownership.homes if world.cfg.faults.moves else None
+    result.violations += check_durability(rec.acks, world.applied_commands, homes)
     result.violations += world.invariant_violations
+    if world.cfg.faults.moves:
+        result.violations += world.ownership.violations
+        result.violations += check_final_ownership(world)
+        done = sum(1 for m in world.mover.moves.values() if m.step is Step.DONE)
+        result.moves_done = world.moves_done_before + done
+        result.mover_restarts = world.mover_restarts
     result.violations += rec.violations
     result.operations_checked = rec.operations() - unchecked

@@ -47,6 +47,8 @@ class Transaction:
     consistency: Consistency
     attempts: int = 1
     snapshot_seq: Seq | None = None
+    # The μshard's generation at the replica read: versions compare as (generation, seq).
+    snapshot_generation: Generation = Generation(0)
     epoch: Epoch = Epoch(0)
     seen: dict[bytes, tuple[bytes | None, Version | None]] = field(default_factory=dict)
     committing: bool = False
@@ -69,13 +71,19 @@ class Transaction:
         """Records a read; False if it falls outside the snapshot (restart the txn)."""
         if self.snapshot_seq is None:
             self.snapshot_seq = reply.applied_seq
+            self.snapshot_generation = reply.generation
             self.epoch = reply.epoch
+        if reply.generation != self.snapshot_generation:
+            return False  # the μshard moved between two reads
         if reply.applied_seq < self.snapshot_seq:
             # The replica is behind the snapshot (it lost unsynced state in a crash, or
             # its disk was wiped): what it has is not the snapshot's state.
             return False
         version = reply.record_version
-        if version is not None and version.seq > self.snapshot_seq:
+        if version is not None and (version.generation, version.seq) > (
+            self.snapshot_generation,
+            self.snapshot_seq,
+        ):
             return False
         value = reply.item.value if reply.item is not None else None
         self.seen[key] = (value, version)
@@ -83,7 +91,7 @@ class Transaction:
 
     def snapshot(self) -> Version:
         assert self.snapshot_seq is not None
-        return Version(Generation(0), self.snapshot_seq, SNAPSHOT_INDEX_MAX)
+        return Version(self.snapshot_generation, self.snapshot_seq, SNAPSHOT_INDEX_MAX)
 
 
 def plan_transaction(rng: random.Random) -> Transaction:

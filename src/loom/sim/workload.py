@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 import msgspec
 
 from loom.core.hashing import ushard_of
-from loom.core.ids import ClientId, NodeId, RequestId, RequestSeq, ShardId, UShard, Version
+from loom.core.ids import (
+    ClientId,
+    Generation,
+    NodeId,
+    RequestId,
+    RequestSeq,
+    ShardId,
+    UShard,
+    Version,
+)
 from loom.host.requests import (
     ClientReply,
     Consistency,
@@ -72,9 +81,10 @@ class ReadObservation:
     bound_ms: float | None
     record_version: Version | None
     # The serving replica's applied seq: a tombstone may be collected, so an absent
-    # record proves freshness only through it.
+    # record proves freshness only through it (within the μshard's generation).
     applied_seq: int
     own_write_version: Version | None
+    generation: Generation = Generation(0)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -86,6 +96,7 @@ class WriteAck:
     completed_ms: float
     shard: ShardId
     command: bytes
+    ushard: UShard = UShard(0)
 
 
 @dataclass(slots=True)
@@ -114,6 +125,7 @@ class Attempt:
     kind: str  # read | write | delete | increment | relaxed
     key: bytes
     shard: ShardId
+    ushard: UShard
     request: WriteRequest | ReadRequest
     invoked_ms: float
     deadline_ms: float
@@ -128,15 +140,32 @@ class Attempt:
 
 
 class Routing:
-    """What a client knows of the cluster: shards' members and believed primaries."""
+    """What a client knows of the cluster: shards' members and believed primaries, and
+    the μshard → p-shard mapping as last fetched (stale after a move until a refresh)."""
 
-    def __init__(self, lookup: Callable[[ShardId], tuple[NodeId | None, tuple[NodeId, ...]]]):
+    def __init__(
+        self,
+        lookup: Callable[[ShardId], tuple[NodeId | None, tuple[NodeId, ...]]],
+        mapping: Callable[[UShard], ShardId],
+    ):
         self.lookup = lookup
+        self.mapping = mapping
         self.primary: dict[ShardId, NodeId] = {}
+        self.shards: dict[UShard, ShardId] = {}
 
     def refresh(self) -> None:
         """A routing-table push reached this client: forget every cached primary."""
         self.primary.clear()
+        self.shards.clear()
+
+    def shard_of(self, ushard: UShard) -> ShardId:
+        if ushard not in self.shards:
+            self.shards[ushard] = self.mapping(ushard)
+        return self.shards[ushard]
+
+    def forget_mapping(self, ushard: UShard) -> None:
+        """MOVED: the cached mapping is stale for this μshard."""
+        self.shards.pop(ushard, None)
 
     def primary_of(self, shard: ShardId) -> NodeId | None:
         if shard not in self.primary:
@@ -230,7 +259,8 @@ class SimClient:
         attempt = Attempt(
             kind=kind,
             key=key,
-            shard=shard_of(ushard, self.shards),
+            shard=self.routing.shard_of(ushard),
+            ushard=ushard,
             request=request,
             invoked_ms=now,
             deadline_ms=now + OP_DEADLINE_MS,
@@ -317,7 +347,7 @@ class SimClient:
             consistency=consistency,
             bound_ms=bound,
             min_version=(
-                self.min_version.get(shard_of(self._ushard(key), self.shards))
+                self.min_version.get(self.routing.shard_of(self._ushard(key)))
                 if consistency is Consistency.READ_YOUR_WRITES
                 else None
             ),
@@ -378,7 +408,7 @@ class SimClient:
 
     def _start_txn(self, now: float, *, attempts: int) -> Attempt:
         txn = plan_transaction(self.rng)
-        shard = shard_of(ushard_of(txn.shard_key, USHARDS), self.shards)
+        shard = self.routing.shard_of(ushard_of(txn.shard_key, USHARDS))
         members = self.routing.members(shard)
         if txn.consistency is Consistency.STRONG or not members:
             txn.consistency = Consistency.STRONG
@@ -418,6 +448,8 @@ class SimClient:
                 self.current, self.txn = None, None
                 return "done"
             if attempt.kind == "txn_read" and reply.code is not ErrorCode.OVERLOADED:
+                if reply.code is ErrorCode.MOVED:
+                    self.routing.forget_mapping(attempt.ushard)
                 return self._restart_txn(now)  # that replica cannot serve: start over
             return self._on_error(attempt, reply)
         if isinstance(reply, ReadReply):
@@ -451,6 +483,12 @@ class SimClient:
         return "continue"
 
     def _on_error(self, attempt: Attempt, reply: ErrorReply) -> str:
+        if reply.code is ErrorCode.MOVED:
+            # The μshard moved (or is moving): fetch the mapping again and retry there,
+            # under the same request id (the dedupe table moved with the μshard).
+            self.routing.forget_mapping(attempt.ushard)
+            attempt.shard = self.routing.shard_of(attempt.ushard)
+            return "retry"
         if reply.code in (ErrorCode.NOT_PRIMARY, ErrorCode.NOT_READY):
             self.routing.forget(
                 attempt.shard, reply.primary_hint if reply.primary_hint != attempt.target else None
@@ -487,13 +525,17 @@ class SimClient:
                 completed_ms=now,
                 shard=attempt.shard,
                 command=request.command,
+                ushard=attempt.ushard,
             )
         )
         if attempt.kind in ("write", "delete"):
             self.own_writes[attempt.key] = version
             self.known_values[(attempt.key, version)] = attempt.value
+        # A replica serves READ_YOUR_WRITES once its applied seq reaches min_version.seq:
+        # keep the highest seq. Not the highest version: generations differ between the
+        # μshards of one p-shard, so a version of a moved μshard would hide later seqs.
         known = self.min_version.get(attempt.shard)
-        if known is None or version > known:
+        if known is None or version.seq > known.seq:
             self.min_version[attempt.shard] = version
 
     def _on_read_reply(self, attempt: Attempt, reply: ReadReply, now: float) -> None:
@@ -515,6 +557,7 @@ class SimClient:
                 record_version=reply.record_version,
                 applied_seq=reply.applied_seq,
                 own_write_version=self.own_writes.get(attempt.key),
+                generation=reply.generation,
             )
         )
 

@@ -14,25 +14,48 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loom.core.ids import Ballot, Epoch, Incarnation, NodeId, ShardId
+from loom.core.ids import Ballot, Epoch, Incarnation, NodeId, ShardId, UShard
 from loom.core.limits import Limits
 from loom.core.time import Instant
-from loom.host.requests import ClientReply, ReadRequest, WriteReply, WriteRequest
+from loom.host.requests import (
+    ClientReply,
+    ErrorReply,
+    ExportReply,
+    ExportRequest,
+    MoveRequest,
+    ReadRequest,
+    WriteReply,
+    WriteRequest,
+)
 from loom.host.shard import HostOutput
 from loom.paxos.messages import Accept, Config, Envelope, Promise
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
 from loom.shardmgr.core import Announce, NodeReport, PersistEpoch, ShardManagerCore, SmParams
+from loom.shardmgr.moves import (
+    ExportChunk,
+    Exported,
+    InstallMapping,
+    Mover,
+    MoverParams,
+    Proposed,
+    ProposeMove,
+    Step,
+    Unanswered,
+)
 from loom.sim.faults import Faults
+from loom.sim.moves import OwnershipChecker
 from loom.sim.network import Network
 from loom.sim.node import Clock, SimNode, entry_value_digest
 from loom.sim.workload import (
     ATTEMPT_TIMEOUT_MS,
     RETRY_DELAY_MS,
+    USHARDS,
     Recorder,
     Routing,
     SimClient,
+    shard_of,
 )
 from loom.storage.memory import MemoryStore
 
@@ -55,6 +78,8 @@ class WorldConfig:
     replication: int = 3
     clients: int = 6
     load_ms_max: float = 60_000.0
+    # p-shards created owning no μshard, like those a reshard adds (moves only).
+    spare_shards: int = 0
 
 
 @dataclass(order=True, slots=True)
@@ -86,12 +111,29 @@ class World:
             bugs=config.bugs,
         )
         self.net = Network(random.Random(self.rng.random()), config.faults)
+        # The keyspace's μshard → p-shard mapping and its version; moves change it.
+        self.mapping = {UShard(u): shard_of(UShard(u), config.shards) for u in range(USHARDS)}
+        self.mapping_version = 1
+        self.mover_params = MoverParams(
+            chunk_records_max=4,
+            moves_in_flight_max=4,
+            bugs=frozenset(b for b in config.bugs if b.startswith("move-")),
+        )
+        self.mover = Mover(self.mover_params)
+        # What a durable manager has stored of the mover: taken before outputs leave.
+        self.mover_record = self.mover.record()
+        self.mover_restarts = 0
+        self.moves_done_before = 0  # by movers replaced in a manager restart
+        self.ownership = OwnershipChecker(self.mapping)
         self.nodes: dict[NodeId, SimNode] = {}
         for i in range(1, config.nodes + 1):
             self._add_node(NodeId(f"n{i}"))
         self.sm = ShardManagerCore(
             params=SmParams(
-                failure_timeout_ms=400.0, activation_timeout_ms=3000.0, announce_interval_ms=200.0
+                failure_timeout_ms=400.0,
+                activation_timeout_ms=3000.0,
+                announce_interval_ms=200.0,
+                prefer_highest_commit=config.faults.moves,
             ),
             rng=random.Random(self.rng.random()),
         )
@@ -103,7 +145,7 @@ class World:
                 rng=random.Random(self.rng.random()),
                 shards=config.shards,
                 recorder=self.rec,
-                routing=Routing(self._route),
+                routing=Routing(self._route, self.mapping.__getitem__),
                 fast_ack=True,
                 skip_absent_bug="txn-skip-absent" in config.bugs,
             )
@@ -147,13 +189,19 @@ class World:
         node = SimNode(
             node=node_id, clock=clock, params=self.params, rng=random.Random(self.rng.random())
         )
+        if self.cfg.faults.moves:
+            # Each p-shard owns its initial μshards only; the rest must be moved in.
+            node.initial = {
+                ShardId(shard): frozenset(u for u, s in self.mapping.items() if s == shard)
+                for shard in range(self.cfg.shards + self.cfg.spare_shards)
+            }
         self.nodes[node_id] = node
 
     def start(self) -> None:
         for node_id in sorted(self.nodes):
             self.sm.on_report(self.nodes[node_id].report(), self._sm_now())
         names = sorted(self.nodes)
-        for shard in range(self.cfg.shards):
+        for shard in range(self.cfg.shards + self.cfg.spare_shards):
             members = tuple(names[(shard + i) % len(names)] for i in range(self.cfg.replication))
             # One follower per shard: an asynchronous learner serving relaxed reads.
             follower = names[(shard + self.cfg.replication) % len(names)]
@@ -226,6 +274,8 @@ class World:
                 self._send(node_id, env.dst, env)
             for origin, reply in out.replies:
                 self._send(node_id, str(origin), reply)
+            for origin, mover_reply in out.mover_replies:
+                self._send(node_id, str(origin), mover_reply)
             for event in out.sm_events:
                 self._send(node_id, SM, (shard, event))
 
@@ -288,8 +338,10 @@ class World:
     def _observe(self, shard: ShardId, out: HostOutput) -> None:
         """Invariants visible at the source: one value per slot among applied entries,
         and one value per (ballot, slot) among sent Accepts."""
-        for entry in out.applied:
+        for entry, results in zip(out.applied, out.applied_results, strict=True):
             digest = entry_value_digest(entry.wall_ms, entry.epoch, entry.commands)
+            if self.cfg.faults.moves and (shard, entry.seq) not in self.applied_commands:
+                self.ownership.first_applied(shard, entry.seq, entry.commands, results)
             self.applied_commands.setdefault((shard, entry.seq), entry.commands)
             known = self.applied_values.setdefault((shard, entry.seq), digest)
             if known != digest:
@@ -364,7 +416,9 @@ class World:
             shard, assignment = payload
             node.host(shard, self.t).assign(assignment, now)
             self._flush(node, shard)
-        elif isinstance(payload, tuple) and isinstance(payload[1], WriteRequest | ReadRequest):
+        elif isinstance(payload, tuple) and isinstance(
+            payload[1], WriteRequest | ReadRequest | MoveRequest | ExportRequest
+        ):
             shard, request = payload
             host = node.host(shard, self.t)
             host.submit(src, request, now, node.clock.wall(self.t))
@@ -380,12 +434,94 @@ class World:
             self.sm.on_report(payload, self._sm_now())
         elif isinstance(payload, tuple) and isinstance(payload[1], SmEvent):
             self.sm.on_event(payload[0], payload[1], self._sm_now())
+        elif isinstance(payload, WriteReply | ExportReply | ErrorReply):
+            self._mover_reply(payload)
         self._sm_outputs()
 
     def _sm_tick(self) -> None:
         self.sm.tick(self._sm_now())
         self._sm_outputs()
+        if self.cfg.faults.moves:
+            self.mover.start_planned(self.mapping.__getitem__, self._sm_now())
+            self.mover.tick(self._sm_now())
+            self._mover_outputs()
         self.at(self.t + SM_TICK_MS, self._sm_tick)
+
+    # ------------------------------------------------------------------ moves
+
+    def start_move(self, ushard: UShard, target: ShardId) -> None:
+        move_id = self.mover.start(ushard, self.mapping[ushard], target, self._sm_now())
+        self.note("move", move_id, ushard, target)
+        self._mover_outputs()
+
+    def _mover_reply(self, reply: WriteReply | ExportReply | ErrorReply) -> None:
+        answer: Exported | Proposed | Unanswered
+        match reply:
+            case ExportReply():
+                answer = Exported(
+                    records=reply.records,
+                    cursor=reply.cursor,
+                    generation=reply.generation,
+                    total=reply.total,
+                )
+            case WriteReply():
+                answer = Proposed(result=reply.result)
+            case ErrorReply():
+                answer = Unanswered()
+        self.mover.on_reply(reply.token, answer, self._sm_now())
+        self._mover_outputs()
+
+    def restart_mover(self) -> Mover:
+        """The manager restarts: a new mover resumes from what was stored. Its request
+        tokens start far above the old ones, so a late answer to an old request is
+        ignored as stale (a real restart also loses the old connections)."""
+        self.mover_restarts += 1
+        self.note("mover restart", self.mover_restarts)
+        self.moves_done_before += sum(1 for m in self.mover.moves.values() if m.step is Step.DONE)
+        mover = Mover(self.mover_params)
+        mover.next_token = self.mover_restarts * 1_000_000_000
+        mover.restore(self.mover_record, self._sm_now())
+        self.mover = mover
+        self._mover_outputs()
+        return mover
+
+    def _mover_outputs(self) -> None:
+        for _ in range(16):  # installing a mapping produces the Drop: drain both
+            outputs = self.mover.outputs()
+            if not outputs:
+                return
+            self.mover_record = self.mover.record()  # stored before anything leaves
+            for output in outputs:
+                match output:
+                    case ProposeMove():
+                        request: MoveRequest | ExportRequest = MoveRequest(
+                            token=output.token, command=output.command
+                        )
+                        self._to_primary(output.shard, request)
+                    case ExportChunk():
+                        request = ExportRequest(
+                            token=output.token,
+                            ushard=output.ushard,
+                            move_id=output.move_id,
+                            after=output.after,
+                            limit=output.limit,
+                        )
+                        self._to_primary(output.shard, request)
+                    case InstallMapping():
+                        self._install_mapping(output)
+
+    def _to_primary(self, shard: ShardId, request: MoveRequest | ExportRequest) -> None:
+        primary, _members = self._route(shard)
+        if primary is not None:
+            self._send(SM, primary, (shard, request))
+
+    def _install_mapping(self, output: InstallMapping) -> None:
+        """A new mapping version (stored at once: the sim's metastore is in memory)."""
+        self.ownership.mapping_installed(output.ushard, output.shard)
+        self.mapping[output.ushard] = output.shard
+        self.mapping_version += 1
+        self.note("mapping", self.mapping_version, output.ushard, output.shard)
+        self.mover.mapping_installed(output.move_id, self._sm_now())
 
     def _sm_outputs(self) -> None:
         for _ in range(16):  # persisting may produce announcements: drain both

@@ -1,0 +1,263 @@
+"""The shard manager's resharding driver: runs one `Mover` per keyspace being resharded
+against the real nodes (docs/protocols/resharding.md, ADR 0009).
+
+Rules of this module:
+- one task owns the movers (`run`): plans, ticks, replies and mapping installs all
+  reach them from that task, so a mover is never entered twice at once;
+- each request to a node is its own task, bounded by `CALL_TIMEOUT_S`, owned here and
+  cancelled on `close`; its answer comes back through a bounded queue (a full queue
+  drops the answer: the mover resends after `resend_after_ms`);
+- a mapping version is installed through the manager's `install_mapping` (a
+  compare-and-swap of the keyspace record) before the mover is told, so the source
+  drops the μshard only once the new mapping is stored;
+- a mover's unfinished work (`Mover.record`) is stored at `reshard/{keyspace}` before
+  the outputs that follow a change are sent, so a manager that restarts (or a new
+  leader) resumes every move where it was (`restore`), and a move that may have sent
+  Own is never aborted. Move ids come from the metastore (`Catalog.allocate_move_ids`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from loom.core.errors import LoomError
+from loom.core.ids import ShardId, UShard
+from loom.core.time import Instant
+from loom.host.requests import (
+    ErrorReply,
+    ExportReply,
+    ExportRequest,
+    MoveRequest,
+    MoverRequest,
+    WriteReply,
+)
+from loom.runtime.codec import MoverAnswer, MoverCall, decode, encode
+from loom.runtime.rpc import RpcClient
+from loom.shardmgr.metastore import Metastore
+from loom.shardmgr.moves import (
+    ExportChunk,
+    Exported,
+    InstallMapping,
+    Mover,
+    MoverInput,
+    MoverParams,
+    MoverRecord,
+    Proposed,
+    ProposeMove,
+    Unanswered,
+)
+from loom.shardmgr.routing import Keyspace
+
+log = logging.getLogger("loom.sm.reshard")
+RESHARD = "reshard/"
+_ENCODER = msgspec.msgpack.Encoder()
+_RECORD = msgspec.msgpack.Decoder(MoverRecord)
+TICK_S = 0.05
+CALL_TIMEOUT_S = 2.0
+ANSWERS_MAX = 4096
+
+AddressOf = Callable[[ShardId], tuple[str, int] | None]
+InstallMapping_ = Callable[[str, UShard, ShardId], Awaitable[None]]
+
+
+class Resharder:
+    def __init__(
+        self,
+        *,
+        metastore: Metastore,
+        keyspace_of: Callable[[str], Keyspace | None],
+        primary_address: AddressOf,
+        install_mapping: InstallMapping_,
+        params: MoverParams | None = None,
+    ) -> None:
+        self.metastore = metastore
+        # What is stored of each mover: (record, revision).
+        self.stored: dict[str, tuple[MoverRecord, int]] = {}
+        self.keyspace_of = keyspace_of
+        self.primary_address = primary_address
+        self.install_mapping = install_mapping
+        self.params = params or MoverParams()
+        self.movers: dict[str, Mover] = {}
+        self.answers: asyncio.Queue[tuple[str, int, MoverInput]] = asyncio.Queue(ANSWERS_MAX)
+        self.calls: set[asyncio.Task[None]] = set()
+        self.connections: dict[tuple[str, int], RpcClient] = {}
+        self.connecting: dict[tuple[str, int], asyncio.Lock] = {}
+
+    def plan(self, name: str, moves: list[tuple[UShard, ShardId]], first_move_id: int) -> None:
+        """Queue a keyspace's moves (μshard numbers are per keyspace: one mover each).
+        `first_move_id` starts `ids_needed(name, moves)` ids allocated in the metastore."""
+        self.movers.setdefault(name, Mover(self.params)).plan(moves, first_move_id)
+
+    def ids_needed(self, name: str, moves: list[tuple[UShard, ShardId]]) -> int:
+        mover = self.movers.get(name)
+        return len(moves) + (len(mover.planned) if mover is not None else 0)
+
+    def pending(self, name: str) -> int:
+        mover = self.movers.get(name)
+        return 0 if mover is None else len(mover.planned) + mover.in_flight()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = Instant(time.monotonic() * 1000)
+            while not self.answers.empty():
+                name, token, answer = self.answers.get_nowait()
+                if name in self.movers:
+                    self.movers[name].on_reply(token, answer, now)
+            for name in sorted(self.movers):
+                keyspace = self.keyspace_of(name)
+                mover = self.movers[name]
+                if keyspace is None:
+                    del self.movers[name]  # dropped meanwhile
+                    continue
+                mover.start_planned(keyspace.shard_of, now)
+                mover.tick(now)
+                await self._execute(name, mover, now)
+
+    def load(self) -> list[tuple[str, MoverRecord, int]]:
+        """The stored movers (blocking: call off the event loop)."""
+        return [
+            (key.removeprefix(RESHARD), _RECORD.decode(value), revision)
+            for key, value, revision in self.metastore.list(RESHARD)
+        ]
+
+    def restore(self, stored: list[tuple[str, MoverRecord, int]], now: Instant) -> None:
+        """Takes over the stored movers (call after the keyspaces are loaded)."""
+        for name, record, revision in stored:
+            self.stored[name] = (record, revision)
+            if record.moves or record.planned:
+                mover = self.movers.setdefault(name, Mover(self.params))
+                mover.restore(record, now)
+                log.info(
+                    "keyspace %s: resuming %d moves, %d planned",
+                    name, len(record.moves), len(record.planned),
+                )  # fmt: skip
+
+    async def _store(self, name: str, mover: Mover) -> bool:
+        """Stores the mover's work if it changed; False if the metastore failed."""
+        record = mover.record()
+        stored = self.stored.get(name)
+        if stored is not None and stored[0] == record:
+            return True
+        key = RESHARD + name
+        revision = stored[1] if stored is not None else None
+        try:
+            result = await asyncio.to_thread(
+                self.metastore.compare_and_swap, key, revision, _ENCODER.encode(record)
+            )
+        except LoomError as error:
+            log.warning("moves of %s not stored: %s", name, error)
+            return False
+        if result.current is not None:
+            # Another manager wrote it (a deposed leader): take its revision; the
+            # next turn writes ours over it.
+            self.stored[name] = (_RECORD.decode(result.current[0]), result.current[1])
+        return result.ok
+
+    async def _execute(self, name: str, mover: Mover, now: Instant) -> None:
+        for _ in range(16):  # an install leads to the Drop: drain both
+            outputs = mover.outputs()
+            if not outputs:
+                return
+            if not await self._store(name, mover):
+                # Nothing leaves before it is stored; installs wait, the rest is resent.
+                mover.pending.extend(o for o in outputs if isinstance(o, InstallMapping))
+                return
+            for output in outputs:
+                match output:
+                    case ProposeMove():
+                        request: MoverRequest = MoveRequest(
+                            token=output.token, command=output.command
+                        )
+                        self._call(name, output.shard, request)
+                    case ExportChunk():
+                        request = ExportRequest(
+                            token=output.token,
+                            ushard=output.ushard,
+                            move_id=output.move_id,
+                            after=output.after,
+                            limit=output.limit,
+                        )
+                        self._call(name, output.shard, request)
+                    case InstallMapping():
+                        try:
+                            await self.install_mapping(name, output.ushard, output.shard)
+                        except LoomError as error:
+                            # Not stored: the move waits in INSTALL; tried again below.
+                            log.warning("mapping of %s not stored: %s", name, error)
+                            mover.pending.append(output)
+                            return
+                        log.info(
+                            "keyspace %s: μshard %d moved to p-shard %d",
+                            name, output.ushard, output.shard,
+                        )  # fmt: skip
+                        mover.mapping_installed(output.move_id, now)
+
+    def _call(self, name: str, shard: ShardId, request: MoverRequest) -> None:
+        address = self.primary_address(shard)
+        if address is None:
+            return  # no primary known: the mover resends after resend_after_ms
+        task = asyncio.get_running_loop().create_task(self._ask(name, address, shard, request))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def _ask(
+        self, name: str, address: tuple[str, int], shard: ShardId, request: MoverRequest
+    ) -> None:
+        answer: MoverInput = Unanswered()
+        try:
+            client = await self._connection(address)
+            body = await client.call(
+                encode(MoverCall(shard=shard, request=request)), timeout_s=CALL_TIMEOUT_S
+            )
+            message = decode(body)
+            if isinstance(message, MoverAnswer):
+                answer = _answer(message.reply)
+        except (LoomError, OSError) as error:
+            log.debug("mover call to %s failed: %s", address, error)
+            stale = self.connections.pop(address, None)
+            if stale is not None:
+                await stale.close()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.answers.put_nowait((name, request.token, answer))
+
+    async def _connection(self, address: tuple[str, int]) -> RpcClient:
+        """One connection per node; concurrent calls wait for the same connect."""
+        lock = self.connecting.setdefault(address, asyncio.Lock())
+        async with lock:
+            client = self.connections.get(address)
+            if client is None:
+                client = await RpcClient.connect(*address)
+                self.connections[address] = client
+            return client
+
+    async def close(self) -> None:
+        for task in list(self.calls):
+            task.cancel()
+        for task in list(self.calls):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for client in self.connections.values():
+            await client.close()
+        self.connections.clear()
+
+
+def _answer(reply: WriteReply | ExportReply | ErrorReply) -> MoverInput:
+    match reply:
+        case ExportReply():
+            return Exported(
+                records=reply.records,
+                cursor=reply.cursor,
+                generation=reply.generation,
+                total=reply.total,
+            )
+        case WriteReply():
+            return Proposed(result=reply.result)
+        case ErrorReply():
+            return Unanswered()
