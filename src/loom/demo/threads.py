@@ -11,7 +11,8 @@
    submits `copy_follow_graph` (idempotent); a celebrity's sign-up fans out `notify`
    calls to their followers. Likes (counters) and feed reads at mixed consistency
    hit the store meanwhile.
-5. Midway, a node holding primaries is killed with SIGKILL, and restarted later.
+5. Midway, the follow graph reshards live from 2 to 8 p-shards; then a node holding
+   primaries is killed with SIGKILL, and restarted later.
 6. The queue drains; `verify` checks that nothing was lost or done twice.
 """
 
@@ -48,6 +49,10 @@ NOTIFICATIONS_WRITES_PER_S = 150.0
 LIKE_POSTS = 200
 OTHER_OPS_PER_S = 40
 DRAIN_TIMEOUT_S = 240.0
+RESHARD_AT = 0.3  # of the launch
+GRAPH_SHARDS = 2
+GRAPH_SHARDS_AFTER = 8
+GRAPH_USHARDS = 128
 KILL_AT = 0.55  # of the launch
 RESTART_AFTER_S = 12.0
 # The other product's p99 may grow this much over its p99 before the launch (or up to
@@ -62,6 +67,7 @@ class Settings:
     duration_s: float = 60.0  # of the sign-up ramp; the queue drains after it
     seed: int = 7
     kill: bool = True
+    reshard: bool = True
 
     def __post_init__(self) -> None:
         if not 20 <= self.users <= 200_000:
@@ -151,7 +157,7 @@ class Launch:
     async def create_keyspaces(self, client: kv.Client) -> None:
         self.say("creating tenants and keyspaces…")
         layout = [
-            (demo_app.GRAPH, "graph", 2),
+            (demo_app.GRAPH, "graph", GRAPH_SHARDS),
             (demo_app.COUNTERS, "counters", 2),
             (FEED, "feed", 1),
             (demo_app.NOTIFICATIONS, "notifications", 1),
@@ -160,7 +166,10 @@ class Launch:
         ]
         for keyspace, tenant, shards in layout:
             await client.create_tenant(tenant)
-            await client.create_keyspace(keyspace, shards=shards, tenant=tenant)
+            # The follow graph has fewer μshards than the default, so its live reshard
+            # (each μshard frozen, copied, owned) fits in the demo's few minutes.
+            ushards = GRAPH_USHARDS if keyspace == demo_app.GRAPH else 4096
+            await client.create_keyspace(keyspace, shards=shards, tenant=tenant, ushards=ushards)
         await client.set_quota(demo_app.NOTIFICATIONS, writes_per_s=NOTIFICATIONS_WRITES_PER_S)
 
     async def load_legacy_graph(self, client: kv.Client) -> None:
@@ -298,9 +307,17 @@ class Launch:
             await asyncio.sleep(2 / OTHER_OPS_PER_S)
 
     async def faults(self, client: kv.Client) -> None:
+        """Midway, as load climbs: the follow graph reshards live, then a node holding
+        primaries is killed and later restarted."""
+        await asyncio.sleep(self.settings.duration_s * RESHARD_AT)
+        if self.settings.reshard:
+            self.mark(f"reshard {demo_app.GRAPH} {GRAPH_SHARDS} → {GRAPH_SHARDS_AFTER} p-shards")
+            started = self.elapsed()
+            await client.reshard_keyspace(demo_app.GRAPH, shards=GRAPH_SHARDS_AFTER)
+            self.mark(f"reshard done in {self.elapsed() - started:.1f} s")
         if not self.settings.kill:
             return
-        await asyncio.sleep(self.settings.duration_s * KILL_AT)
+        await asyncio.sleep(max(0.0, self.settings.duration_s * KILL_AT - self.elapsed()))
         victim = await self._node_with_most_primaries(client)
         self.cluster.kill(victim)
         self.mark(f"SIGKILL {victim} (primaries on it fail over)")
