@@ -46,6 +46,8 @@ test: lint typecheck contracts pytest
 
 sim: $(STAMP)
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults all
+	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults moves
+	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --functions --seeds 100
 
 # The Threads launch, replayed on an embedded cluster (3-5 minutes); the report lands in
 # loom-demo-report.html.
@@ -59,6 +61,8 @@ bench: $(STAMP) etcd redis
 	$(VENV)/bin/loom bench failover --trials 5
 	$(VENV)/bin/loom bench kv --workload W --clients 64 --duration 10 --peer etcd
 	$(VENV)/bin/loom bench kv --workload C --clients 64 --duration 10 --peer etcd
+	$(VENV)/bin/loom bench functions --calls 5000 --peer celery
+	$(VENV)/bin/loom bench tenants
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
