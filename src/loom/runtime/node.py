@@ -362,12 +362,8 @@ class NodeRuntime:
         if refusal is not None:  # answered at once: never queued, never dropped
             return encode(ClientAnswer(reply=refusal))
         call_id = next(self.call_ids)
-        future: asyncio.Future[ClientReply | MoverReply] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self.calls[call_id] = future
-        reply: ClientReply | MoverReply
-        try:
+
+        def submit() -> None:
             tenant = self.auth.owner_of.get(call.shard, "")
             if not self.fair.push(tenant, (call_id, call.shard, call.request)):
                 raise asyncio.QueueFull  # this tenant's queue (or all of them) is full
@@ -376,40 +372,40 @@ class NodeRuntime:
                 # takes from the fair queue on its next turn anyway.
                 with contextlib.suppress(asyncio.QueueFull):
                     self._enqueue(_wake)
-            async with asyncio.timeout(CLIENT_CALL_TIMEOUT_S):
-                reply = await future
-        except TimeoutError:
-            reply = ErrorReply(token=call.request.token, code=ErrorCode.TIMEOUT, retry_after_ms=10)
-        except asyncio.QueueFull:
-            reply = ErrorReply(
-                token=call.request.token, code=ErrorCode.OVERLOADED, retry_after_ms=20
-            )
-        finally:
-            self.calls.pop(call_id, None)
+
+        reply = await self._reply(call_id, call.request.token, submit)
         if isinstance(reply, ExportReply):
             raise BadMessage("a client request was answered with an export")
         return encode(ClientAnswer(reply=reply))
 
-    async def _mover_call(self, call: MoverCall) -> bytes:
-        """The manager's mover, answered like a client call (its own reply types)."""
-        call_id = next(self.call_ids)
+    async def _reply(
+        self, call_id: int, token: int, submit: Callable[[], None]
+    ) -> ClientReply | MoverReply:
+        """Hands a call to the storage turns (`submit`, which may raise QueueFull) and
+        waits for its reply; a timeout or a full queue is an error reply, never a drop."""
         future: asyncio.Future[ClientReply | MoverReply] = (
             asyncio.get_running_loop().create_future()
         )
         self.calls[call_id] = future
-        reply: ClientReply | MoverReply
         try:
-            self._enqueue(lambda i: i.calls.append((call_id, call.shard, call.request)))
+            submit()
             async with asyncio.timeout(CLIENT_CALL_TIMEOUT_S):
-                reply = await future
+                return await future
         except TimeoutError:
-            reply = ErrorReply(token=call.request.token, code=ErrorCode.TIMEOUT, retry_after_ms=10)
+            return ErrorReply(token=token, code=ErrorCode.TIMEOUT, retry_after_ms=10)
         except asyncio.QueueFull:
-            reply = ErrorReply(
-                token=call.request.token, code=ErrorCode.OVERLOADED, retry_after_ms=20
-            )
+            return ErrorReply(token=token, code=ErrorCode.OVERLOADED, retry_after_ms=20)
         finally:
             self.calls.pop(call_id, None)
+
+    async def _mover_call(self, call: MoverCall) -> bytes:
+        """The manager's mover, answered like a client call (its own reply types)."""
+        call_id = next(self.call_ids)
+        reply = await self._reply(
+            call_id,
+            call.request.token,
+            lambda: self._enqueue(lambda i: i.calls.append((call_id, call.shard, call.request))),
+        )
         if isinstance(reply, ReadReply | ScanReply):
             raise BadMessage("a move command was answered with a read reply")
         return encode(MoverAnswer(reply=reply))
