@@ -151,7 +151,7 @@ def test_batched_calls_run_together_and_throttled_calls_cut_the_rate(tmp_path: P
 
 @pytest.mark.timeout(180)
 def test_a_flooding_tenant_does_not_starve_another(tmp_path: Path) -> None:
-    finished: dict[str, list[float]] = {"flood": [], "quiet": []}
+    started: dict[str, list[float]] = {"flood": [], "quiet": []}
 
     async def scenario(cluster: LocalCluster) -> None:
         apps = []
@@ -160,7 +160,7 @@ def test_a_flooding_tenant_does_not_starve_another(tmp_path: Path) -> None:
 
             @app.function(downstream=("kv:shared",), timeout_s=10, name="work")
             async def work(ctx: Context, i: int, name: str = name) -> int:
-                finished[name].append(time.monotonic())
+                started[name].append(time.monotonic())
                 return i
 
             apps.append(app)
@@ -173,15 +173,18 @@ def test_a_flooding_tenant_does_not_starve_another(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
             await apps[0].functions["work"].submit_many([[i] for i in range(1500)])
             await asyncio.sleep(1.0)  # the flood is under way
-            since = time.monotonic()
             quiet = await apps[1].functions["work"].submit_many([[i] for i in range(60)])
             for call in quiet:
                 await call.result(timeout_s=60)
-            # While the quiet tenant's 60 calls ran, the flood got about as many (its
-            # fair half of the downstream), not the whole downstream until drained.
-            flood_meanwhile = sum(1 for t in finished["flood"] if t > since)
-            assert flood_meanwhile < 3 * 60, flood_meanwhile
-            assert len(finished["flood"]) < 1500
+            # The quiet tenant did not wait behind the flood's backlog ...
+            assert len(started["flood"]) < 1500
+            # ... and while its 60 calls were being started, the flood got about as
+            # many (its fair half of the downstream), not the whole downstream. The
+            # window is the quiet calls' own, so a slow machine stretching the time to
+            # notice and collect them does not count against the share.
+            first, last = started["quiet"][0], started["quiet"][-1]
+            flood_meanwhile = sum(1 for t in started["flood"] if first <= t <= last)
+            assert flood_meanwhile < 2 * 60, flood_meanwhile
 
     run_scenario(tmp_path, scenario)
 

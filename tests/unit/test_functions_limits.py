@@ -12,11 +12,11 @@ from loom.functions.limits import (
     Aimd,
     AimdSettings,
     Allotment,
+    FairShare,
     LatencyWatch,
     TokenBucket,
     allotted_partitions,
     concurrency_share,
-    fair_rounds,
 )
 
 
@@ -65,7 +65,7 @@ def test_aimd_halves_once_per_cooldown_and_grows_additively() -> None:
     assert aimd.cuts == 2 and aimd.signals == 3 and not aimd.throttling
 
 
-def test_fair_rounds_share_by_weight_while_everyone_has_work() -> None:
+def test_fair_share_divides_by_weight_while_everyone_has_work() -> None:
     backlog = {"flood": 10**6, "small": 50, "heavy": 10**6}
     room = 400
 
@@ -76,10 +76,50 @@ def test_fair_rounds_share_by_weight_while_everyone_has_work() -> None:
         return count
 
     taken: dict[str, int] = {}
-    fair_rounds(["flood", "heavy", "small"], {"heavy": 2}, take, quantum=10)
+    FairShare(quantum=10).run(["flood", "heavy", "small"], {"heavy": 2}, take)
     assert taken["small"] == 50  # its whole backlog, despite the flood
     assert taken["heavy"] >= 1.8 * taken["flood"]
     assert sum(taken.values()) == room
+
+
+def test_fair_share_holds_when_room_frees_one_call_per_pass() -> None:
+    # A rate-limited downstream frees one token at a time: every pass has room for one
+    # call. The share must still alternate, not go to the first tenant every time
+    # (the bug a CI run caught: the flood got three calls to the quiet tenant's one).
+    fair = FairShare()
+    taken = {"flood": 0, "quiet": 0}
+
+    def take_one(tenant: str, allowance: int) -> int:
+        if room[0] == 0:
+            return 0
+        room[0] -= 1
+        taken[tenant] += 1
+        return 1
+
+    for _ in range(200):
+        room = [1]
+        fair.run(["flood", "quiet"], {}, take_one)
+    assert taken == {"flood": 100, "quiet": 100}
+
+
+def test_a_tenant_back_from_idle_banks_no_credit() -> None:
+    fair = FairShare()
+    taken = {"busy": 0, "back": 0}
+
+    def take(tenant: str, allowance: int) -> int:
+        if room[0] == 0:
+            return 0
+        room[0] -= 1
+        taken[tenant] += 1
+        return 1
+
+    for _ in range(100):  # only "busy" has work
+        room = [1]
+        fair.run(["busy"], {}, take)
+    for _ in range(20):  # "back" returns: it shares from now on, it does not catch up
+        room = [1]
+        fair.run(["back", "busy"], {}, take)
+    assert taken == {"busy": 110, "back": 10}
 
 
 def test_aimd_grows_to_at_most_twice_the_rate_in_use() -> None:

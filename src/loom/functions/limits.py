@@ -21,14 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from loom.core.errors import InvalidArgument
 
 # A bucket never holds less than one token's room, or a tiny allotment could never
 # dispatch anything.
 BURST_S = 0.1
-T = TypeVar("T")
 
 
 def allotted_partitions(concurrency_max: int | None, partitions: int) -> list[int]:
@@ -191,31 +189,36 @@ class LatencyWatch:
         )
 
 
-def fair_rounds(
-    tenants: list[T],
-    weights: dict[T, int],
-    take: Callable[[T, int], int],
-    *,
-    quantum: int = 8,
-) -> dict[T, int]:
-    """Weighted fair share by deficit round robin: in each round a tenant may take up
-    to `weight × quantum` calls (`take(tenant, allowance)` takes some and says how
-    many; 0 when it cannot take more now), so a tenant with a backlog of millions gets
-    its share and no more while others have work. Rounds go on until no tenant can
-    take anything. Returns the takes."""
-    taken = dict.fromkeys(tenants, 0)
-    active = list(tenants)
-    while active:
-        still = []
-        for tenant in active:
-            allowance = weights.get(tenant, 1) * quantum
-            while allowance > 0:
-                count = take(tenant, allowance)
-                if count <= 0:
-                    break
-                taken[tenant] += count
-                allowance -= count
-            if allowance <= 0:
-                still.append(tenant)
-        active = still
-    return taken
+class FairShare:
+    """Weighted fair share of dispatch across tenants, by start-time fair queuing: each
+    tenant has a virtual time that grows by `calls / weight` as it is served, and the
+    tenant furthest behind goes next. The virtual times persist across dispatch passes,
+    so when only a trickle of room frees at a time (one token per pass) it still goes
+    to tenants in turn, not always to the first in some fixed order. A tenant that had
+    no work starts at the least virtual time of those that do, so idleness banks no
+    credit and a tenant with a backlog of millions gets its share and no more."""
+
+    def __init__(self, quantum: int = 8) -> None:
+        self.quantum = quantum
+        self.vtime: dict[str, float] = {}
+
+    def run(
+        self, tenants: list[str], weights: dict[str, int], take: Callable[[str, int], int]
+    ) -> dict[str, int]:
+        """One pass: `take(tenant, allowance)` takes up to `allowance` calls and says
+        how many (0 when it cannot take more now); goes on until no tenant can take
+        anything. Returns the takes."""
+        floor = min((self.vtime[t] for t in tenants if t in self.vtime), default=0.0)
+        self.vtime = {t: max(self.vtime.get(t, floor), floor) for t in tenants}
+        taken = dict.fromkeys(tenants, 0)
+        active = set(tenants)
+        while active:
+            tenant = min(active, key=lambda t: (self.vtime[t], t))
+            weight = weights.get(tenant, 1)
+            count = take(tenant, weight * self.quantum)
+            if count <= 0:
+                active.discard(tenant)
+                continue
+            taken[tenant] += count
+            self.vtime[tenant] += count / weight
+        return taken

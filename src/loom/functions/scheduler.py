@@ -40,10 +40,10 @@ from loom.functions.limits import (
     Aimd,
     AimdSettings,
     Allotment,
+    FairShare,
     LatencyWatch,
     TokenBucket,
     concurrency_share,
-    fair_rounds,
 )
 from loom.functions.protocol import Ack, Pull, Report, Work
 from loom.functions.queue import (
@@ -200,6 +200,7 @@ class Scheduler:
         self.claiming: set[str] = set()
         self.waiters: list[Waiter] = []
         self.busy = False
+        self.fair = FairShare()
         self.beats = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.claims = asyncio.Semaphore(CLAIMS_IN_FLIGHT_MAX)
@@ -578,7 +579,7 @@ class Scheduler:
                     return count
             return 0
 
-        fair_rounds(sorted(by_tenant), weights, take)
+        self.fair.run(sorted(by_tenant), weights, take)
         # Busy: a call of normal or high criticality could not go out for lack of room.
         self.busy = any(
             s.candidate_count()
