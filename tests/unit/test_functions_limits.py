@@ -82,43 +82,35 @@ def test_fair_share_divides_by_weight_while_everyone_has_work() -> None:
     assert sum(taken.values()) == room
 
 
+def trickle(fair: FairShare, tenants: list[str], passes: int, taken: dict[str, int]) -> None:
+    """`passes` dispatch passes, each with room for one call, every tenant backlogged."""
+    for _ in range(passes):
+        room = [1]
+
+        def take_one(tenant: str, allowance: int) -> int:
+            if room[0] == 0:
+                return 0
+            room[0] -= 1
+            taken[tenant] = taken.get(tenant, 0) + 1
+            return 1
+
+        fair.run(tenants, {}, take_one)
+
+
 def test_fair_share_holds_when_room_frees_one_call_per_pass() -> None:
     # A rate-limited downstream frees one token at a time: every pass has room for one
     # call. The share must still alternate, not go to the first tenant every time
     # (the bug a CI run caught: the flood got three calls to the quiet tenant's one).
-    fair = FairShare()
-    taken = {"flood": 0, "quiet": 0}
-
-    def take_one(tenant: str, allowance: int) -> int:
-        if room[0] == 0:
-            return 0
-        room[0] -= 1
-        taken[tenant] += 1
-        return 1
-
-    for _ in range(200):
-        room = [1]
-        fair.run(["flood", "quiet"], {}, take_one)
+    taken: dict[str, int] = {}
+    trickle(FairShare(), ["flood", "quiet"], 200, taken)
     assert taken == {"flood": 100, "quiet": 100}
 
 
 def test_a_tenant_back_from_idle_banks_no_credit() -> None:
     fair = FairShare()
-    taken = {"busy": 0, "back": 0}
-
-    def take(tenant: str, allowance: int) -> int:
-        if room[0] == 0:
-            return 0
-        room[0] -= 1
-        taken[tenant] += 1
-        return 1
-
-    for _ in range(100):  # only "busy" has work
-        room = [1]
-        fair.run(["busy"], {}, take)
-    for _ in range(20):  # "back" returns: it shares from now on, it does not catch up
-        room = [1]
-        fair.run(["back", "busy"], {}, take)
+    taken: dict[str, int] = {}
+    trickle(fair, ["busy"], 100, taken)  # only "busy" has work
+    trickle(fair, ["back", "busy"], 20, taken)  # "back" shares from now on, no catching up
     assert taken == {"busy": 110, "back": 10}
 
 
