@@ -84,16 +84,17 @@ def test_fair_share_divides_by_weight_while_everyone_has_work() -> None:
 
 def trickle(fair: FairShare, tenants: list[str], passes: int, taken: dict[str, int]) -> None:
     """`passes` dispatch passes, each with room for one call, every tenant backlogged."""
+    room = [0]
+
+    def take_one(tenant: str, allowance: int) -> int:
+        if room[0] == 0:
+            return 0
+        room[0] -= 1
+        taken[tenant] = taken.get(tenant, 0) + 1
+        return 1
+
     for _ in range(passes):
-        room = [1]
-
-        def take_one(tenant: str, allowance: int) -> int:
-            if room[0] == 0:
-                return 0
-            room[0] -= 1
-            taken[tenant] = taken.get(tenant, 0) + 1
-            return 1
-
+        room[0] = 1
         fair.run(tenants, {}, take_one)
 
 
