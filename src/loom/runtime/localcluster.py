@@ -5,6 +5,7 @@ only those, by PID. Each child's stderr (its log) goes to `DATA/logs/NAME.log`."
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -52,6 +53,7 @@ class LocalCluster:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 text=True,
+                env=self._env(args[0]),
                 # Its own process group: a Ctrl-C in our terminal reaches us, and we stop
                 # the children in order.
                 start_new_session=True,
@@ -76,6 +78,14 @@ class LocalCluster:
             f"127.0.0.1:{self.ports[name]}" if arg == "127.0.0.1:0" else arg for arg in args
         ]
         return self.ports[name]
+
+    def _env(self, command: str) -> dict[str, str] | None:
+        """Schedulers and workers of a cluster with auth act for it with the admin
+        token (`$LOOM_TOKEN`): a local cluster is one operator's, and its functions
+        reach the queue and every app's keyspaces."""
+        if command not in ("scheduler", "worker") or self.admin_token is None:
+            return None
+        return {**os.environ, "LOOM_TOKEN": self.admin_token}
 
     def start_manager(
         self,
