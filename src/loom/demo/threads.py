@@ -381,9 +381,12 @@ class Launch:
         """Waits until no call is queued or running any more."""
         queue = await DurableQueue.open(client)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        empty = 0
         while time.monotonic() < deadline:
             with contextlib.suppress(LoomError):
-                if not await queue.pending():
+                # Empty twice, a second apart: one look may fall between two pages.
+                empty = 0 if await queue.pending() else empty + 1
+                if empty == 2:
                     return True
             await asyncio.sleep(1.0)
         return False

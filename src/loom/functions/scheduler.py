@@ -778,6 +778,13 @@ class Scheduler:
         try:
             async with asyncio.timeout(pull.wait_ms / 1000):
                 return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The worker is gone (its connection closed): a waiter left behind would
+            # take calls that nobody runs, each losing an attempt to its lease.
+            if not waiter.batches:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+            raise
         except TimeoutError:
             if future.done():
                 return future.result()
