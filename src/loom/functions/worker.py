@@ -137,7 +137,8 @@ class Worker:
     async def _connection(self, scheduler: str, address: tuple[str, int]) -> RpcClient:
         client = self.schedulers.get(scheduler)
         if client is None:
-            client = self.schedulers[scheduler] = await RpcClient.connect(*address)
+            client = await RpcClient.connect(*address, tls=self.app.tls)
+            self.schedulers[scheduler] = client
         return client
 
     async def _pull_loop(

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 
 from loom.runtime.rpc import RpcClient
+from loom.runtime.tls import TlsConfig
 
 QUEUE_MAX = 4_096
 BATCH_MAX = 64
@@ -19,8 +20,11 @@ CALL_TIMEOUT_S = 2.0
 
 
 class Outbound:
-    def __init__(self, address: Callable[[], tuple[str, int]]) -> None:
+    def __init__(
+        self, address: Callable[[], tuple[str, int]], *, tls: TlsConfig | None = None
+    ) -> None:
         self.address = address
+        self.tls = tls
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
         self.dropped = 0
 
@@ -41,7 +45,7 @@ class Outbound:
                 try:
                     if client is None:
                         host, port = self.address()
-                        client = await RpcClient.connect(host, port)
+                        client = await RpcClient.connect(host, port, tls=self.tls)
                     await client.call_many(bodies, timeout_s=CALL_TIMEOUT_S)
                 except Exception:  # noqa: BLE001 - any failure: drop, reconnect next time
                     self.dropped += len(bodies)
