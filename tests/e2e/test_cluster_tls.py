@@ -137,3 +137,33 @@ def run_route(cluster: LocalCluster) -> ShardId:
             return (await route(client)).shard
 
     return run(shard())
+
+
+@pytest.mark.timeout(90)
+def test_replication_over_tls_survives_the_kill_of_the_primary(tmp_path: Path) -> None:
+    """Writes are acknowledged by a quorum over node↔node TLS; after SIGKILL of the
+    primary, a new primary (activated over TLS) serves every one of them."""
+    cluster = _start(tmp_path)
+
+    async def scenario() -> None:
+        async with kv.connect(
+            cluster.manager_address, timeout_s=CLIENT_TIMEOUT_S, tls=cluster.client_tls()
+        ) as client:
+            await client.create_keyspace(KEYSPACE, shards=1, replication=3)
+            ks = client.keyspace(KEYSPACE)
+            keys = [b"before:%d" % i for i in range(30)]
+            for key in keys:
+                await ks.put(key, b"v-" + key)
+            primary = (await route(client)).primary
+            cluster.kill(primary)
+            await ks.put(b"after", b"v-after")  # the client retries through the failover
+            keys.append(b"after")
+            assert (await route(client)).primary != primary
+            for key in keys:
+                item = await ks.get(key)
+                assert item is not None and item.value == b"v-" + key, key
+
+    try:
+        run(scenario())
+    finally:
+        cluster.stop()
