@@ -72,9 +72,9 @@ class TlsConfig:
     certificate; listeners need one, and so does cluster-internal traffic (mutual TLS);
     clients may go without."""
 
-    ca: Path
-    cert: Path | None = None
-    key: Path | None = None
+    ca: Path | str
+    cert: Path | str | None = None
+    key: Path | str | None = None
     _server: ssl.SSLContext | None = field(default=None, init=False, repr=False, compare=False)
     _client: ssl.SSLContext = field(init=False, repr=False, compare=False)
 
