@@ -9,14 +9,17 @@ waits or grows without bound.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
+from loom.core.errors import ConnectionFailed
 from loom.runtime.rpc import RpcClient
 from loom.runtime.tls import TlsConfig
 
 QUEUE_MAX = 4_096
 BATCH_MAX = 64
 CALL_TIMEOUT_S = 2.0
+log = logging.getLogger("loom.outbound")
 
 
 class Outbound:
@@ -27,6 +30,7 @@ class Outbound:
         self.tls = tls
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
         self.dropped = 0
+        self.misconfigured: str | None = None  # the last TLS failure, logged once
 
     def put(self, body: bytes) -> None:
         if self.queue.full():
@@ -47,7 +51,12 @@ class Outbound:
                         host, port = self.address()
                         client = await RpcClient.connect(host, port, tls=self.tls)
                     await client.call_many(bodies, timeout_s=CALL_TIMEOUT_S)
-                except Exception:  # noqa: BLE001 - any failure: drop, reconnect next time
+                except Exception as failure:  # noqa: BLE001 - any failure: drop, reconnect next time
+                    # TLS settings that disagree are retried too (a restart may fix
+                    # them), but an operator must hear of them, once.
+                    if isinstance(failure, ConnectionFailed) and str(failure) != self.misconfigured:
+                        self.misconfigured = str(failure)
+                        log.error("cannot deliver to %s: %s", self.address(), failure)
                     self.dropped += len(bodies)
                     if client is not None:
                         await client.close()

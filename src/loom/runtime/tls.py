@@ -57,6 +57,7 @@ ERROR_TLS_REQUIRED: Final = "tls_required"
 TLS_REQUIRED_DETAIL: Final = "this server expects TLS; connect with a CA (--tls-ca / LOOM_TLS_CA)"
 # How long a refused plaintext peer gets to read the error before the socket closes.
 REFUSAL_LINGER_S: Final = 1.0
+ACCEPT_RETRY_S: Final = 0.01
 ENV_CA, ENV_CERT, ENV_KEY = "LOOM_TLS_CA", "LOOM_TLS_CERT", "LOOM_TLS_KEY"
 
 # The verified certificate of the peer on the connection this task serves (None: the
@@ -280,7 +281,10 @@ class TlsListener:
             try:
                 peer, _ = await loop.sock_accept(self._socket)
             except OSError:
-                continue  # e.g. the peer reset before we accepted; keep listening
+                # The peer reset before we accepted, or no descriptor was left: keep
+                # listening, without spinning on an error that persists.
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             task = loop.create_task(self._admit(peer))
             self._admitting.add(task)
             task.add_done_callback(self._admitting.discard)
