@@ -236,18 +236,10 @@ class RpcServer:
         assert self._server is None
         if self._tls is None:
             self._server = await asyncio.start_server(self._serve, self._host, self._port)
-            return
-        refused = Response(
-            request_id=0, error=f"{tls_.ERROR_TLS_REQUIRED}: {tls_.TLS_REQUIRED_DETAIL}"
-        )
-        listener = tls_.TlsListener(
-            self._tls,
-            self._serve,
-            refusal=encode_frame(encode_items([refused])),
-            handshake_timeout_s=self.limits.io_timeout_s,
-        )
-        await listener.start(self._host, self._port)
-        self._server = listener
+        else:
+            listener = tls_.TlsListener(self._tls, self._serve, self.limits.io_timeout_s)
+            await listener.start(self._host, self._port)
+            self._server = listener
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection_id = next(self._connection_ids)
@@ -320,32 +312,14 @@ class RpcClient:
         """`ConnectionLost` if nobody answers (retryable); with `tls`, `ConnectionFailed`
         if the TLS handshake fails (the server runs without TLS, or a certificate is
         refused): trying again will not help."""
-        if tls is not None:
-            return await cls._connect_tls(host, port, limits, tls)
         try:
             async with asyncio.timeout(limits.io_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port)
+                if tls is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                else:
+                    opening = tls_.open_connection(host, port, tls, limits.io_timeout_s)
+                    reader, writer = await opening
         except (OSError, TimeoutError) as failure:
-            raise ConnectionLost(f"cannot connect to {host}:{port}: {failure!r}") from None
-        return cls(reader, writer, limits, peer=(host, port))
-
-    @classmethod
-    async def _connect_tls(
-        cls, host: str, port: int, limits: RpcLimits, tls: TlsConfig
-    ) -> RpcClient:
-        try:
-            async with asyncio.timeout(limits.io_timeout_s):
-                reader, writer = await asyncio.open_connection(
-                    host,
-                    port,
-                    ssl=tls.client_context(),
-                    ssl_handshake_timeout=limits.io_timeout_s,
-                )
-        except (ConnectionRefusedError, TimeoutError) as failure:
-            raise ConnectionLost(f"cannot connect to {host}:{port}: {failure!r}") from None
-        except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as failure:
-            raise tls_.handshake_error(host, port, failure) from None
-        except OSError as failure:
             raise ConnectionLost(f"cannot connect to {host}:{port}: {failure!r}") from None
         return cls(reader, writer, limits, peer=(host, port))
 

@@ -46,6 +46,8 @@ from loom.runtime.codec import (
     PeerMessage,
     RoutingPush,
 )
+from loom.wire.envelope import Response, encode_items
+from loom.wire.frames import encode_frame
 
 # The organizational unit of certificates that may send cluster-internal messages.
 CLUSTER_UNIT: Final = "loom-cluster"
@@ -177,6 +179,24 @@ def require_cluster_peer(message: object) -> None:
 # ------------------------------------------------------------------------ connecting
 
 
+async def open_connection(
+    host: str, port: int, config: TlsConfig, handshake_timeout_s: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """`asyncio.open_connection` with TLS; a failed handshake is `ConnectionFailed`
+    (not retryable), a refused or timed-out connection stays an `OSError`/`TimeoutError`."""
+    try:
+        return await asyncio.open_connection(
+            host,
+            port,
+            ssl=config.client_context(),
+            ssl_handshake_timeout=handshake_timeout_s,
+        )
+    except ConnectionRefusedError:
+        raise
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as failure:
+        raise handshake_error(host, port, failure) from None
+
+
 def handshake_error(host: str, port: int, error: BaseException) -> ConnectionFailed:
     """What a failed TLS handshake at connect time means, as a typed error."""
     where = f"{host}:{port}"
@@ -244,20 +264,15 @@ Connected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Non
 
 class TlsListener:
     """Accepts on one socket; starts TLS with peers that begin a TLS handshake and
-    answers the others with `refusal` (bytes: one loom frame) before closing them.
+    answers the others with a `tls_required` error frame before closing them.
     Quacks like the part of `asyncio.Server` that `RpcServer` uses."""
 
-    def __init__(
-        self,
-        config: TlsConfig,
-        connected: Connected,
-        *,
-        refusal: bytes,
-        handshake_timeout_s: float,
-    ) -> None:
+    def __init__(self, config: TlsConfig, connected: Connected, handshake_timeout_s: float) -> None:
         self._context = config.server_context()
         self._connected = connected
-        self._refusal = refusal
+        # One response frame with request id 0 (ids start at 1): a connection-level error.
+        refused = Response(request_id=0, error=f"{ERROR_TLS_REQUIRED}: {TLS_REQUIRED_DETAIL}")
+        self._refusal = encode_frame(encode_items([refused]))
         self._handshake_timeout_s = handshake_timeout_s
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
