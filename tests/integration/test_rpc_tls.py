@@ -45,9 +45,12 @@ def test_calls_over_tls_know_whether_the_peer_has_the_cluster_certificate(
     run(scenario())
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_every_mismatch_is_a_typed_error_at_once(
-    certs: tuple[CertificateFiles, CertificateFiles],
+    certs: tuple[CertificateFiles, CertificateFiles], loop: str
 ) -> None:
+    """On uvloop (processes) and on asyncio's own loop (e.g. `asyncio.run` in an app):
+    the two implement TLS separately."""
     mine, other = certs
     foreign_cert = TlsConfig(ca=mine.ca, cert=other.cert("client"), key=other.key("client"))
 
@@ -78,7 +81,7 @@ def test_every_mismatch_is_a_typed_error_at_once(
             tls_to_plain = await refused(plain_server.port, mine.client())
             assert "does it run without TLS" in str(tls_to_plain)
 
-    run(scenario())
+    (run if loop == "uvloop" else asyncio.run)(scenario())
 
 
 def test_a_tls_config_checks_its_files_when_made(

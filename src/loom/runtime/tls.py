@@ -56,7 +56,7 @@ CLIENT_UNIT: Final = "loom-client"
 TLS_HANDSHAKE_BYTE: Final = 0x16
 # The connection-level error a TLS listener sends a plaintext client.
 ERROR_TLS_REQUIRED: Final = "tls_required"
-TLS_REQUIRED_DETAIL: Final = "this server expects TLS; connect with a CA (--tls-ca / LOOM_TLS_CA)"
+TLS_REQUIRED_DETAIL: Final = "connect with TLS and the cluster's CA (--tls-ca or $LOOM_TLS_CA)"
 # How long a refused plaintext peer gets to read the error before the socket closes.
 REFUSAL_LINGER_S: Final = 1.0
 ACCEPT_RETRY_S: Final = 0.01
