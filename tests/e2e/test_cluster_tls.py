@@ -131,6 +131,29 @@ def test_cluster_messages_need_the_cluster_certificate(tls_cluster: LocalCluster
     run(still_served())  # the drop was refused: n1 still holds its replica
 
 
+@pytest.mark.timeout(90)
+def test_a_keyspace_reshards_over_tls(tls_cluster: LocalCluster) -> None:
+    """The manager moves μshards with `MoverCall`s to the primaries: cluster messages,
+    sent over mutual TLS with the cluster certificate."""
+
+    async def scenario() -> None:
+        async with kv.connect(
+            tls_cluster.manager_address, timeout_s=CLIENT_TIMEOUT_S, tls=tls_cluster.client_tls()
+        ) as client:
+            await client.create_keyspace("moved", shards=1, replication=3, ushards=64)
+            ks = client.keyspace("moved")
+            keys = [b"m%d" % i for i in range(40)]
+            for key in keys:
+                await ks.put(key, b"v-" + key)
+            resharded = await client.reshard_keyspace("moved", shards=2)
+            assert len({shard for _, shard in resharded.ranges}) == 2
+            for key in keys:
+                item = await ks.get(key)
+                assert item is not None and item.value == b"v-" + key, key
+
+    run(scenario())
+
+
 def run_route(cluster: LocalCluster) -> ShardId:
     async def shard() -> ShardId:
         async with kv.connect(cluster.manager_address, tls=cluster.client_tls()) as client:
