@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from loom.core.errors import ConnectionFailed
-from loom.runtime.rpc import RpcClient
+from loom.runtime.rpc import RemoteError, RpcClient
 from loom.runtime.tls import TlsConfig
 
 QUEUE_MAX = 4_096
@@ -30,7 +30,7 @@ class Outbound:
         self.tls = tls
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
         self.dropped = 0
-        self.misconfigured: str | None = None  # the last TLS failure, logged once
+        self.misconfigured: str | None = None  # the last refusal, logged once
 
     def put(self, body: bytes) -> None:
         if self.queue.full():
@@ -52,9 +52,11 @@ class Outbound:
                         client = await RpcClient.connect(host, port, tls=self.tls)
                     await client.call_many(bodies, timeout_s=CALL_TIMEOUT_S)
                 except Exception as failure:  # noqa: BLE001 - any failure: drop, reconnect next time
-                    # TLS settings that disagree are retried too (a restart may fix
-                    # them), but an operator must hear of them, once.
-                    if isinstance(failure, ConnectionFailed) and str(failure) != self.misconfigured:
+                    # TLS settings that disagree, or a peer refusing our messages (e.g.
+                    # without the cluster certificate), are retried too (a restart may
+                    # fix them), but an operator must hear of them, once.
+                    refused = isinstance(failure, ConnectionFailed | RemoteError)
+                    if refused and str(failure) != self.misconfigured:
                         self.misconfigured = str(failure)
                         log.error("cannot deliver to %s: %s", self.address(), failure)
                     self.dropped += len(bodies)
