@@ -94,7 +94,8 @@ def failover_command(trials: int, lease_ms: float, as_json: bool) -> None:
     "--peer",
     type=click.Choice(PEERS),
     default=None,
-    help="Then run the same workload (same seed) against a local 3-member etcd.",
+    help="Then run the same workload (same seed) against a local 3-member etcd, or "
+    "(loom-tls) against a fresh loom cluster with TLS on every connection.",
 )
 @click.option("--seed", type=int, default=SEED_DEFAULT, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")

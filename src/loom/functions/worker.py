@@ -178,7 +178,8 @@ class Worker:
         async with self.connecting.setdefault(scheduler, asyncio.Lock()):
             client = self.schedulers.get(scheduler)
             if client is None:
-                client = self.schedulers[scheduler] = await RpcClient.connect(*address)
+                client = await RpcClient.connect(*address, tls=self.app.tls)
+                self.schedulers[scheduler] = client
             return client
 
     async def _pull_loop(

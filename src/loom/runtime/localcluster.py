@@ -13,6 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loom.runtime.tls import TlsConfig
+from loom.runtime.tls_certs import CertificateFiles, init_certificates
+
 LISTENING = re.compile(r"listening on [^\s:]+:(\d+)")
 ADMIN_TOKEN = re.compile(r"admin token: (loom_\S+)")
 WORKING = re.compile(r"loom worker \S+ running")
@@ -37,13 +40,32 @@ class LocalCluster:
     # printed on its first start lands in `admin_token`.
     auth: bool = False
     admin_token: str | None = None
+    # Every process with TLS (ADR 0015), certificates made once in DATA/tls.
+    tls: bool = False
 
     @property
     def manager_address(self) -> str:
         """Every shard manager's address, as clients and `--sm` take them."""
         return ",".join(f"127.0.0.1:{self.ports[m]}" for m in self.managers if m in self.ports)
 
+    @property
+    def certificates(self) -> CertificateFiles:
+        """DATA/tls: the CA, cluster and client certificates (`loom tls init`)."""
+        return CertificateFiles(directory=self.data_dir / "tls")
+
+    def client_tls(self) -> TlsConfig | None:
+        """What a client of this cluster connects with (None without TLS)."""
+        return TlsConfig(ca=self.certificates.ca) if self.tls else None
+
+    def _tls_args(self) -> list[str]:
+        files = self.certificates
+        if not files.exist():
+            init_certificates(files.directory)
+        return files.cluster().args()
+
     def _spawn(self, name: str, args: list[str], ready: re.Pattern[str] = LISTENING) -> int:
+        if self.tls and "--tls-ca" not in args:
+            args = [*args, *self._tls_args()]
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{name}.log").open("a") as log:
