@@ -12,6 +12,7 @@ from types import FrameType
 
 import click
 
+from loom.cli.locality_options import latency_option, parse_latency_option
 from loom.cli.processes import DATA_DIR, NO_AUTH_WARNING
 from loom.runtime.localcluster import LocalCluster
 from loom.shardmgr.routing import LABEL
@@ -59,6 +60,7 @@ def cluster_group() -> None:
     is_flag=True,
     help="Require tokens; the first start prints the admin token once (ADR 0008).",
 )
+@latency_option
 def up_command(
     nodes: int,
     regions: str,
@@ -67,6 +69,7 @@ def up_command(
     lease_ms: float,
     functions_app: str | None,
     auth: bool,
+    latency: str,
 ) -> None:
     """Start a shard manager and NODES storage nodes on 127.0.0.1, print the address to
     connect to, and keep them running (restarting any that dies) until Ctrl-C."""
@@ -74,8 +77,16 @@ def up_command(
     bad = [r for r in labels if not LABEL.fullmatch(r)]
     if bad:
         raise click.BadParameter(f"invalid region labels {bad}", param_hint="--regions")
+    for label in labels:  # the manager sits in the first region
+        parse_latency_option(latency, label)
     data.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(data_dir=data, lease_ms=lease_ms, auth=auth)
+    cluster = LocalCluster(
+        data_dir=data,
+        lease_ms=lease_ms,
+        auth=auth,
+        latency=latency,
+        manager_region=labels[0] if labels and latency else "",
+    )
     stopping = _stop_on_signals()
     try:
         cluster.start_manager(port=port)

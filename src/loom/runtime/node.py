@@ -70,10 +70,13 @@ from loom.runtime.codec import (
     decode,
     encode,
 )
+from loom.runtime.latency import LatencyMatrix, LinkDelays
+from loom.runtime.locality import count_access
 from loom.runtime.outbound import Outbound
 from loom.runtime.quota_gate import QuotaGate
 from loom.runtime.rpc import RpcServer
 from loom.runtime.sizes import ShardSizes
+from loom.shardmgr.access import AccessCounter
 from loom.shardmgr.core import NodeReport, ShardProgress
 from loom.shardmgr.routing import DEFAULT_TIER, EMPTY_TABLE, NodeInfo
 from loom.storage.api import WriteBatch
@@ -129,8 +132,12 @@ class NodeRuntime:
         zone: str = "",
         tier: str = DEFAULT_TIER,
         auth: bool = False,
+        latency: LatencyMatrix | None = None,
     ) -> None:
         self.node = node
+        # Injected inter-region latency (off: None) and access counts (ADR 0013).
+        self.links = LinkDelays(latency, region)
+        self.access = AccessCounter()
         self.host = host
         self.labels = (region, zone, tier)
         self.routing = EMPTY_TABLE
@@ -199,7 +206,7 @@ class NodeRuntime:
             if peer in self.outboxes:
                 continue
             outbound = self.outboxes[peer] = Outbound(
-                functools.partial(self.peers.__getitem__, peer)
+                functools.partial(self.peers.__getitem__, peer), self.links.delay_for
             )
             self.tasks.append(loop.create_task(outbound.run()))
 
@@ -212,7 +219,7 @@ class NodeRuntime:
         registry warm with them)."""
         loop = asyncio.get_running_loop()
         for address in addresses:
-            outbound = Outbound(functools.partial(lambda a: a, address))
+            outbound = Outbound(functools.partial(lambda a: a, address), self.links.delay_for)
             self.managers.append(outbound)
             self.tasks.append(loop.create_task(outbound.run()))
         self.tasks.append(loop.create_task(self._reporter()))
@@ -240,6 +247,7 @@ class NodeRuntime:
                 info=info,
                 routing_version=self.routing.version,
                 throttled=self.quotas.throttled + self.quotas.refused_bytes,
+                access=self.access.report(Instant(time.monotonic() * 1000)),
             )
             self._to_managers(encode(message))
             measured = self.quotas.measured_shards
@@ -317,6 +325,7 @@ class NodeRuntime:
                 table = message.table
                 if table.version > self.routing.version and self.auth.accepts(table):
                     self.routing = table
+                    self.links.learn(table)
                     self.routing_for_clients = table.for_clients()
                     self.auth.on_routing(table)
                     self.fair.set_weights({t.name: t.weight for t in table.tenants})
@@ -361,6 +370,7 @@ class NodeRuntime:
             refusal = self.quotas.check(call.shard, call.request, time.monotonic() * 1000)
         if refusal is not None:  # answered at once: never queued, never dropped
             return encode(ClientAnswer(reply=refusal))
+        count_access(self.access, call, Instant(time.monotonic() * 1000))
         call_id = next(self.call_ids)
 
         def submit() -> None:
