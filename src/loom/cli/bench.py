@@ -153,6 +153,15 @@ def kv_command(
     click.echo(_table(result, peer))
 
 
+def _run_bench(main: Coroutine[Any, Any, dict[str, object]]) -> dict[str, object]:
+    """Runs a benchmark (SIGTERM cancels it, so its cluster is stopped); its failures
+    are the command's error."""
+    try:
+        return run(_cancelled_by_sigterm(main))
+    except (RuntimeError, LoomError) as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from None
+
+
 async def _cancelled_by_sigterm(main: Coroutine[Any, Any, T]) -> T:
     """Awaits `main`, cancelled by SIGTERM as Ctrl-C cancels it (asyncio.Runner), so its
     cleanup stops the clusters' processes instead of leaving them running."""
@@ -281,20 +290,15 @@ def tenants_command(
     """A quiet tenant's latency alone and beside a noisy tenant driven far over its
     writes/s quota, on a fresh local cluster with auth (manager + 3 nodes). Prints both
     p99s and their ratio; progress on stderr."""
-    try:
-        result = run(
-            _cancelled_by_sigterm(
-                tenants.run_tenants_bench(
-                    quiet_rate=quiet_rate,
-                    noisy_writers=noisy_writers,
-                    noisy_quota=noisy_quota,
-                    duration_s=duration,
-                    progress=lambda line: click.echo(line, err=True),
-                )
-            )
+    result = _run_bench(
+        tenants.run_tenants_bench(
+            quiet_rate=quiet_rate,
+            noisy_writers=noisy_writers,
+            noisy_quota=noisy_quota,
+            duration_s=duration,
+            progress=lambda line: click.echo(line, err=True),
         )
-    except (RuntimeError, LoomError) as error:
-        raise click.ClickException(f"{type(error).__name__}: {error}") from None
+    )
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -334,18 +338,13 @@ def locality_command(samples: int, bound_ms: float, as_json: bool) -> None:
     μshards whose primary is in another region; p50/p99 of STRONG and bounded reads
     before and after the shard manager moved them to a p-shard with its primary in b.
     Progress on stderr."""
-    try:
-        result = run(
-            _cancelled_by_sigterm(
-                run_locality_bench(
-                    samples=samples,
-                    bound_ms=bound_ms,
-                    progress=lambda line: click.echo(line, err=True),
-                )
-            )
+    result = _run_bench(
+        run_locality_bench(
+            samples=samples,
+            bound_ms=bound_ms,
+            progress=lambda line: click.echo(line, err=True),
         )
-    except (RuntimeError, LoomError) as error:
-        raise click.ClickException(f"{type(error).__name__}: {error}") from None
+    )
     if as_json:
         click.echo(json.dumps(result))
         return
