@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from loom.cli.main import main as cli
 from loom.core.errors import InvalidArgument
 from loom.core.ids import NodeId
 from loom.runtime.latency import LatencyError, LinkDelays, client_links, parse_latency
@@ -90,3 +92,25 @@ def test_delays_follow_the_routing_table_and_are_off_without_a_matrix() -> None:
     off.learn(table)
     assert off.delay_for(("127.0.0.1", 9002)) is None
     assert off.delay_s(("127.0.0.1", 9002)) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (
+            ["node", "--id", "n1", "--sm", "127.0.0.1:1", "--region", "d", "--latency", "a-b=4"],
+            "not in the latency matrix",
+        ),
+        (["sm", "--data", "DATA", "--latency", "a-b=-4"], "must be in"),
+        (["keyspace", "create", "ks", "--mapping", "nearest"], "nearest"),
+    ],
+)
+def test_the_cli_refuses_bad_regions_delays_and_mappings(
+    tmp_path: Path, args: list[str], problem: str
+) -> None:
+    args = [str(tmp_path) if a == "DATA" else a for a in args]
+    if args[0] == "node":
+        args += ["--data", str(tmp_path / "n1")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert problem in result.output
