@@ -9,6 +9,9 @@ import pytest
 
 from loom.core.ids import NodeId, ShardId, UShard
 from loom.core.time import Instant
+from loom.host.requests import ReadRequest, WriteRequest
+from loom.runtime.codec import ClientCall
+from loom.runtime.locality import count_access
 from loom.shardmgr.access import AccessCounter, AccessParams
 from loom.shardmgr.locality import (
     LocalityParams,
@@ -183,3 +186,18 @@ def test_bad_locality_settings_are_refused() -> None:
     assert LocalityParams(moves_per_period_max=0).problem() is not None
     assert KeyspaceSpec(name="ks", mapping="nearest").problem() is not None
     assert KeyspaceSpec(name="ks", mapping="akkio").problem() is None
+
+
+def test_nodes_count_reads_and_writes_of_calls_that_name_region_and_ushard() -> None:
+    counter = AccessCounter()
+    read = ReadRequest(token=1, ushard=UShard(4), key=b"k")
+    write = WriteRequest(token=2, command=b"")
+    for call in (
+        ClientCall(shard=ShardId(1), request=read, region="b", ushard=4),
+        ClientCall(shard=ShardId(1), request=write, region="b", ushard=4),
+        ClientCall(shard=ShardId(1), request=read, region="", ushard=4),  # no region
+        ClientCall(shard=ShardId(1), request=read),  # an older client: neither
+    ):
+        count_access(counter, call, Instant(0))
+    (row,) = counter.report(Instant(0))
+    assert (row.ushard, row.region, row.reads, row.writes) == (4, "b", 1.0, 1.0)

@@ -44,10 +44,13 @@ SAMPLES_MAX = 10_000
 BOUND_MS_DEFAULT = 50.0
 MOVE_DEADLINE_S = 120.0
 # The shard manager's Akkio settings for the benchmark: decide every second; a μshard
-# moves once 10 decayed accesses (10 s half-life), 2/3 of them from one region, were
-# counted.
-SM_ARGS = ("--akkio-period", "1", "--akkio-accesses-min", "10")
-LOADERS = 4  # concurrent readers/writers from b while waiting for the moves
+# moves once it has 50 decayed accesses (10 s half-life: about 3.5 accesses/s held),
+# 2/3 of them from one region. The "before" reads are sequential and each takes a
+# round trip of at least 80 ms to a remote primary, so they reach at most 12.5/s over
+# all 8 μshards (≤ 23 decayed accesses each, whatever --samples): they cannot trigger
+# a move. The loaders of the waiting phase (LOADERS concurrent) can.
+SM_ARGS = ("--akkio-period", "1", "--akkio-accesses-min", "50")
+LOADERS = 8  # concurrent readers/writers from b while waiting for the moves
 
 
 def _percentile(values: list[float], percent: float) -> float:

@@ -29,6 +29,8 @@ from loom.shardmgr.routing import Keyspace
 
 log = logging.getLogger("loom.sm.locality")
 DEFAULT_LOCALITY_PERIOD_S = 2.0
+# A node's access report older than this no longer counts (the node is gone or silent).
+REPORT_STALE_S = 5.0
 
 
 def count_access(counter: AccessCounter, call: ClientCall, now: Instant) -> None:
@@ -66,17 +68,19 @@ class LocalityDriver:
         self.lock = lock  # the manager's admin lock
         self.planner = LocalityPlanner(params or LocalityParams())
         self.period_s = period_s
-        self.reports: dict[NodeId, tuple[UShardAccess, ...]] = {}
+        # Each node's last report and when it came (a silent node's counts expire).
+        self.reports: dict[NodeId, tuple[float, tuple[UShardAccess, ...]]] = {}
         self.moves_started = 0
 
     def on_report(self, node: NodeId, access: tuple[UShardAccess, ...]) -> None:
-        self.reports[node] = access
-
-    def forget(self, node: NodeId) -> None:
-        self.reports.pop(node, None)
+        self.reports[node] = (time.monotonic(), access)
 
     def accesses(self) -> dict[tuple[str, int], dict[str, float]]:
-        rows = [row for node in sorted(self.reports) for row in self.reports[node]]
+        """Per (keyspace, μshard) and region, from the nodes that reported lately."""
+        oldest = time.monotonic() - REPORT_STALE_S
+        for node in [n for n, (at, _) in self.reports.items() if at < oldest]:
+            del self.reports[node]
+        rows = [row for node in sorted(self.reports) for row in self.reports[node][1]]
         return accesses_by_ushard(rows, self.keyspace_of_shard)
 
     async def run(self) -> None:
