@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import tempfile
 import time
 from collections import Counter
@@ -96,15 +97,15 @@ class _Bench:
         }
 
     async def load(self, stop: asyncio.Event, loader: int) -> None:
-        """Reads and writes of the measured μshards from b until `stop`."""
+        """Until `stop`: every key in turn (starting at this loader's), one write in four."""
         keys = sorted(self.keys.values())
-        for index in range(loader, 10**9, LOADERS):
+        for step in itertools.count():
             if stop.is_set():
                 return
-            key = keys[index % len(keys)]
+            key = keys[(loader + step) % len(keys)]
             try:
-                if index % 4 == 0:
-                    await self.ks.put(key, b"v%d" % index)
+                if step % 4 == 0:
+                    await self.ks.put(key, b"v%d" % step)
                 else:
                     await self.ks.get(key)
             except LoomError:

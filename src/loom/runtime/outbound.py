@@ -32,7 +32,9 @@ class Outbound:
         self.delay = delay
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
         self.dropped = 0
-        self.failed = False
+        # The connection a pipelined batch failed on (replaced before the next batch);
+        # batches that fail on a connection already replaced do not mark the new one.
+        self.failed: RpcClient | None = None
 
     def put(self, body: bytes) -> None:
         if self.queue.full():
@@ -51,10 +53,10 @@ class Outbound:
                 while not self.queue.empty() and len(bodies) < BATCH_MAX:
                     bodies.append(self.queue.get_nowait())
                 try:
-                    if client is None or self.failed:
+                    if client is None or self.failed is client:
                         if client is not None:
                             await client.close()
-                        client, self.failed = None, False
+                        client, self.failed = None, None
                         host, port = self.address()
                         delay = self.delay((host, port)) if self.delay is not None else None
                         client = await RpcClient.connect(host, port, delay=delay)
@@ -89,7 +91,7 @@ class Outbound:
                 await client.call_many(bodies, timeout_s=CALL_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - any failure: drop, reconnect next time
                 self.dropped += len(bodies)
-                self.failed = True
+                self.failed = client
 
         task = asyncio.get_running_loop().create_task(call())
         calls.add(task)
