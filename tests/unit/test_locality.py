@@ -201,3 +201,17 @@ def test_nodes_count_reads_and_writes_of_calls_that_name_region_and_ushard() -> 
         count_access(counter, call, Instant(0))
     (row,) = counter.report(Instant(0))
     assert (row.ushard, row.region, row.reads, row.writes) == (4, "b", 1.0, 1.0)
+
+
+def test_access_reports_are_capped_per_node_and_go_out_once_per_interval() -> None:
+    params = AccessParams(report_per_shard_max=4, report_rows_max=5, report_interval_ms=1000)
+    counter = AccessCounter(params)
+    for shard in range(1, 4):
+        for ushard in range(4):
+            for _ in range(shard + ushard):
+                counter.record(ShardId(shard), ushard, "b", is_write=False, now=Instant(0))
+    first = counter.report_due(Instant(0))
+    assert first is not None and len(first) == 5
+    assert first[0].shard == ShardId(3) and first[0].ushard == 3  # the largest first
+    assert counter.report_due(Instant(999)) is None
+    assert counter.report_due(Instant(1000)) is not None

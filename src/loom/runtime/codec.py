@@ -96,8 +96,9 @@ class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
     routing_version: tuple[int, int] = (0, 0)
     # Client requests refused over a quota since the node started (for `loom status`).
     throttled: int = 0
-    # Decayed accesses per μshard and client region (shardmgr/access.py, ADR 0013).
-    access: tuple[UShardAccess, ...] = ()
+    # Decayed accesses per μshard and client region (shardmgr/access.py, ADR 0013);
+    # None: not in this heartbeat (they go out about once a second).
+    access: tuple[UShardAccess, ...] | None = None
 
 
 class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):

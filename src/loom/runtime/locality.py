@@ -72,8 +72,9 @@ class LocalityDriver:
         self.reports: dict[NodeId, tuple[float, tuple[UShardAccess, ...]]] = {}
         self.moves_started = 0
 
-    def on_report(self, node: NodeId, access: tuple[UShardAccess, ...]) -> None:
-        self.reports[node] = (time.monotonic(), access)
+    def on_report(self, node: NodeId, access: tuple[UShardAccess, ...] | None) -> None:
+        if access is not None:  # None: this heartbeat carries no access rows
+            self.reports[node] = (time.monotonic(), access)
 
     def accesses(self) -> dict[tuple[str, int], dict[str, float]]:
         """Per (keyspace, μshard) and region, from the nodes that reported lately."""

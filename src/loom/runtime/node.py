@@ -247,7 +247,7 @@ class NodeRuntime:
                 info=info,
                 routing_version=self.routing.version,
                 throttled=self.quotas.throttled + self.quotas.refused_bytes,
-                access=self.access.report(Instant(time.monotonic() * 1000)),
+                access=self.access.report_due(Instant(time.monotonic() * 1000)),
             )
             self._to_managers(encode(message))
             measured = self.quotas.measured_shards

@@ -6,7 +6,10 @@ input is these counts. Rules:
 - memory is bounded: at most `entries_per_shard_max` (μshard, region) entries per
   p-shard; a new entry over the limit evicts the entry with the smallest decayed count,
   so the heavy hitters stay (their counts are what a move decision needs);
-- a report carries at most `report_per_shard_max` entries per p-shard, the largest;
+- a report carries at most `report_per_shard_max` entries per p-shard and
+  `report_rows_max` in all, the largest, and goes out at most every
+  `report_interval_ms` (`report_due`), so heartbeats stay small on a node with many
+  p-shards;
 - input comes from clients: a bad region label or μshard is ignored and counted, never
   asserted on.
 
@@ -46,10 +49,13 @@ class AccessParams:
     half_life_ms: float = 10_000.0
     entries_per_shard_max: int = 64
     report_per_shard_max: int = 32
+    report_rows_max: int = 1024
+    report_interval_ms: float = 1000.0
 
     def __post_init__(self) -> None:
-        assert self.half_life_ms > 0
+        assert self.half_life_ms > 0 and self.report_interval_ms >= 0
         assert 1 <= self.report_per_shard_max <= self.entries_per_shard_max
+        assert self.report_rows_max >= 1
 
 
 @dataclass(slots=True)
@@ -68,6 +74,7 @@ class AccessCounter:
     params: AccessParams = field(default_factory=AccessParams)
     counts: dict[ShardId, dict[tuple[int, str], _Count]] = field(default_factory=dict)
     ignored: int = 0  # accesses with a bad region label or μshard
+    reported_at: float = float("-inf")
 
     def record(
         self, shard: ShardId, ushard: int, region: str, *, is_write: bool, now: Instant
@@ -113,4 +120,15 @@ class AccessCounter:
                 del self.counts[shard]
             rows.sort(key=lambda r: (-r.total, r.ushard, r.region))
             out.extend(rows[: self.params.report_per_shard_max])
+        if len(out) > self.params.report_rows_max:
+            out.sort(key=lambda r: (-r.total, r.shard, r.ushard, r.region))
+            del out[self.params.report_rows_max :]
         return tuple(out)
+
+    def report_due(self, now: Instant) -> tuple[UShardAccess, ...] | None:
+        """`report(now)` if `report_interval_ms` passed since the last one, else None
+        (the heartbeat then carries no access rows, and the manager keeps the last)."""
+        if now - self.reported_at < self.params.report_interval_ms:
+            return None
+        self.reported_at = now
+        return self.report(now)
