@@ -15,6 +15,7 @@ import pytest
 from loom import kv
 from loom.core.errors import LoomError
 from loom.core.hashing import ushard_of
+from loom.core.ids import ShardId
 from loom.runtime.localcluster import LocalCluster
 from loom.shardmgr.routing import RoutingTable
 
@@ -25,10 +26,19 @@ USHARDS = 6
 MOVE_DEADLINE_S = 40.0
 
 
-def primary_region(table: RoutingTable, ushard: int) -> str:
+def owner(table: RoutingTable, ushard: int) -> ShardId:
     keyspace = next(k for k in table.keyspaces if k.name == KEYSPACE)
-    route = next(s for s in table.shards if s.shard == keyspace.shard_of(ushard))
+    return keyspace.shard_of(ushard)
+
+
+def primary_region(table: RoutingTable, ushard: int) -> str:
+    route = next(s for s in table.shards if s.shard == owner(table, ushard))
     return next(n.info.region for n in table.nodes if n.info.node == route.primary)
+
+
+def moved_to_b(table: RoutingTable, ushard: int, source: ShardId) -> bool:
+    """Moved off its first p-shard (not just a failover of it) to a primary in b."""
+    return owner(table, ushard) != source and primary_region(table, ushard) == "b"
 
 
 async def traffic(
@@ -61,6 +71,7 @@ async def scenario(cluster: LocalCluster) -> None:
         await in_b.create_keyspace(KEYSPACE, shards=3, ushards=USHARDS, mapping="akkio")
         table = await in_b.routing()
         ushard = next(u for u in range(USHARDS) if primary_region(table, u) != "b")
+        source = owner(table, ushard)
         key = next(
             k for k in (b"k%d" % i for i in range(10_000)) if ushard_of(k, USHARDS) == ushard
         )
@@ -72,7 +83,7 @@ async def scenario(cluster: LocalCluster) -> None:
         ]
         deadline = time.monotonic() + MOVE_DEADLINE_S
         try:
-            while primary_region(await in_b.routing(), ushard) != "b":
+            while not moved_to_b(await in_b.routing(), ushard, source):
                 assert time.monotonic() < deadline, "the μshard did not move to region b"
                 await asyncio.sleep(0.2)
             await asyncio.sleep(0.5)  # traffic goes on across the mapping change
