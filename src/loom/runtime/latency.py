@@ -163,10 +163,6 @@ class LinkDelays:
         self.region = region
         self.regions: dict[Address, str] = {}
 
-    @property
-    def is_on(self) -> bool:
-        return self.matrix is not None and bool(self.region)
-
     def learn(self, table: RoutingTable) -> None:
         """Regions of the nodes and of the manager in this routing table."""
         if self.matrix is None:
@@ -193,9 +189,6 @@ class LinkDelays:
         if self.matrix is None or not self.region:
             return None
         return functools.partial(self.delay_s, address)
-
-
-NO_DELAYS = LinkDelays(None, "")
 
 
 def client_links(latency: str | LatencyMatrix | None, region: str | None) -> LinkDelays:
