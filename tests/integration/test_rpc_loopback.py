@@ -161,3 +161,27 @@ def test_calls_fail_with_connection_lost_when_the_server_goes_away() -> None:
             assert time.monotonic() - started < TIMEOUT_S
 
     asyncio.run(main())
+
+
+def test_injected_delay_holds_each_request_and_reply_and_keeps_their_order() -> None:
+    """`delay` (runtime/latency.py) waits once on the way out and once on the way back;
+    pipelined calls keep their order. Only a lower bound on time is asserted."""
+    seen: list[bytes] = []
+
+    async def record(body: bytes) -> bytes:
+        seen.append(body)
+        return body
+
+    async def main() -> None:
+        async with (
+            RpcServer(record) as server,
+            await RpcClient.connect("127.0.0.1", server.port, delay=lambda: 0.05) as client,
+        ):
+            started = time.monotonic()
+            bodies = [str(i).encode() for i in range(20)]
+            replies = await asyncio.gather(*(client.call(b, timeout_s=TIMEOUT_S) for b in bodies))
+            assert time.monotonic() - started >= 0.1
+            assert replies == bodies
+            assert seen == bodies
+
+    asyncio.run(main())

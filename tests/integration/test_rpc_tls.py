@@ -108,3 +108,33 @@ def test_a_tls_config_comes_from_the_environment(
     monkeypatch.setenv(ENV_CERT, str(mine.cert("client")))
     monkeypatch.setenv(ENV_KEY, str(mine.key("client")))
     assert TlsConfig.from_env() == mine.client()
+
+
+def test_injected_latency_and_tls_together(
+    certs: tuple[CertificateFiles, CertificateFiles],
+) -> None:
+    """A TLS connection with a delay line (ADR 0013) waits both ways and keeps the order;
+    a plaintext client with a delay line still gets `TlsRequired` (the id-0 error is not
+    a reply, so it skips the delay line)."""
+    mine, _ = certs
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with RpcServer(_role, tls=mine.cluster()) as server:
+            async with await RpcClient.connect(
+                "127.0.0.1", server.port, tls=mine.cluster(), delay=lambda: 0.05
+            ) as rpc:
+                started = loop.time()
+                bodies = [str(i).encode() for i in range(10)]
+                replies = await asyncio.gather(*(rpc.call(b, timeout_s=5) for b in bodies))
+                assert loop.time() - started >= 0.1
+                assert replies == [b + b":cluster" for b in bodies]
+            started = loop.time()
+            with pytest.raises(TlsRequired):
+                async with await RpcClient.connect(
+                    "127.0.0.1", server.port, delay=lambda: 0.05
+                ) as rpc:
+                    await rpc.call(b"x", timeout_s=30)
+            assert loop.time() - started < REFUSAL_S_MAX
+
+    run(scenario())

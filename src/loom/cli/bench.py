@@ -17,6 +17,12 @@ from loom.benchmarks.etcd_peer import CLIENT_EXTRA, EtcdError
 from loom.benchmarks.failover import run_failover
 from loom.benchmarks.functions import run as run_functions
 from loom.benchmarks.kv import PEERS, SEED_DEFAULT, SHARDS_DEFAULT, SHARDS_MAX, run_kv_bench
+from loom.benchmarks.locality import (
+    BOUND_MS_DEFAULT,
+    SAMPLES_DEFAULT,
+    SAMPLES_MAX,
+    run_locality_bench,
+)
 from loom.core.errors import LoomError
 from loom.runtime.rpc import run
 
@@ -146,6 +152,15 @@ def kv_command(
         click.echo(json.dumps(result))
         return
     click.echo(_table(result, peer))
+
+
+def _run_bench(main: Coroutine[Any, Any, dict[str, object]]) -> dict[str, object]:
+    """Runs a benchmark (SIGTERM cancels it, so its cluster is stopped); its failures
+    are the command's error."""
+    try:
+        return run(_cancelled_by_sigterm(main))
+    except (RuntimeError, LoomError) as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from None
 
 
 async def _cancelled_by_sigterm(main: Coroutine[Any, Any, T]) -> T:
@@ -288,21 +303,16 @@ def tenants_command(
     """A quiet tenant's latency alone and beside a noisy tenant driven far over its
     writes/s quota, on a fresh local cluster with auth (manager + 3 nodes). Prints both
     p99s and their ratio; progress on stderr."""
-    try:
-        result = run(
-            _cancelled_by_sigterm(
-                tenants.run_tenants_bench(
-                    quiet_rate=quiet_rate,
-                    noisy_writers=noisy_writers,
-                    noisy_quota=noisy_quota,
-                    duration_s=duration,
-                    rounds=rounds,
-                    progress=lambda line: click.echo(line, err=True),
-                )
-            )
+    result = _run_bench(
+        tenants.run_tenants_bench(
+            quiet_rate=quiet_rate,
+            noisy_writers=noisy_writers,
+            noisy_quota=noisy_quota,
+            duration_s=duration,
+            rounds=rounds,
+            progress=lambda line: click.echo(line, err=True),
         )
-    except (RuntimeError, LoomError) as error:
-        raise click.ClickException(f"{type(error).__name__}: {error}") from None
+    )
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -322,3 +332,50 @@ def tenants_command(
         f"other errors {noisy['other_errors'] or 'none'}; nodes refused "
         f"{noisy['refused_per_s_at_nodes']} requests/s"
     )
+
+
+@bench_group.command("locality")
+@click.option(
+    "--samples",
+    type=click.IntRange(10, SAMPLES_MAX),
+    default=SAMPLES_DEFAULT,
+    show_default=True,
+    help="Reads per measurement (STRONG and bounded, before and after).",
+)
+@click.option(
+    "--bound-ms",
+    type=click.FloatRange(1, 60_000),
+    default=BOUND_MS_DEFAULT,
+    show_default=True,
+    help="The bound of the bounded(ms) reads.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")
+def locality_command(samples: int, bound_ms: float, as_json: bool) -> None:
+    """Akkio placement with an injected latency matrix: a client in region b reads
+    μshards whose primary is in another region; p50/p99 of STRONG and bounded reads
+    before and after the shard manager moved them to a p-shard with its primary in b.
+    Progress on stderr."""
+    result = _run_bench(
+        run_locality_bench(
+            samples=samples,
+            bound_ms=bound_ms,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    before, after = result["before"], result["after"]
+    assert isinstance(before, dict) and isinstance(after, dict)
+    click.echo(
+        f"locality: latency {result['latency']}, client in {result['client_region']}, "
+        f"{result['ushards_measured']} μshards moved after {result['moved_after_s']} s, "
+        f"client errors {result['client_errors']}"
+    )
+    for kind in ("strong", "bounded"):
+        b, a = before[kind], after[kind]
+        click.echo(
+            f"  {b['consistency']:>14}: p50 {b['p50_ms']} → {a['p50_ms']} ms, "
+            f"p99 {b['p99_ms']} → {a['p99_ms']} ms; served by regions "
+            f"{b['served_by_region']} → {a['served_by_region']}"
+        )

@@ -12,6 +12,7 @@ from types import FrameType
 
 import click
 
+from loom.cli.locality_options import latency_option, parse_latency_option
 from loom.cli.processes import DATA_DIR, NO_AUTH_WARNING
 from loom.runtime.localcluster import LocalCluster
 from loom.shardmgr.routing import LABEL
@@ -64,6 +65,7 @@ def cluster_group() -> None:
     is_flag=True,
     help="Every connection with TLS; certificates are made in DATA/tls (ADR 0015).",
 )
+@latency_option
 def up_command(
     nodes: int,
     regions: str,
@@ -73,6 +75,7 @@ def up_command(
     functions_app: str | None,
     auth: bool,
     tls: bool,
+    latency: str,
 ) -> None:
     """Start a shard manager and NODES storage nodes on 127.0.0.1, print the address to
     connect to, and keep them running (restarting any that dies) until Ctrl-C."""
@@ -80,8 +83,17 @@ def up_command(
     bad = [r for r in labels if not LABEL.fullmatch(r)]
     if bad:
         raise click.BadParameter(f"invalid region labels {bad}", param_hint="--regions")
+    for label in labels:  # the manager sits in the first region
+        parse_latency_option(latency, label)
     data.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(data_dir=data, lease_ms=lease_ms, auth=auth, tls=tls)
+    cluster = LocalCluster(
+        data_dir=data,
+        lease_ms=lease_ms,
+        auth=auth,
+        tls=tls,
+        latency=latency,
+        manager_region=labels[0] if labels and latency else "",
+    )
     stopping = _stop_on_signals()
     try:
         cluster.start_manager(port=port)

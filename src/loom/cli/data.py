@@ -22,7 +22,7 @@ from loom import kv
 from loom.cli.tls import current_tls
 from loom.core.errors import LoomError
 from loom.core.ids import NodeId
-from loom.shardmgr.routing import Quota, ShardRoute
+from loom.shardmgr.routing import MAPPINGS, Quota, ShardRoute
 
 T = TypeVar("T")
 DEFAULT_CLUSTER = "127.0.0.1:7300"
@@ -239,6 +239,14 @@ def keyspace_group() -> None:
 @click.option("--tier", default="wildcard", show_default=True)
 @click.option("--regions", default="", help="Comma-separated regions to place replicas in.")
 @click.option("--tenant", help="Owner (admin token only; default: the token's tenant).")
+@click.option(
+    "--mapping",
+    type=click.Choice(MAPPINGS),
+    default="compact",
+    show_default=True,
+    help="μshard placement: compact ranges, or akkio (μshards move to where they are "
+    "accessed, ADR 0013).",
+)
 @cluster_option
 def create_command(
     name: str,
@@ -248,6 +256,7 @@ def create_command(
     tier: str,
     regions: str,
     tenant: str | None,
+    mapping: str,
     cluster: str,
 ) -> None:
     """Create keyspace NAME and wait until its p-shards serve."""
@@ -260,6 +269,7 @@ def create_command(
             tier=tier,
             regions=[r for r in regions.split(",") if r],
             tenant=tenant,
+            mapping=mapping,
         )
     click.echo(f"keyspace {keyspace.name}: {len(keyspace.placements)} p-shards ready")
 
@@ -292,7 +302,8 @@ def list_command(as_json: bool, cluster: str) -> None:
         click.echo(json.dumps([msgspec.to_builtins(k.spec) for k in keyspaces]))
         return
     table = Table(title="keyspaces")
-    for column in ("name", "p-shards", "replication", "μshards", "tier", "regions", "tenant"):
+    columns = ("name", "p-shards", "replication", "μshards", "tier", "regions", "mapping", "tenant")
+    for column in columns:
         table.add_column(column)
     for k in keyspaces:
         spec = k.spec
@@ -303,6 +314,7 @@ def list_command(as_json: bool, cluster: str) -> None:
             str(spec.ushards),
             spec.tier,
             ",".join(spec.regions) or "any",
+            spec.mapping,
             k.tenant or "-",
         )
     Console().print(table)

@@ -12,6 +12,12 @@ from pathlib import Path
 
 import click
 
+from loom.cli.locality_options import (
+    akkio_options,
+    latency_option,
+    locality_params,
+    parse_latency_option,
+)
 from loom.cli.tls import tls_options
 from loom.core.ids import NodeId
 from loom.core.limits import DEFAULT_LIMITS
@@ -86,6 +92,9 @@ async def until_stopped(also: asyncio.Event | None = None) -> None:
     is_flag=True,
     help="Require tokens (ADR 0008). The first start prints an admin token, once.",
 )
+@click.option("--region", default="", help="This manager's region label (the latency matrix).")
+@latency_option
+@akkio_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @tls_options
 def sm_command(
@@ -94,6 +103,12 @@ def sm_command(
     etcd: str | None,
     replace_after_s: float,
     auth: bool,
+    region: str,
+    latency: str,
+    akkio_period_s: float,
+    akkio_share: float,
+    akkio_dwell_s: float,
+    akkio_accesses_min: float,
     log_level: str,
     tls: TlsConfig | None,
 ) -> None:
@@ -103,6 +118,10 @@ def sm_command(
     host, port = parse_address(listen)
     if (data is None) == (etcd is None):
         raise click.UsageError("give exactly one of --data DIR and --etcd HOST:PORT[,…]")
+    if not LABEL.fullmatch(region):
+        raise click.BadParameter(f"{region!r} is not a valid label", param_hint="--region")
+    matrix = parse_latency_option(latency, region)
+    locality = locality_params(akkio_share, akkio_dwell_s, akkio_accesses_min)
     endpoints = [
         f"http://{h}:{p}" for h, p in map(parse_address, (etcd or "").split(",") if etcd else [])
     ]
@@ -127,6 +146,10 @@ def sm_command(
             leadership=leadership,
             auth=auth,
             tls=tls,
+            region=region,
+            latency=matrix,
+            locality=locality,
+            locality_period_s=akkio_period_s,
         )
         await manager.start()
         where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"
@@ -191,6 +214,7 @@ async def _show_token_once_made(manager: ManagerRuntime) -> None:
     help="Refuse clients until the manager's routing table (with tokens) arrives, and "
     "any table without auth.",
 )
+@latency_option
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @tls_options
 def node_command(
@@ -204,6 +228,7 @@ def node_command(
     lease_ms: float,
     log_entries_max: int,
     auth: bool,
+    latency: str,
     log_level: str,
     tls: TlsConfig | None,
 ) -> None:
@@ -214,6 +239,7 @@ def node_command(
     for name, label in (("region", region), ("zone", zone), ("tier", tier)):
         if not LABEL.fullmatch(label):
             raise click.BadParameter(f"{label!r} is not a valid label", param_hint=f"--{name}")
+    matrix = parse_latency_option(latency, region)
     params = ReplicaParams(
         lease_ms=lease_ms,
         heartbeat_interval_ms=min(100.0, lease_ms / 10),
@@ -232,6 +258,7 @@ def node_command(
             tier=tier,
             auth=auth,
             tls=tls,
+            latency=matrix,
         )
         await node.start()
         node.connect_managers(managers)

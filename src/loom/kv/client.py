@@ -100,6 +100,7 @@ from loom.runtime.codec import (
     decode,
     encode,
 )
+from loom.runtime.latency import LatencyMatrix, client_links
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
 from loom.runtime.tls import TlsConfig
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
@@ -245,6 +246,7 @@ class Client:
         region: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         tls: TlsConfig | None = None,
+        latency: str | LatencyMatrix | None = None,
     ) -> None:
         if not math.isfinite(timeout_s) or not 0 < timeout_s <= 3600:
             raise InvalidArgument(f"timeout_s must be in (0, 3600], not {timeout_s!r}")
@@ -261,6 +263,11 @@ class Client:
         # succeeded), per keyspace: back-pressure for whoever drives this client.
         self.throttled_requests: collections.Counter[str] = collections.Counter()
         self.router = Router(seeds, self._fetch_routing, region=region)
+        # Injected inter-region latency (ADR 0013): `latency=`, else $LOOM_LATENCY.
+        self.links = client_links(latency, region)
+        self.router.on_install = self.links.learn
+        # The node that answered this client's last successful request.
+        self.answered_by: NodeId | None = None
         self.ids = _RequestIds()
         self._tokens = itertools.count(1)
         self._connections: dict[Address, RpcClient] = {}
@@ -302,6 +309,7 @@ class Client:
         tier: str = "wildcard",
         regions: Sequence[str] = (),
         tenant: str | None = None,
+        mapping: str = "compact",
     ) -> KeyspaceInfo:
         """Create a keyspace (the same spec again is a no-op) and wait until every one
         of its p-shards has an active primary. It belongs to the tenant of the client's
@@ -313,6 +321,7 @@ class Client:
             ushards=ushards,
             tier=tier,
             regions=tuple(regions),
+            mapping=mapping,
         )
         problem = spec.problem()
         if problem is not None:
@@ -537,7 +546,12 @@ class Client:
         task = self._connecting.get(address)
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                RpcClient.connect(*address, limits=_CLIENT_LIMITS, tls=self.tls)
+                RpcClient.connect(
+                    *address,
+                    limits=_CLIENT_LIMITS,
+                    tls=self.tls,
+                    delay=self.links.delay_for(address),
+                )
             )
             self._connecting[address] = task
         try:
@@ -626,7 +640,12 @@ class Client:
         try:
             answer = await self._call(
                 address,
-                ClientCall(shard=shard, request=build(next(self._tokens))),
+                ClientCall(
+                    shard=shard,
+                    request=build(next(self._tokens)),
+                    region=self.router.region or "",
+                    ushard=ushard,
+                ),
                 timeout_s=min(remaining, ATTEMPT_TIMEOUT_S),
             )
         except Overloaded as error:
@@ -644,6 +663,7 @@ class Client:
         if not isinstance(answer, ClientAnswer):
             raise Unavailable(f"node {node} answered {type(answer).__name__}")
         if not isinstance(answer.reply, ErrorReply):
+            self.answered_by = node
             return answer.reply
         await self._on_refusal(answer.reply, node, state)
         return None
@@ -993,13 +1013,23 @@ def connect(
     region: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     tls: TlsConfig | None = None,
+    latency: str | LatencyMatrix | None = None,
 ) -> _Connecting:
     """Connect to a cluster through any of its addresses (the shard manager or nodes:
     `"127.0.0.1:7300"`, `"h1:p1,h2:p2"`). `region` makes relaxed reads prefer replicas
-    there; `timeout_s` bounds every request, retries included. `tls`: connect with TLS
+    there and is sent with requests (Akkio placement counts accesses by region);
+    `timeout_s` bounds every request, retries included. `tls`: connect with TLS
     (`kv.TlsConfig(ca=..., cert=..., key=...)`; a cluster with TLS refuses clients
-    without it with `TlsRequired`)."""
-    client = Client(parse_seeds(address), token=token, region=region, timeout_s=timeout_s, tls=tls)
+    without it with `TlsRequired`). `latency` (`"a-b=40,…"`, a .json/.toml path, or
+    $LOOM_LATENCY when None) injects inter-region delays."""
+    client = Client(
+        parse_seeds(address),
+        token=token,
+        region=region,
+        timeout_s=timeout_s,
+        tls=tls,
+        latency=latency,
+    )
     return _Connecting(client)
 
 

@@ -40,6 +40,8 @@ class Router:
         self._nodes: dict[NodeId, NodeRoute] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -1.0
+        # Told every table installed (the client's latency injection learns regions).
+        self.on_install: Callable[[RoutingTable], None] | None = None
 
     # ---------------------------------------------------------------- refresh
 
@@ -84,6 +86,8 @@ class Router:
         self._keyspaces = {k.name: k for k in table.keyspaces}
         self._shards = {s.shard: s for s in table.shards}
         self._nodes = {n.info.node: n for n in table.nodes}
+        if self.on_install is not None:
+            self.on_install(table)
 
     # ---------------------------------------------------------------- lookups
 

@@ -97,6 +97,7 @@ class SyncClient:
         tier: str = "wildcard",
         regions: Sequence[str] = (),
         tenant: str | None = None,
+        mapping: str = "compact",
     ) -> KeyspaceInfo:
         return self._runner.run(
             self.client.create_keyspace(
@@ -107,6 +108,7 @@ class SyncClient:
                 tier=tier,
                 regions=regions,
                 tenant=tenant,
+                mapping=mapping,
             )
         )
 

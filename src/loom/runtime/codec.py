@@ -32,6 +32,7 @@ from loom.host.requests import ClientReply, ClientRequest, MoverReply, MoverRequ
 from loom.paxos.messages import Envelope
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
+from loom.shardmgr.access import UShardAccess
 from loom.shardmgr.core import NodeReport
 from loom.shardmgr.routing import Keyspace, KeyspaceSpec, NodeInfo, Quota, RoutingTable
 from loom.shardmgr.tenancy import Tenant
@@ -61,6 +62,10 @@ class ClientCall(msgspec.Struct, frozen=True, kw_only=True, tag="cc1"):
     shard: ShardId
     request: ClientRequest
     auth: str = ""  # the caller's token (ADR 0008); "" when it has none
+    # Where the call comes from, for the Akkio mapping's access counts (ADR 0013):
+    # the client's region label ("" unknown) and the μshard (-1 unknown).
+    region: str = ""
+    ushard: int = -1
 
 
 class ClientAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="ca1"):
@@ -91,6 +96,9 @@ class NodeReportMessage(msgspec.Struct, frozen=True, kw_only=True, tag="nr1"):
     routing_version: tuple[int, int] = (0, 0)
     # Client requests refused over a quota since the node started (for `loom status`).
     throttled: int = 0
+    # Decayed accesses per μshard and client region (shardmgr/access.py, ADR 0013);
+    # None: not in this heartbeat (they go out about once a second).
+    access: tuple[UShardAccess, ...] | None = None
 
 
 class ManagerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="me1"):

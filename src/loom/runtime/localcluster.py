@@ -42,6 +42,10 @@ class LocalCluster:
     admin_token: str | None = None
     # Every process with TLS (ADR 0015), certificates made once in DATA/tls.
     tls: bool = False
+    # Injected inter-region latency (`--latency`, ADR 0013), given to the manager and
+    # every node; the manager's region label (its side of the matrix).
+    latency: str = ""
+    manager_region: str = ""
 
     @property
     def manager_address(self) -> str:
@@ -122,7 +126,10 @@ class LocalCluster:
         (`etcd`: HOST:PORT,…) one of several sharing etcd, one of which leads."""
         store = ["--etcd", etcd] if etcd else ["--data", str(data or self.data_dir / name)]
         auth = ["--auth"] if self.auth else []
-        port = self._spawn(name, ["sm", "--listen", f"127.0.0.1:{port}", *store, *auth, *extra])
+        where = ["--region", self.manager_region] if self.manager_region else []
+        where += ["--latency", self.latency] if self.latency else []
+        args = ["sm", "--listen", f"127.0.0.1:{port}", *store, *auth, *where, *extra]
+        port = self._spawn(name, args)
         if name not in self.managers:
             self.managers.append(name)
         if self.auth:
@@ -159,6 +166,8 @@ class LocalCluster:
             args += ["--region", region]
         if zone:
             args += ["--zone", zone]
+        if self.latency:
+            args += ["--latency", self.latency]
         return self._spawn(name, args)
 
     def start_worker(self, name: str, target: str, *, concurrency: int = 16) -> None:

@@ -62,13 +62,16 @@ from loom.runtime.codec import (
     decode,
     encode,
 )
+from loom.runtime.latency import LatencyMatrix, LinkDelays
 from loom.runtime.leadership import EtcdLeadership
+from loom.runtime.locality import DEFAULT_LOCALITY_PERIOD_S, LocalityDriver
 from loom.runtime.outbound import Outbound
 from loom.runtime.resharding import Resharder
 from loom.runtime.rpc import RpcServer
 from loom.runtime.tenancy import Tenancy
 from loom.runtime.tls import TlsConfig, require_cluster_peer
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
+from loom.shardmgr.locality import LocalityParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.moves import MoverParams, plan_reshard
 from loom.shardmgr.rebalance import ReplaceMember, ShardView, TransferPrimary, next_move
@@ -162,8 +165,15 @@ class ManagerRuntime:
         reshard_parallelism: int = 8,
         auth: bool = False,
         tls: TlsConfig | None = None,
+        region: str = "",
+        latency: LatencyMatrix | None = None,
+        locality: LocalityParams | None = None,
+        locality_period_s: float = DEFAULT_LOCALITY_PERIOD_S,
     ) -> None:
         self.tls = tls  # on the listener and to the nodes (ADR 0015)
+        # This manager's region and the injected latency matrix (ADR 0013).
+        self.region = region
+        self.links = LinkDelays(latency, region)
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
         # Tenants and tokens; with `auth`, every operator call needs a token (ADR 0008).
         self.tenancy = Tenancy(metastore, auth=auth)
@@ -203,6 +213,18 @@ class ManagerRuntime:
             install_mapping=self._install_mapping,
             params=MoverParams(moves_in_flight_max=reshard_parallelism),
             tls=tls,
+            delay_for=self.links.delay_for,
+        )
+        # Akkio placement: μshards of `mapping: akkio` keyspaces follow their accesses.
+        self.locality = LocalityDriver(
+            resharder=self.resharder,
+            keyspaces=lambda: list(self.keyspaces.values()),
+            keyspace_of_shard=self.shard_keyspace.get,
+            primary_regions=self._primary_regions,
+            allocate_move_ids=self.catalog.allocate_move_ids,
+            lock=self.admin_lock,
+            params=locality,
+            period_s=locality_period_s,
         )
         self.routing_seen: dict[NodeId, tuple[int, int]] = {}
         self.throttle_rates: dict[NodeId, _Rate] = {}
@@ -250,6 +272,7 @@ class ManagerRuntime:
         self.tasks.append(loop.create_task(self._push_routing()))
         self.tasks.append(loop.create_task(self._rebalance()))
         self.tasks.append(loop.create_task(self.resharder.run()))
+        self.tasks.append(loop.create_task(self.locality.run()))
         for keyspace_record in keyspaces:
             if keyspace_record.dropping:
                 await self._finish_drop(keyspace_record.keyspace)
@@ -345,8 +368,12 @@ class ManagerRuntime:
         if node != message.info.node:
             raise BadMessage("a report names two nodes")
         self.infos[node] = message.info
+        self.links.set_region((message.info.host, message.info.port), message.info.region)
+        self.locality.on_report(node, message.access)
         if node not in self.outboxes:
-            outbound = self.outboxes[node] = Outbound(lambda: self._address(node), tls=self.tls)
+            outbound = self.outboxes[node] = Outbound(
+                lambda: self._address(node), self.links.delay_for, tls=self.tls
+            )
             self.tasks.append(asyncio.get_running_loop().create_task(outbound.run()))
         self.inputs.put_nowait(lambda now: self.core.on_report(message.report, now))
         if not self.leading:
@@ -546,6 +573,15 @@ class ManagerRuntime:
         info = self.infos.get(state.current.primary) if state is not None else None
         return None if info is None else (info.host, info.port)
 
+    def _primary_regions(self) -> dict[ShardId, str]:
+        """The region of each activated p-shard's primary (the Akkio targets)."""
+        regions = {}
+        for shard, state in self.core.shards.items():
+            info = self.infos.get(state.current.primary)
+            if state.activated and info is not None:
+                regions[shard] = info.region
+        return regions
+
     def _initial_of(self, shard: ShardId) -> tuple[tuple[int, int], ...] | None:
         keyspace = self.keyspaces.get(self.shard_keyspace.get(shard, ""))
         placement = keyspace.placement(shard) if keyspace is not None else None
@@ -633,6 +669,7 @@ class ManagerRuntime:
             shards=shards,
             nodes=nodes,
             manager=f"{self.host}:{self.port}",
+            manager_region=self.region,
             auth=self.tenancy.auth,
             tenants=tenants,
             tokens=tokens,

@@ -70,11 +70,14 @@ from loom.runtime.codec import (
     decode,
     encode,
 )
+from loom.runtime.latency import LatencyMatrix, LinkDelays
+from loom.runtime.locality import count_access
 from loom.runtime.outbound import Outbound
 from loom.runtime.quota_gate import QuotaGate
 from loom.runtime.rpc import RpcServer
 from loom.runtime.sizes import ShardSizes
 from loom.runtime.tls import TlsConfig, require_cluster_peer
+from loom.shardmgr.access import AccessCounter
 from loom.shardmgr.core import NodeReport, ShardProgress
 from loom.shardmgr.routing import DEFAULT_TIER, EMPTY_TABLE, NodeInfo
 from loom.storage.api import WriteBatch
@@ -131,9 +134,13 @@ class NodeRuntime:
         tier: str = DEFAULT_TIER,
         auth: bool = False,
         tls: TlsConfig | None = None,
+        latency: LatencyMatrix | None = None,
     ) -> None:
         self.node = node
         self.tls = tls  # on the listener, to peers and to the managers (ADR 0015)
+        # Injected inter-region latency (off: None) and access counts (ADR 0013).
+        self.links = LinkDelays(latency, region)
+        self.access = AccessCounter()
         self.host = host
         self.labels = (region, zone, tier)
         self.routing = EMPTY_TABLE
@@ -202,7 +209,9 @@ class NodeRuntime:
             if peer in self.outboxes:
                 continue
             outbound = self.outboxes[peer] = Outbound(
-                functools.partial(self.peers.__getitem__, peer), tls=self.tls
+                functools.partial(self.peers.__getitem__, peer),
+                self.links.delay_for,
+                tls=self.tls,
             )
             self.tasks.append(loop.create_task(outbound.run()))
 
@@ -215,7 +224,9 @@ class NodeRuntime:
         registry warm with them)."""
         loop = asyncio.get_running_loop()
         for address in addresses:
-            outbound = Outbound(functools.partial(lambda a: a, address), tls=self.tls)
+            outbound = Outbound(
+                functools.partial(lambda a: a, address), self.links.delay_for, tls=self.tls
+            )
             self.managers.append(outbound)
             self.tasks.append(loop.create_task(outbound.run()))
         self.tasks.append(loop.create_task(self._reporter()))
@@ -243,6 +254,7 @@ class NodeRuntime:
                 info=info,
                 routing_version=self.routing.version,
                 throttled=self.quotas.throttled + self.quotas.refused_bytes,
+                access=self.access.report_due(Instant(time.monotonic() * 1000)),
             )
             self._to_managers(encode(message))
             measured = self.quotas.measured_shards
@@ -322,6 +334,7 @@ class NodeRuntime:
                 table = message.table
                 if table.version > self.routing.version and self.auth.accepts(table):
                     self.routing = table
+                    self.links.learn(table)
                     self.routing_for_clients = table.for_clients()
                     self.auth.on_routing(table)
                     self.fair.set_weights({t.name: t.weight for t in table.tenants})
@@ -366,6 +379,7 @@ class NodeRuntime:
             refusal = self.quotas.check(call.shard, call.request, time.monotonic() * 1000)
         if refusal is not None:  # answered at once: never queued, never dropped
             return encode(ClientAnswer(reply=refusal))
+        count_access(self.access, call, Instant(time.monotonic() * 1000))
         call_id = next(self.call_ids)
 
         def submit() -> None:

@@ -77,7 +77,10 @@ class Resharder:
         install_mapping: InstallMapping_,
         params: MoverParams | None = None,
         tls: TlsConfig | None = None,
+        delay_for: Callable[[tuple[str, int]], Callable[[], float] | None] | None = None,
     ) -> None:
+        # Injected latency of a connection to an address (runtime/latency.py).
+        self.delay_for = delay_for
         self.metastore = metastore
         self.tls = tls
         # What is stored of each mover: (record, revision).
@@ -100,6 +103,13 @@ class Resharder:
     def ids_needed(self, name: str, moves: list[tuple[UShard, ShardId]]) -> int:
         mover = self.movers.get(name)
         return len(moves) + (len(mover.planned) if mover is not None else 0)
+
+    def is_moving(self, name: str, ushard: UShard) -> bool:
+        """A move of this μshard is planned or under way (or stuck)."""
+        mover = self.movers.get(name)
+        if mover is None:
+            return False
+        return mover.is_moving(ushard) or any(u == ushard for u, _ in mover.planned)
 
     def pending(self, name: str) -> int:
         mover = self.movers.get(name)
@@ -236,7 +246,8 @@ class Resharder:
         async with lock:
             client = self.connections.get(address)
             if client is None:
-                client = await RpcClient.connect(*address, tls=self.tls)
+                delay = self.delay_for(address) if self.delay_for is not None else None
+                client = await RpcClient.connect(*address, tls=self.tls, delay=delay)
                 self.connections[address] = client
             return client
 

@@ -15,6 +15,7 @@ Frames are `loom.wire.frames`, payloads `loom.wire.envelope`. Rules of this modu
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import importlib.util
@@ -23,7 +24,7 @@ import math
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from loom.core.errors import ConnectionFailed, InvalidArgument, LoomError, Throttled, Unavailable
 from loom.runtime import tls as tls_
@@ -43,6 +44,7 @@ from loom.wire.frames import FRAME_BYTES_MAX, FrameDecoder, FrameError, encode_f
 
 Handler = Callable[[bytes], Awaitable[bytes]]
 T = TypeVar("T")
+Item = TypeVar("Item")
 READ_BYTES = 256 * 1024
 # Below this many unsent bytes, writers do not wait for the transport to drain.
 WRITE_BUFFER_BYTES_LOW = 64 * 1024
@@ -137,6 +139,40 @@ class _Outbox:
             return
         async with asyncio.timeout(self._limits.io_timeout_s):
             await self._writer.drain()
+
+
+class _DelayLine(Generic[Item]):
+    """Holds items for `delay()` seconds, then hands them on in the order they came (the
+    injected latency of `runtime/latency.py`). Bounded by its users: requests by the
+    client's in-flight limit, replies by the calls waiting for them."""
+
+    def __init__(self, delay: Callable[[], float], deliver: Callable[[Item], None]) -> None:
+        self._delay = delay
+        self._deliver = deliver
+        self._items: collections.deque[tuple[float, Item]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def put(self, item: Item) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self._delay()
+        self._items.append((due, item))
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._items and self._items[0][0] <= now:
+            self._deliver(self._items.popleft()[1])
+        if self._items:
+            self._timer = loop.call_at(self._items[0][0], self._release)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._items.clear()
 
 
 class _ServerConnection:
@@ -288,12 +324,20 @@ class RpcClient:
         limits: RpcLimits,
         *,
         peer: tuple[str, int] = ("?", 0),
+        delay: Callable[[], float] | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._limits = limits
         self._peer = peer
         self._outbox = _Outbox(writer, limits)
+        # Injected latency (runtime/latency.py): requests wait before they are sent,
+        # replies before they are delivered. None: no delay line at all.
+        self._requests_out: _DelayLine[Request] | None = None
+        self._replies_in: _DelayLine[Response] | None = None
+        if delay is not None:
+            self._requests_out = _DelayLine(delay, self._outbox.put)
+            self._replies_in = _DelayLine(delay, self._deliver)
         self._pending: dict[int, asyncio.Future[Response]] = {}
         # Ids start at 1: a response with id 0 is a connection-level error (e.g. TLS).
         self._request_ids = itertools.count(1)
@@ -308,10 +352,13 @@ class RpcClient:
         *,
         limits: RpcLimits = DEFAULT_RPC_LIMITS,
         tls: TlsConfig | None = None,
+        delay: Callable[[], float] | None = None,
     ) -> RpcClient:
         """`ConnectionLost` if nobody answers (retryable); with `tls`, `ConnectionFailed`
         if the TLS handshake fails (the server runs without TLS, or a certificate is
-        refused): trying again will not help."""
+        refused): trying again will not help. `delay`: the injected one-way latency in
+        seconds, asked per message (`LinkDelays.delay_for`); None when latency injection
+        is off."""
         try:
             async with asyncio.timeout(limits.io_timeout_s):
                 if tls is None:
@@ -321,7 +368,7 @@ class RpcClient:
                     reader, writer = await opening
         except (OSError, TimeoutError) as failure:
             raise ConnectionLost(f"cannot connect to {host}:{port}: {failure!r}") from None
-        return cls(reader, writer, limits, peer=(host, port))
+        return cls(reader, writer, limits, peer=(host, port), delay=delay)
 
     async def call(self, body: bytes, *, timeout_s: float) -> bytes:
         """Send one request; its reply's body, or a `LoomError` within `timeout_s`."""
@@ -356,7 +403,11 @@ class RpcClient:
             future: asyncio.Future[Response] = loop.create_future()
             self._pending[request_id] = future
             futures.append((request_id, future))
-            self._outbox.put(Request(request_id=request_id, deadline_ms=deadline_ms, body=body))
+            request = Request(request_id=request_id, deadline_ms=deadline_ms, body=body)
+            if self._requests_out is None:
+                self._outbox.put(request)
+            else:
+                self._requests_out.put(request)
         try:
             async with asyncio.timeout(timeout_s):
                 await self._outbox.drain()
@@ -383,12 +434,14 @@ class RpcClient:
                     for item in decode_items(payload):
                         if not isinstance(item, Response):
                             raise BadEnvelope("a server sent a request")
-                        future = self._pending.pop(item.request_id, None)
-                        if future is not None and not future.done():
-                            future.set_result(item)
-                        elif item.request_id == 0 and item.error is not None:
+                        if item.request_id == 0 and item.error is not None:
+                            # A connection-level error (e.g. TLS): no call's reply, so
+                            # it fails the connection at once, past any delay line.
                             raise tls_.connection_error(item.error)
-                        # else: a late reply to a call that timed out; nothing waits for it
+                        if self._replies_in is None:
+                            self._deliver(item)
+                        else:
+                            self._replies_in.put(item)
         except (FrameError, BadEnvelope) as error:
             failure = ConnectionLost(f"the server broke the protocol: {error}")
         except ConnectionFailed as error:
@@ -405,6 +458,12 @@ class RpcClient:
             self._fail_all(failure)
             self._writer.close()
 
+    def _deliver(self, response: Response) -> None:
+        future = self._pending.pop(response.request_id, None)
+        if future is not None and not future.done():
+            future.set_result(response)
+        # else: a late reply to a call that timed out; nothing waits for it
+
     def _fail_all(self, failure: LoomError) -> None:
         if self._closed_because is None:
             self._closed_because = failure
@@ -417,6 +476,9 @@ class RpcClient:
     async def close(self) -> None:
         """Fail calls still waiting, close the connection and end the reader task."""
         self._fail_all(ConnectionLost("the client was closed"))
+        for line in (self._requests_out, self._replies_in):
+            if line is not None:
+                line.cancel()
         self._writer.close()
         self._reader_task.cancel()
         with contextlib.suppress(TimeoutError, OSError):

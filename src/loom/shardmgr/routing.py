@@ -34,6 +34,7 @@ SHARDS_PER_KEYSPACE_MAX = 1024
 USHARDS_MAX = 65_536
 REPLICATION_FACTORS = (1, 3, 5)
 REGIONS_MAX = 16
+MAPPINGS = ("compact", "akkio")
 # Quota limits: far above what one cluster serves, low enough that float and int
 # arithmetic on them stays exact (token buckets, byte shares).
 QUOTA_RATE_MAX = 1e9
@@ -61,6 +62,9 @@ class KeyspaceSpec(Struct, frozen=True, kw_only=True):
     ushards: int = 4096
     tier: str = DEFAULT_TIER
     regions: tuple[str, ...] = ()
+    # μshard → p-shard mapping policy: "compact" (contiguous ranges, moved only by
+    # resharding) or "akkio" (each μshard moves to where it is accessed; ADR 0013).
+    mapping: str = "compact"
 
     def problem(self) -> str | None:
         """Why this spec cannot be created, or None."""
@@ -81,6 +85,8 @@ class KeyspaceSpec(Struct, frozen=True, kw_only=True):
             r and LABEL.fullmatch(r) for r in self.regions
         ):
             return f"regions must be at most {REGIONS_MAX} valid labels"
+        if self.mapping not in MAPPINGS:
+            return f"mapping must be one of {', '.join(MAPPINGS)}, not {self.mapping!r}"
         return None
 
 
@@ -195,6 +201,7 @@ class RoutingTable(Struct, frozen=True, kw_only=True, tag="rt1"):
     shards: tuple[ShardRoute, ...]
     nodes: tuple[NodeRoute, ...]
     manager: str = ""  # the leading shard manager's HOST:PORT, for operator calls
+    manager_region: str = ""  # its region label (the latency matrix, runtime/latency.py)
     # Multi-tenancy (ADR 0008). `auth`: requests must carry a token. `tokens` (hashes,
     # never secrets) reach nodes only: what nodes and the manager serve to clients is
     # `for_clients()`, without them.

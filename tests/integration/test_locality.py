@@ -1,0 +1,121 @@
+"""Akkio placement with the latency matrix on, with real processes on 127.0.0.1 (a shard
+manager in region a, nodes n1/n2/n3 in regions a/b/c): a μshard read mostly from region
+b moves to the p-shard whose primary is in b, clients see no error during the move, and
+afterwards `bounded(ms)` reads from b are answered by the node in b."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from loom import kv
+from loom.core.errors import LoomError
+from loom.core.hashing import ushard_of
+from loom.core.ids import ShardId
+from loom.runtime.localcluster import LocalCluster
+from loom.shardmgr.routing import RoutingTable
+
+MATRIX = "a-b=20,a-c=30,b-c=25"
+REGIONS = {"n1": "a", "n2": "b", "n3": "c"}
+KEYSPACE = "near"
+USHARDS = 6
+MOVE_DEADLINE_S = 40.0
+
+
+def owner(table: RoutingTable, ushard: int) -> ShardId:
+    keyspace = next(k for k in table.keyspaces if k.name == KEYSPACE)
+    return keyspace.shard_of(ushard)
+
+
+def primary_region(table: RoutingTable, ushard: int) -> str:
+    route = next(s for s in table.shards if s.shard == owner(table, ushard))
+    return next(n.info.region for n in table.nodes if n.info.node == route.primary)
+
+
+def moved_to_b(table: RoutingTable, ushard: int, source: ShardId) -> bool:
+    """Moved off its first p-shard (not just a failover of it) to a primary in b."""
+    return owner(table, ushard) != source and primary_region(table, ushard) == "b"
+
+
+async def traffic(
+    ks: kv.Keyspace, key: bytes, writes: bool, stop: asyncio.Event, errors: list[str]
+) -> dict[bytes, bytes]:
+    """Reads (and, from b, writes) of `key` until `stop`; the last acknowledged write."""
+    acked: dict[bytes, bytes] = {}
+    for index in range(10**9):
+        if stop.is_set():
+            return acked
+        try:
+            if writes and index % 3 == 0:
+                await ks.put(key, b"%d" % index)
+                acked[key] = b"%d" % index
+            else:
+                await ks.get(key)
+        except LoomError as error:
+            errors.append(f"{type(error).__name__}: {error}")
+        if not writes:
+            await asyncio.sleep(0.5)  # region a reads now and then: a minority
+    return acked
+
+
+async def scenario(cluster: LocalCluster) -> None:
+    address = cluster.manager_address
+    async with (
+        kv.connect(address, region="b", latency=MATRIX, timeout_s=20.0) as in_b,
+        kv.connect(address, region="a", latency=MATRIX, timeout_s=20.0) as in_a,
+    ):
+        await in_b.create_keyspace(KEYSPACE, shards=3, ushards=USHARDS, mapping="akkio")
+        table = await in_b.routing()
+        ushard = next(u for u in range(USHARDS) if primary_region(table, u) != "b")
+        source = owner(table, ushard)
+        key = next(
+            k for k in (b"k%d" % i for i in range(10_000)) if ushard_of(k, USHARDS) == ushard
+        )
+        errors: list[str] = []
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(traffic(in_b.keyspace(KEYSPACE), key, True, stop, errors)),
+            asyncio.create_task(traffic(in_a.keyspace(KEYSPACE), key, False, stop, errors)),
+        ]
+        deadline = time.monotonic() + MOVE_DEADLINE_S
+        try:
+            while not moved_to_b(await in_b.routing(), ushard, source):
+                assert time.monotonic() < deadline, "the μshard did not move to region b"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)  # traffic goes on across the mapping change
+        finally:
+            stop.set()
+            results = await asyncio.gather(*tasks)
+        assert errors == []
+        acked = results[0]
+        ks_b = in_b.keyspace(KEYSPACE)
+        item = await ks_b.get(key)
+        assert item is not None and item.value == acked[key]
+        # The keyspace record says akkio, and the mapping moved only this μshard's owner.
+        info = next(k for k in (await in_b.routing()).keyspaces if k.name == KEYSPACE)
+        assert info.spec.mapping == "akkio" and info.mapping_version > 1
+        await in_b.router.refresh(force=True)
+        for _ in range(10):
+            await ks_b.get(key, consistency=kv.bounded(200))
+            assert in_b.answered_by == "n2"  # the node in region b
+
+
+@pytest.mark.timeout(90)
+def test_a_ushard_read_mostly_from_b_moves_to_a_primary_in_b_without_client_errors(
+    tmp_path: Path,
+) -> None:
+    cluster = LocalCluster(data_dir=tmp_path, lease_ms=500.0, latency=MATRIX, manager_region="a")
+    try:
+        cluster.start_manager(
+            extra=("--akkio-period", "0.5", "--akkio-accesses-min", "5", "--akkio-dwell", "60")
+        )
+        for name, region in REGIONS.items():
+            cluster.start_node(name, region=region)
+        asyncio.run(scenario(cluster))
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.stop()
