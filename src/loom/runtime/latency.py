@@ -5,10 +5,11 @@ process's view of it: its own region and the region of every address it may call
 (node addresses and the shard manager's, learned from the routing table).
 
 Rules of this module:
-- the delay is applied in the RPC layer (`RpcClient(delay_s=…)`) by the side that opens
+- the delay is applied in the RPC layer (`RpcClient.connect(delay=…)`) by the side that opens
   the connection, on every message it sends and on every reply it receives — it knows
   both ends' regions, so each message on the link waits the matrix entry once;
-- off is free: with no matrix, `delay_s` is 0.0 and the RPC client takes its usual path;
+- off is free: with no matrix there is no delay function and the RPC client takes its
+  usual path;
 - bad input is a typed error (`LatencyError`, an `InvalidArgument`): an unknown region,
   a negative or non-finite delay, a matrix with a pair missing;
 - an unlabelled process (region "") or an address of unknown region is not delayed.
