@@ -42,6 +42,9 @@ from loom.runtime.rpc import CallTimedOut, ConnectionLost
 
 PARTITIONS = 8
 RATE = 4.0
+# The most a claim (a store transaction of up to three requests, each 1–20 ms) and its
+# delivery (up to 10 ms) can take beyond another's, without faults.
+DISPATCH_JITTER_S = 0.1
 CONCURRENCY = 3
 ATTEMPTS = 6
 LEASE_S = 2.0
@@ -398,15 +401,20 @@ def _live(world: World, run: Run) -> tuple[float, float]:
 
 
 def _rate(world: World) -> list[str]:
+    """The limit holds where it is enforced, at dispatch (rate × window + the buckets'
+    bursts); runs start one claim transaction and one delivery after their dispatch, and
+    that latency varies by up to DISPATCH_JITTER_S, which can bring two dispatches a
+    full token apart that much closer."""
     starts = sorted(r.start for r in world.runs if r.function == "limited")
     burst = world.scheduler_instances * max(1.0, RATE * BURST_S)
     for i, first in enumerate(starts):
         for j in range(i, len(starts)):
             window = starts[j] - first
-            if j - i + 1 > RATE * window + burst + 1e-9:
+            allowed = RATE * (window + DISPATCH_JITTER_S) + burst
+            if j - i + 1 > allowed + 1e-9:
                 return [
                     f"rate limit: {j - i + 1} runs of `limited` in {window:.2f} s "
-                    f"(allowed {RATE * window + burst:.1f})"
+                    f"(allowed {allowed:.1f})"
                 ]
     return []
 
