@@ -57,6 +57,18 @@ def test_moves_regression_seed_has_no_violation(seed: int) -> None:
     assert result.violations == [], (MOVES_REGRESSION_SEEDS[seed], result.violations[:5])
 
 
+HANDOFF_SEEDS = range(1, 1 + int(os.environ.get("LOOM_SIM_HANDOFF_SEEDS", "10")))
+
+
+@pytest.mark.parametrize("seed", HANDOFF_SEEDS)
+def test_seed_with_all_faults_and_planned_hand_offs_has_no_violation(seed: int) -> None:
+    result = run_seed(seed, faults="handoffs", ops=300)
+    assert result.violations == [], result.violations[:5]
+    assert result.operations_checked > 250
+    assert result.handoffs > 0  # hand-offs did happen under the faults
+    assert result.lease_releases > 0  # and old primaries released their leases
+
+
 @pytest.mark.parametrize("faults", ["none", "network", "crash"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_seed_with_one_kind_of_fault_has_no_violation(faults: str, seed: int) -> None:

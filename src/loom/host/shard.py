@@ -174,6 +174,7 @@ class ShardHost:
         self.out = HostOutput()
         self.renamed_requests = 0
         self.applied_commands = 0
+        self.reads_served = 0  # reads and scans answered (for the load figure)
         self.next_gc_at = Instant(now + params.gc_interval_ms)
 
     # ------------------------------------------------------------------ inputs
@@ -573,6 +574,7 @@ class ShardHost:
                 origin, request.token, ErrorCode.NOT_PRIMARY, "lease expired", retry_after_ms=10
             )
             return
+        self.reads_served += 1
         self.out.replies.append((origin, reply))
 
     # ------------------------------------------------------------------ helpers

@@ -113,6 +113,7 @@ class LocalCluster:
         port: int = 0,
         region: str = "",
         zone: str = "",
+        tier: str = "",
         data: Path | None = None,
     ) -> int:
         args = [
@@ -127,6 +128,8 @@ class LocalCluster:
             args += ["--region", region]
         if zone:
             args += ["--zone", zone]
+        if tier:
+            args += ["--tier", tier]
         return self._spawn(name, args)
 
     def start_worker(self, name: str, target: str, *, concurrency: int = 16) -> None:

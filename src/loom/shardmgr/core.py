@@ -29,6 +29,9 @@ class ShardProgress:
     is_primary: bool
     # Commands applied since the replica started (for rates in `loom status`).
     applied_commands: int = 0
+    # Operations per second on this replica (commands applied + reads served), decayed
+    # (`host.load`): what the rebalancer balances by (`shardmgr.rebalance`).
+    load_per_s: float = 0.0
 
     @classmethod
     def of(cls, shard: ShardId, replica: Replica) -> ShardProgress:
@@ -286,20 +289,35 @@ class ShardManagerCore:
                 self._failover(state, now, exclude=node)
 
     def transfer_primary(self, shard: ShardId, to: NodeId, now: Instant) -> bool:
-        """A planned primary move to acceptor `to` (balancing); False if not possible now."""
-        state = self.shards[shard]
-        config = state.current.config
-        if (
-            state.persisting
-            or not state.activated
-            or to == state.current.primary
-            or to not in config.acceptors
-            or not self._is_alive(to, now)
-            or self._is_reborn(state, to)
-        ):
+        """A planned primary move to acceptor `to` (balancing, tier moves, an operator);
+        False if not possible now (`transfer_problem` says why)."""
+        if self.transfer_problem(shard, to, now) is not None:
             return False
-        self._allocate(state, to, config, now)
+        state = self.shards[shard]
+        self._allocate(state, to, state.current.config, now, handoff=True)
         return True
+
+    def transfer_problem(self, shard: ShardId, to: NodeId, now: Instant) -> str | None:
+        """Why the primary of `shard` cannot be handed to `to` now, or None. A hand-off
+        is graceful: the shard is settled, the old primary is alive (it releases its
+        lease on stepping down) and `to` has caught up, so it activates at once."""
+        state = self.shards.get(shard)
+        if state is None:
+            return f"no p-shard {shard}"
+        config = state.current.config
+        if to == state.current.primary:
+            return f"{to} is already the primary of p-shard {shard}"
+        if to not in config.acceptors:
+            return f"{to} is not an acceptor of p-shard {shard} ({', '.join(config.acceptors)})"
+        if not self._is_alive(to, now) or self._is_reborn(state, to):
+            return f"{to} is not live"
+        if state.persisting or not state.activated or state.change is not None:
+            return f"p-shard {shard} is changing (epoch {state.current.epoch}); try again"
+        if not self._is_alive(state.current.primary, now):
+            return f"the primary {state.current.primary} is not live; failover handles it"
+        if not self._caught_up(to, state, now):
+            return f"{to} has not caught up with the primary of p-shard {shard} yet"
+        return None
 
     def announce_all(self, now: Instant) -> None:
         for shard in sorted(self.shards):
@@ -373,7 +391,15 @@ class ShardManagerCore:
         progress = self.nodes[node].progress.get(shard)
         return progress.commit_seq if progress else 0
 
-    def _allocate(self, state: _ShardState, primary: NodeId, config: Config, now: Instant) -> None:
+    def _allocate(
+        self,
+        state: _ShardState,
+        primary: NodeId,
+        config: Config,
+        now: Instant,
+        *,
+        handoff: bool = False,
+    ) -> None:
         epoch = Epoch(state.current.epoch + 1)
         expected = state.current.epoch
         chaos = self.chaos_duplicate_epoch_probability > 0 and (
@@ -392,6 +418,7 @@ class ShardManagerCore:
             prior_configs=tuple(state.since_activated),
             activated_epoch=state.activated_epoch,
             incarnations=self._incarnations(new_config, state.current.incarnations),
+            handoff=handoff,
         )
         state.since_activated.append(new_config)
         state.activated = False
