@@ -431,9 +431,10 @@ class ShardManagerCore:
     # ---------------------------------------------------------------- membership
 
     def replace_member(self, shard: ShardId, old: NodeId, new: NodeId) -> None:
-        """Plan: add `new` as follower, then swap it for `old` among the acceptors."""
+        """Plan: add `new` as follower, then swap it for `old` among the acceptors. `new`
+        may be a follower already (left by a change a restarted manager forgot)."""
         state = self.shards[shard]
-        if state.change is None and new not in state.current.config.members():
+        if state.change is None and new not in state.current.config.acceptors:
             state.change = _Change(add=new, remove=old)
 
     def _maybe_change_membership(self, state: _ShardState, now: Instant) -> None:

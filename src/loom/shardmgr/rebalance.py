@@ -155,22 +155,28 @@ def _best_newcomer(
     alive: set[NodeId],
     shards: Sequence[ShardView],
 ) -> NodeId | None:
-    """A live node of the shard's tier, not a member: regions and zones the remaining
-    members do not use first, then the node with the fewest replicas."""
-    staying = [nodes[m] for m in view.config.members() if m != leaving and m in nodes]
+    """A live node of the shard's tier, not an acceptor: a follower already there first
+    (left by a change a restarted manager forgot: it has caught up), then regions and
+    zones the remaining members do not use, then the node with the fewest replicas."""
+    config = view.config
+    staying = [nodes[m] for m in config.acceptors if m != leaving and m in nodes]
     regions = Counter(i.region for i in staying)
     zones = Counter((i.region, i.zone) for i in staying)
     counts = _replica_counts(shards, alive)
     candidates = [
-        nodes[n]
-        for n in sorted(alive)
-        if n not in view.config.members() and nodes[n].tier == view.tier
+        nodes[n] for n in sorted(alive) if n not in config.acceptors and nodes[n].tier == view.tier
     ]
     if not candidates:
         return None
     best = min(
         candidates,
-        key=lambda i: (regions[i.region], zones[i.region, i.zone], counts[i.node], i.node),
+        key=lambda i: (
+            i.node not in config.followers,
+            regions[i.region],
+            zones[i.region, i.zone],
+            counts[i.node],
+            i.node,
+        ),
     )
     return best.node
 
