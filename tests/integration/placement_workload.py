@@ -25,6 +25,7 @@ class MixedWorkload:
         self.operations = 0
         self.errors: list[str] = []
         self.slowest_s = 0.0  # the longest one operation took (retries included)
+        self.slow: list[str] = []  # operations that took over a second, for the report
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -71,7 +72,10 @@ class MixedWorkload:
                 self.errors.append(f"{key!r}: {type(error).__name__}: {error}")
                 continue
             self.operations += 1
-            self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+            took = time.monotonic() - started
+            self.slowest_s = max(self.slowest_s, took)
+            if took > 1.0:
+                self.slow.append(f"{('put', 'create', 'incr', 'get')[step]} {key!r} {took:.1f} s")
             await asyncio.sleep(0.002)
 
     async def check(self) -> None:

@@ -170,3 +170,17 @@ def test_the_load_meter_reports_a_decayed_rate_and_forgets_gone_shards() -> None
         rate = meter.observe({shard: 2000}, Instant(500 * step))[shard]
     assert rate < 5
     assert meter.observe({}, Instant(50_000)) == {}
+
+
+def test_a_follower_left_on_the_tier_by_a_forgotten_change_is_promoted_first() -> None:
+    nodes = [*THREE, node("g1", "gold"), node("g2", "gold"), node("g3", "gold")]
+    stray = ShardView(
+        shard=ShardId(1),
+        config=Config(Epoch(4), (NodeId("n1"), NodeId("g1"), NodeId("n3")), (NodeId("g3"),)),
+        primary=NodeId("g1"),
+        tier="gold",
+        settled=True,
+    )
+    move = decide([stray], nodes)
+    assert isinstance(move, ReplaceMember)
+    assert move.new == "g3"  # not g2, which would leave g3 a follower for ever

@@ -235,8 +235,13 @@ class Replica(AcceptorCore):
     # ------------------------------------------------------------------ candidate
 
     def _become_candidate(self, assignment: Assignment, now: Instant) -> None:
-        if self.lead is not None:
+        lead = self.lead
+        if lead is not None:
             self._step_down(now)
+            if assignment.handoff:
+                # A planned change that keeps us primary (a member added or swapped): the
+                # old ballot serves nothing from now on, so its lease need not be waited out.
+                self._release_lease(lead, now)
         ballot = assignment.ballot
         required = [assignment.config]
         if not self.p.has_bug("prev-config-unactivated"):

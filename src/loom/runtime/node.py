@@ -526,6 +526,7 @@ class NodeRuntime:
             for envelope in out.messages:
                 self._send(envelope)
             for event in out.sm_events:
+                log.info("p-shard %d: %s in epoch %d", shard, event.kind.value, event.ballot.epoch)
                 self._to_managers(encode(ManagerEvent(shard=shard, event=event)))
             for origin, reply in (*out.replies, *out.mover_replies):
                 future = self.calls.get(origin) if isinstance(origin, int) else None

@@ -99,6 +99,10 @@ class SmParams:
     # default only so the simulator's recorded bug seeds keep their schedules; the
     # `moves` profile turns it on. TODO(lead): turn on everywhere, re-record seeds.
     prefer_highest_commit: bool = False
+    # A membership change that keeps its primary is a planned hand-off too: the primary
+    # releases its lease before it runs Phase 1 again, so the change costs no lease wait
+    # W. Off in the simulator's older profiles only, to keep their recorded schedules.
+    handoff_on_reconfigure: bool = True
 
 
 @dataclass(slots=True, kw_only=True)
@@ -144,6 +148,9 @@ class ShardManagerCore:
         self.nodes: dict[NodeId, _NodeState] = {}
         self.shards: dict[ShardId, _ShardState] = {}
         self.out: list[SmOutput] = []
+        # When `restore` last took shards back (a restarted or new leader): nodes get
+        # `failure_timeout_ms` from then to report before their primaries count as dead.
+        self.restored_at: Instant | None = None
         # Fault injection for the simulator: wrong but "legal-looking" decisions.
         self.chaos_promote_probability = 0.0
         self.chaos_duplicate_epoch_probability = 0.0
@@ -198,6 +205,7 @@ class ShardManagerCore:
     def restore(self, shard: ShardId, record: ShardRecord, now: Instant) -> None:
         """Takes a shard back from the metastore after a restart; the primary keeps its
         place while its node reports, and is replaced like any other otherwise."""
+        self.restored_at = now
         self.shards[shard] = _ShardState(
             shard=shard,
             current=record.assignment,
@@ -263,6 +271,8 @@ class ShardManagerCore:
             stuck = not state.activated and now - state.allocated_at > self.p.activation_timeout_ms
             primary = state.current.primary
             dead = not self._is_alive(primary, now) or self._is_reborn(state, primary)
+            if dead and primary not in self.nodes and self._just_restored(now):
+                dead = False  # not heard from since our restart: give it time to report
             reborn = [m for m in state.current.config.members() if self._is_reborn(state, m)]
             rejoining = state.change is not None and state.change.rejoin
             if reborn and not rejoining and not (dead and reborn == [primary]):
@@ -351,6 +361,10 @@ class ShardManagerCore:
         recorded = state.current.incarnation_of(node)
         reported = self.nodes.get(node)
         return recorded is not None and reported is not None and reported.incarnation != recorded
+
+    def _just_restored(self, now: Instant) -> bool:
+        restored = self.restored_at
+        return restored is not None and now - restored <= self.p.failure_timeout_ms
 
     def is_alive(self, node: NodeId, now: Instant) -> bool:
         return self._is_alive(node, now)
@@ -453,9 +467,11 @@ class ShardManagerCore:
             self._allocate(state, primary, Config(config.epoch, acceptors, followers), now)
             change.removed = True
             return
+        handoff = self.p.handoff_on_reconfigure and self._is_alive(primary, now)
         if new not in config.members():
             followers = (*config.followers, new)
-            self._allocate(state, primary, Config(config.epoch, config.acceptors, followers), now)
+            config = Config(config.epoch, config.acceptors, followers)
+            self._allocate(state, primary, config, now, handoff=handoff)
             return
         if new in config.followers and not change.as_acceptor:
             state.change = None
@@ -464,8 +480,9 @@ class ShardManagerCore:
             acceptors = (*(a for a in config.acceptors if a != old), new)
             followers = tuple(f for f in config.followers if f != new)
             if primary == old:
-                primary = new
-            self._allocate(state, primary, Config(config.epoch, acceptors, followers), now)
+                primary, handoff = new, False  # the old primary hears nothing: it leaves
+            config = Config(config.epoch, acceptors, followers)
+            self._allocate(state, primary, config, now, handoff=handoff)
             return
         if new in config.acceptors:
             state.change = None

@@ -135,6 +135,7 @@ class World:
                 activation_timeout_ms=3000.0,
                 announce_interval_ms=200.0,
                 prefer_highest_commit=config.faults.moves,
+                handoff_on_reconfigure=config.faults.handoffs,
             ),
             rng=random.Random(self.rng.random()),
         )
