@@ -5,23 +5,13 @@ dedicated tier with a progress bar and refuses a tier with too few nodes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from loom.runtime.localcluster import LocalCluster
 
-
-def loom(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loom.cli.main", *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=90,
-    )
+from .test_cli_cluster import loom
 
 
 @pytest.mark.timeout(180)
