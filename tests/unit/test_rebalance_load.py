@@ -99,6 +99,7 @@ def test_without_load_primaries_are_balanced_by_count() -> None:
     shards = [view(s, "n1,n2,n3", "n1") for s in (1, 2, 3)]
     move = decide(shards, THREE)
     assert isinstance(move, TransferPrimary) and not move.by_load
+    assert move.balancing  # held back for a while after an operator's hand-off
 
 
 def test_replicas_move_from_the_hottest_node_to_the_coolest_of_the_tier() -> None:
@@ -137,6 +138,7 @@ def test_a_keyspace_on_another_tier_moves_a_non_primary_member_first() -> None:
     move = decide(shards, nodes)
     assert isinstance(move, ReplaceMember)
     assert move.old in ("n2", "n3") and move.new.startswith("g")
+    assert not move.balancing  # a tier move goes on whatever the operator just did
 
 
 def test_the_last_member_off_tier_is_the_primary_which_is_handed_off_first() -> None:

@@ -46,6 +46,9 @@ class Placement:
         self.manager = manager
         self.balance = balance or BalanceParams()
         self.last_load_move_at: Instant | None = None
+        # An operator's hand-off holds balancing moves back for a cooldown, so the
+        # rebalancer does not undo it at once.
+        self.operator_move_at: Instant | None = None
 
     # ---------------------------------------------------------------- rebalancer
 
@@ -85,6 +88,11 @@ class Placement:
             balance=self.balance,
             last_load_move_at=self.last_load_move_at,
         )
+        held = self.operator_move_at is not None and (
+            now - self.operator_move_at < self.balance.cooldown_ms
+        )
+        if move is not None and move.balancing and held:
+            return
         match move:
             case ReplaceMember():
                 log.info(
@@ -131,6 +139,7 @@ class Placement:
                 problem = core.transfer_problem(shard, to, now)
                 if problem is None:
                     core.transfer_primary(shard, to, now)
+                    self.operator_move_at = now
                     log.info("p-shard %d: primary hand-off to %s (operator)", shard, to)
                 return problem
 

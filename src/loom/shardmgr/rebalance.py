@@ -63,6 +63,9 @@ class ReplaceMember:
     old: NodeId
     new: NodeId
     reason: str
+    # Made to spread replicas or load (not to replace the dead or reach a tier): an
+    # operator's recent hand-off holds these back. `by_load`: load, not counts.
+    balancing: bool = False
     by_load: bool = False
 
 
@@ -71,6 +74,7 @@ class TransferPrimary:
     shard: ShardId
     to: NodeId
     reason: str
+    balancing: bool = False
     by_load: bool = False
 
 
@@ -138,7 +142,9 @@ def _primary_first(move: Move, shards: Sequence[ShardView], alive: set[NodeId]) 
         return move
     to = min(others, key=lambda n: (leads[n], n))
     reason = f"{move.old} is to leave p-shard {move.shard} ({move.reason})"
-    return TransferPrimary(shard=move.shard, to=to, reason=reason, by_load=move.by_load)
+    return TransferPrimary(
+        shard=move.shard, to=to, reason=reason, balancing=move.balancing, by_load=move.by_load
+    )
 
 
 def _replica_counts(shards: Sequence[ShardView], alive: set[NodeId]) -> Counter[NodeId]:
@@ -228,7 +234,10 @@ def _balance_replicas(
         movable.sort(key=lambda s: (s.primary == fullest, s.shard))
         if movable:
             reason = f"{fullest} holds {counts[fullest]} replicas, {emptiest} {counts[emptiest]}"
-            return ReplaceMember(shard=movable[0].shard, old=fullest, new=emptiest, reason=reason)
+            shard = movable[0].shard
+            return ReplaceMember(
+                shard=shard, old=fullest, new=emptiest, reason=reason, balancing=True
+            )
     return None
 
 
@@ -239,7 +248,7 @@ def _balance_primaries(shards: Sequence[ShardView], alive: set[NodeId]) -> Move 
         for acceptor in sorted(view.config.acceptors, key=lambda n: (leads[n], n)):
             if acceptor in alive and leads[view.primary] - leads[acceptor] >= 2:
                 reason = f"{view.primary} leads {leads[view.primary]}, {acceptor} {leads[acceptor]}"
-                return TransferPrimary(shard=view.shard, to=acceptor, reason=reason)
+                return TransferPrimary(shard=view.shard, to=acceptor, reason=reason, balancing=True)
     return None
 
 
@@ -293,7 +302,9 @@ def _balance_replicas_by_load(
         share = _best_share(candidates, load[hot] - load[cool])
         if share is not None:
             reason = f"{hot} carries {load[hot]:.0f} ops/s, {cool} {load[cool]:.0f}"
-            return ReplaceMember(shard=share.shard, old=hot, new=cool, reason=reason, by_load=True)
+            return ReplaceMember(
+                shard=share.shard, old=hot, new=cool, reason=reason, balancing=True, by_load=True
+            )
     return None
 
 
@@ -322,4 +333,4 @@ def _balance_primaries_by_load(
     if best is None:
         return None
     _worst, shard, to, reason = best
-    return TransferPrimary(shard=shard, to=to, reason=reason, by_load=True)
+    return TransferPrimary(shard=shard, to=to, reason=reason, balancing=True, by_load=True)
