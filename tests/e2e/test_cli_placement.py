@@ -41,8 +41,15 @@ def test_transfer_primary_and_set_tier_from_the_command_line(tmp_path: Path) -> 
         assert "tier 'silver' has 0 live node(s)" in too_small.stderr
         done = loom("keyspace", "set-tier", "users", "gold", *at)
         assert "tier gold (every replica on it)" in done.stdout
-        (shard,) = json.loads(loom("status", "--json", *at).stdout)["shards"]
+        status = json.loads(loom("status", "--json", *at).stdout)
+        (shard,) = status["shards"]
         assert set(shard["acceptors"]) == {"g1", "g2", "g3"}
+        assert shard["load_per_s"] >= 0
+        tiers = {n["id"]: n["tier"] for n in status["nodes"]}
+        assert tiers == {"n1": "wildcard", "n2": "wildcard", "n3": "wildcard"} | {
+            g: "gold" for g in ("g1", "g2", "g3")
+        }
+        assert "gold" in loom("status", *at).stdout
         assert loom("kv", "get", "users", "alice", *at).stdout == "hello\n"
     finally:
         cluster.stop()

@@ -280,6 +280,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     stored_bytes: int = 0
     # Client requests this node refused over a keyspace quota, per second, lately.
     throttled_per_s: float = 0.0
+    tier: str = ""
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -294,6 +295,8 @@ class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     progress: dict[str, tuple[int, int]]
     # Commands the primary applied per second, over the last reports.
     ops_per_s: float = 0.0
+    # What the rebalancer balances by: its busiest replica's decayed ops/s (ADR 0014).
+    load_per_s: float = 0.0
 
 
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="sr1"):

@@ -665,6 +665,7 @@ class ManagerRuntime:
                     if node in self.throttle_rates
                     else 0.0
                 ),
+                tier=info.tier,
             )
             for node, info in sorted(self.infos.items())
         )
@@ -689,6 +690,7 @@ class ManagerRuntime:
                     followers=config.followers,
                     progress=progress,
                     ops_per_s=round(self.rates[shard].per_s, 1) if shard in self.rates else 0.0,
+                    load_per_s=self.placement.load_of(shard),
                 )
             )
         return StatusReply(nodes=nodes, shards=tuple(shards))

@@ -57,12 +57,7 @@ class Placement:
         core, views = self.manager.core, []
         for shard, state in sorted(core.shards.items()):
             keyspace = self.manager.keyspaces.get(self.manager.shard_keyspace.get(shard, ""))
-            load = 0.0
-            for member in state.current.config.members():
-                node = core.nodes.get(member)
-                progress = node.progress.get(shard) if node is not None else None
-                if progress is not None:
-                    load = max(load, progress.load_per_s)
+            load = self.load_of(shard)
             views.append(
                 ShardView(
                     shard=shard,
@@ -74,6 +69,17 @@ class Placement:
                 )
             )
         return views
+
+    def load_of(self, shard: ShardId) -> float:
+        """The p-shard's load: the highest decayed ops/s its members report."""
+        core, load = self.manager.core, 0.0
+        state = core.shards.get(shard)
+        for member in state.current.config.members() if state is not None else ():
+            node = core.nodes.get(member)
+            progress = node.progress.get(shard) if node is not None else None
+            if progress is not None:
+                load = max(load, progress.load_per_s)
+        return load
 
     def rebalance_once(self, now: Instant) -> None:
         """In the core's task: one move, if any is due."""
