@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 from loom import kv
 from loom.core.errors import LoomError
@@ -75,7 +77,8 @@ class MixedWorkload:
             took = time.monotonic() - started
             self.slowest_s = max(self.slowest_s, took)
             if took > 1.0:
-                self.slow.append(f"{('put', 'create', 'incr', 'get')[step]} {key!r} {took:.1f} s")
+                at = time.strftime("%H:%M:%S", time.gmtime(time.time() - took))
+                self.slow.append(f"{at} {('put', 'create', 'incr', 'get')[step]} {took:.1f} s")
             await asyncio.sleep(0.002)
 
     async def check(self) -> None:
@@ -107,3 +110,12 @@ def start_cluster(cluster: LocalCluster, nodes: dict[str, str]) -> None:
     cluster.start_manager()
     for name, tier in nodes.items():
         cluster.start_node(name, tier=tier)
+
+
+def run_scenario(tmp: Path, scenario: Callable[[LocalCluster], Coroutine[Any, Any, None]]) -> None:
+    """Runs `scenario` on a fresh local cluster in `tmp`, stopping its processes after."""
+    cluster = LocalCluster(data_dir=tmp)
+    try:
+        asyncio.run(scenario(cluster))
+    finally:
+        cluster.stop()

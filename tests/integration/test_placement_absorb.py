@@ -14,7 +14,7 @@ from loom import kv
 from loom.runtime.localcluster import LocalCluster
 from loom.shardmgr.routing import RoutingTable
 
-from .placement_workload import MixedWorkload, start_cluster, until
+from .placement_workload import MixedWorkload, run_scenario, start_cluster, until
 
 
 def replicas(table: RoutingTable) -> Counter[str]:
@@ -40,7 +40,9 @@ def test_a_new_node_takes_replicas_and_primaries_without_client_errors(tmp_path:
                 load.start()
             try:
                 await asyncio.sleep(1.0)
-                cluster.start_node("n4")
+                # In a thread: starting waits for the process to listen, and the
+                # workload shares this event loop.
+                await asyncio.to_thread(cluster.start_node, "n4")
 
                 def absorbed(table: RoutingTable) -> bool:
                     moving = any(s.followers or len(s.acceptors) != 3 for s in table.shards)
@@ -60,8 +62,4 @@ def test_a_new_node_takes_replicas_and_primaries_without_client_errors(tmp_path:
             assert max(counts.values()) - min(counts.values()) <= 1
             print(f"\nreplicas {dict(counts)}, primaries {dict(primaries(table))}")
 
-    cluster = LocalCluster(data_dir=tmp_path)
-    try:
-        asyncio.run(scenario(cluster))
-    finally:
-        cluster.stop()
+    run_scenario(tmp_path, scenario)

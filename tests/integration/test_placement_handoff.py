@@ -16,7 +16,7 @@ from loom import kv
 from loom.core.errors import InvalidArgument, NotFound
 from loom.runtime.localcluster import LocalCluster
 
-from .placement_workload import MixedWorkload, start_cluster
+from .placement_workload import MixedWorkload, run_scenario, start_cluster
 
 HANDOFFS = 6
 
@@ -67,8 +67,4 @@ def test_primaries_are_handed_off_repeatedly_under_a_mixed_workload_without_erro
             with pytest.raises(NotFound):
                 await admin.transfer_primary(999_999, route.primary)
 
-    cluster = LocalCluster(data_dir=tmp_path)
-    try:
-        asyncio.run(scenario(cluster))
-    finally:
-        cluster.stop()
+    run_scenario(tmp_path, scenario)

@@ -95,6 +95,17 @@ def test_a_shard_hotter_than_the_gap_stays_where_it_is() -> None:
     assert decide(shards, THREE) is None
 
 
+def test_a_shard_carrying_nearly_all_of_the_gap_or_a_trifle_of_it_stays() -> None:
+    # n2 leads 75 ops/s (one shard of 70, idle ones of 5), n3 nothing: moving the 70
+    # would only make n3 the hot one; moving a 5 would barely change anything.
+    shards = [
+        view(1, "n2,n1,n3", "n2", 70),
+        view(2, "n2,n1,n3", "n2", 5),
+        view(3, "n1,n2,n3", "n1", 60),
+    ]
+    assert decide(shards, THREE) is None
+
+
 def test_without_load_primaries_are_balanced_by_count() -> None:
     shards = [view(s, "n1,n2,n3", "n1") for s in (1, 2, 3)]
     move = decide(shards, THREE)

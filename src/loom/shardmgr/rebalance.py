@@ -13,10 +13,12 @@ progress), so moves never pile up and a bad plan stops after one step:
 4. **Balance by load** (ops/s, decayed, as nodes report it): replicas, then primaries,
    move from the hottest node to the coolest when the hottest carries at least
    `imbalance_ratio_min` times the coolest's load (and `load_gap_min_per_s` more), at
-   most one such move per `cooldown_ms`, and only a move that narrows the gap; a
-   replica move never widens the spread of replica counts. Without load data (an idle
-   cluster) primaries are balanced by count instead: when one node leads two p-shards
-   more than another that is an acceptor of one of them, that primary moves there.
+   most one such move per `cooldown_ms`, and only a shard whose load is between a
+   quarter of the gap and the gap less `load_gap_min_per_s` (so the hot spot does not
+   just change sides); a replica move never widens the spread of replica counts.
+   Without load data (an idle cluster) primaries are balanced by count instead: when
+   one node leads two p-shards more than another that is an acceptor of one of them,
+   that primary moves there.
 
 A move that would take a live primary out of its p-shard hands the primary to another
 acceptor first (graceful: no lease wait, no failed request), and replaces it later.
@@ -79,6 +81,8 @@ class TransferPrimary:
 
 
 Move = ReplaceMember | TransferPrimary
+# A load move carries at least this share of the gap between the two nodes.
+SHARE_OF_GAP_MIN = 0.25
 
 
 def next_move(
@@ -263,9 +267,17 @@ def _is_imbalanced(hot: float, cool: float, balance: BalanceParams) -> bool:
     return hot - cool >= balance.load_gap_min_per_s and hot >= balance.imbalance_ratio_min * cool
 
 
-def _best_share(candidates: Sequence[ShardView], gap: float) -> ShardView | None:
-    """The shard whose load, moved across `gap`, narrows it most (0 < load < gap)."""
-    useful = [s for s in candidates if 0 < s.load_per_s < gap]
+def _is_worth_moving(load: float, gap: float, balance: BalanceParams) -> bool:
+    """Moving `load` from the hot node to the cool one lowers the hotter of the two by a
+    clear margin (so the hot spot does not just change sides) and is not a trifle."""
+    return gap * SHARE_OF_GAP_MIN <= load <= gap - balance.load_gap_min_per_s and load > 0
+
+
+def _best_share(
+    candidates: Sequence[ShardView], gap: float, balance: BalanceParams
+) -> ShardView | None:
+    """The shard whose load, moved across `gap`, narrows it most, if worth moving."""
+    useful = [s for s in candidates if _is_worth_moving(s.load_per_s, gap, balance)]
     if not useful:
         return None
     return min(useful, key=lambda s: (abs(gap / 2 - s.load_per_s), s.shard))
@@ -299,7 +311,7 @@ def _balance_replicas_by_load(
             for s in shards
             if s.tier == tier and hot in s.config.members() and cool not in s.config.members()
         ]
-        share = _best_share(candidates, load[hot] - load[cool])
+        share = _best_share(candidates, load[hot] - load[cool], balance)
         if share is not None:
             reason = f"{hot} carries {load[hot]:.0f} ops/s, {cool} {load[cool]:.0f}"
             return ReplaceMember(
@@ -323,7 +335,7 @@ def _balance_primaries_by_load(
             if not _is_imbalanced(load[hot], load[acceptor], balance):
                 continue
             gap = load[hot] - load[acceptor]
-            if not 0 < view.load_per_s < gap:
+            if not _is_worth_moving(view.load_per_s, gap, balance):
                 continue
             # The larger of the two loads after the move: the smaller the better.
             worst = max(load[hot] - view.load_per_s, load[acceptor] + view.load_per_s)
