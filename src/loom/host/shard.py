@@ -574,6 +574,10 @@ class ShardHost:
                 origin, request.token, ErrorCode.NOT_PRIMARY, "lease expired", retry_after_ms=10
             )
             return
+        lead = self.replica.lead
+        if decision.lease_read and lead is not None:
+            # For the simulator's lease checker (World._check_lease).
+            self.out.lease_reads.append((lead.ballot, lead.config))
         self.reads_served += 1
         self.out.replies.append((origin, reply))
 

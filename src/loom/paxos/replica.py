@@ -88,6 +88,9 @@ class Replica(AcceptorCore):
         if assignment.primary != self.node:
             if self.lead is not None and self.lead.ballot < assignment.ballot:
                 lead = self.lead
+                if assignment.handoff and self.p.has_bug("release-while-leading"):
+                    self._release_lease(lead, now)  # still leading: the bug
+                    return
                 self._step_down(now)
                 if assignment.handoff:
                     self._release_lease(lead, now)
@@ -264,7 +267,7 @@ class Replica(AcceptorCore):
     def _release_lease(self, lead: Leadership, now: Instant) -> None:
         """After stepping down (so no lease read or freshness answer can use it any
         more): hand the lease of `lead.ballot` back to its acceptors, ourselves included."""
-        assert self.lead is None
+        assert self.lead is None or self.p.has_bug("release-while-leading")
         for node in lead.config.acceptors:
             if node == self.node:
                 self._on_lease_release(self.node, LeaseRelease(lead.ballot), now)

@@ -14,6 +14,7 @@ from loom.sim.world import SM, World
 DOWN_NODES_MAX = 2
 POWER_OUTAGE_PROBABILITY = 0.15
 WIPE_PROBABILITY = 0.05
+SLOW_HANDOFF_PROBABILITY = 0.5
 
 
 class Chaos:
@@ -226,6 +227,14 @@ class Chaos:
             if world.sm.transfer_primary(shard, to, world._sm_now()):
                 world.note("handoff", shard, current.primary, to)
                 self.handoffs += 1
+                if self.handoff_rng.random() < SLOW_HANDOFF_PROBABILITY:
+                    # Aimed: the peers' answers reach the old primary late (the manager's
+                    # word does not), so only its own stepping down stops it serving
+                    # while its successor is already elected.
+                    peers: list[str] = [n for n in sorted(world.nodes) if n != current.primary]
+                    world.net.slow_down([current.primary], peers, one_way=True)
+                    world.note("slow-handoff", current.primary)
+                    self._later(self.handoff_rng.uniform(500, 1500), world.net.heal)
         self._later(self.handoff_rng.uniform(800, 3000), self._handoff)
 
     def _reconfigure(self) -> None:
