@@ -63,3 +63,15 @@ def test_an_acceptor_grants_nothing_to_a_ballot_it_released() -> None:
     assert c.r("b").released_ballot == ballot(1, "a")
     c.run(PARAMS.lease_ms * 1.5)
     assert not c.r("a").lease_valid(c.clock("a"))
+
+
+def test_a_restarted_acceptor_ignores_a_release_since_it_forgot_whom_it_granted() -> None:
+    c = led_by_a()
+    c.restart("b")  # and the hand-off comes before a's next heartbeat reaches it
+    handoff = dataclasses.replace(assignment(2, "c", config(2, "abc")), handoff=True)
+    c.assign(handoff)
+    c.pump()
+    assert c.r("b").released_ballot is None  # waits out W, as after any restart
+    assert c.r("c").released_ballot == ballot(1, "a")
+    # a and c released: they make a majority, so c still activates at once.
+    assert activation_ms(c, "c") < W / 2

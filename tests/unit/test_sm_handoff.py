@@ -113,3 +113,18 @@ def test_a_restarted_manager_waits_for_reports_before_failing_a_primary_over() -
     persisted = [o for o in fresh.outputs() if isinstance(o, PersistEpoch)]
     assert [p.assignment.primary for p in persisted] == ["n2"]
     assert not persisted[0].assignment.handoff
+
+
+def test_the_activation_timeout_runs_from_the_announcement_not_the_allocation() -> None:
+    core = active_core()
+    assert core.transfer_primary(SHARD, NodeId("n2"), Instant(20))
+    (output,) = [o for o in core.outputs() if isinstance(o, PersistEpoch)]
+    stored_at = 20 + 7_000  # the metastore took 7 s
+    for node in NODES:
+        report(core, node, stored_at, applied=100)
+    core.epoch_persisted(
+        SHARD, output.assignment, stored_epoch=output.assignment.epoch, now=Instant(stored_at)
+    )
+    core.outputs()
+    core.tick(Instant(stored_at + 100))
+    assert [o for o in core.outputs() if isinstance(o, PersistEpoch)] == []  # not "stuck"

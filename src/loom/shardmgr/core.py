@@ -261,6 +261,9 @@ class ShardManagerCore:
             state.current = replace(state.current, epoch=stored_epoch)
             return
         state.current = assignment
+        # The activation timeout runs from the announcement: a slow metastore (seconds
+        # to store under a loaded disk) must not make the new primary look stuck.
+        state.allocated_at = now
         self._announce(state, now)
 
     def tick(self, now: Instant) -> None:
