@@ -47,6 +47,7 @@ test: lint typecheck contracts pytest
 sim: $(STAMP)
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults all
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults moves
+	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --seeds 300 --faults handoffs
 	PYTHONHASHSEED=0 $(VENV)/bin/loom sim --functions --seeds 100
 
 # The Threads launch, replayed on an embedded cluster (3-5 minutes); the report lands in

@@ -36,8 +36,16 @@ FIRST_FAILING_MOVES_SEED = {
 }
 
 
+# Bugs of planned hand-offs, caught under the "handoffs" profile (all faults + hand-offs);
+# seeds from `loom sim --seeds 200 --faults handoffs --bug NAME --fail-fast`.
+FIRST_FAILING_HANDOFF_SEED = {
+    "release-while-leading": 1,
+}
+
+
 def test_every_known_bug_has_a_seed() -> None:
-    assert set(FIRST_FAILING_SEED) | set(FIRST_FAILING_MOVES_SEED) == set(KNOWN_BUGS)
+    seeded = set(FIRST_FAILING_SEED) | set(FIRST_FAILING_MOVES_SEED)
+    assert seeded | set(FIRST_FAILING_HANDOFF_SEED) == set(KNOWN_BUGS)
 
 
 @pytest.mark.parametrize(("bug", "seed"), sorted(FIRST_FAILING_SEED.items()))
@@ -60,3 +68,14 @@ def test_move_bug_is_caught_by_a_checker(bug: str, seed: int) -> None:
 @pytest.mark.parametrize("seed", sorted(set(FIRST_FAILING_MOVES_SEED.values())))
 def test_the_same_moves_seed_is_clean_without_any_bug(seed: int) -> None:
     assert run_seed(seed, faults="moves", ops=300).violations == []
+
+
+@pytest.mark.parametrize(("bug", "seed"), sorted(FIRST_FAILING_HANDOFF_SEED.items()))
+def test_handoff_bug_is_caught_by_a_checker(bug: str, seed: int) -> None:
+    result = run_seed(seed, faults="handoffs", ops=300, bugs=frozenset({bug}))
+    assert result.violations, f"--bug {bug} went unnoticed at seed {seed} (handoffs)"
+
+
+@pytest.mark.parametrize("seed", sorted(set(FIRST_FAILING_HANDOFF_SEED.values())))
+def test_the_same_handoffs_seed_is_clean_without_any_bug(seed: int) -> None:
+    assert run_seed(seed, faults="handoffs", ops=300).violations == []

@@ -152,10 +152,11 @@ def test_candidate_missing_a_chosen_value_that_no_promise_holds_reports_activati
 
 
 def test_candidate_activates_when_another_promise_holds_the_truncated_chosen_values() -> None:
+    # b has committed 2 and 3 (without truncating them): those values are the chosen ones.
     values = [V1, entry(B1, 2, b"v2"), entry(B1, 3, b"v3")]
     disks = {
         "a": durable(promise=B2, promise_config=CFG2, commit=3, applied=3, truncated=3),
-        "b": disk(values, commit=1),
+        "b": disk(values, commit=3),
         "c": disk([V1], commit=1),
     }
     c = Cluster("abc", disks=disks)
@@ -178,6 +179,18 @@ def test_candidate_activates_when_another_promise_holds_the_truncated_chosen_val
         pytest.param(1, {"a": (1, 0, []), "b": (0, 0, [])}, [], id="nothing-above"),
         pytest.param(
             1, {"a": (2, 0, [OLD2]), "b": (1, 0, [])}, [b"old2"], id="chosen-above-own-commit"
+        ),
+        # Found by the simulator (profile handoffs, seed 36 on the code of its day): a
+        # lagging acceptor's own old value for slot 2 is not the chosen one when the
+        # acceptor that chose it left it out (truncated); adopting it diverged replicas.
+        pytest.param(
+            1, {"a": (3, 3, []), "b": (1, 0, [OLD2])}, None, id="uncommitted-where-truncated"
+        ),
+        pytest.param(
+            1,
+            {"a": (2, 2, []), "b": (2, 0, [OLD2]), "c": (1, 0, [NEW2])},
+            [b"old2"],
+            id="committed-value-wins-where-truncated",
         ),
     ],
 )

@@ -12,6 +12,7 @@ from loom.cli.cluster import cluster_group
 from loom.cli.data import keyspace_group, kv_group
 from loom.cli.demo import demo_group
 from loom.cli.functions import functions_group, scheduler_command, worker_command
+from loom.cli.placement import set_tier_command, shard_group
 from loom.cli.processes import node_command, sm_command
 from loom.cli.sim import sim
 from loom.cli.status import status_command
@@ -47,6 +48,8 @@ main.add_command(bench_group)
 main.add_command(cluster_group)
 main.add_command(kv_group)
 main.add_command(keyspace_group)
+keyspace_group.add_command(set_tier_command)
+main.add_command(shard_group)
 main.add_command(worker_command)
 main.add_command(scheduler_command)
 main.add_command(demo_group)

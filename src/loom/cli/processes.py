@@ -31,6 +31,7 @@ from loom.runtime.rpc import run
 from loom.runtime.tls import TlsConfig
 from loom.shardmgr.core import SmParams
 from loom.shardmgr.metastore import Metastore
+from loom.shardmgr.rebalance import BalanceParams
 from loom.shardmgr.routing import DEFAULT_TIER, LABEL
 
 NO_AUTH_WARNING = (
@@ -88,6 +89,21 @@ async def until_stopped(also: asyncio.Event | None = None) -> None:
     help="Seconds a node may stay silent before its replicas move to other nodes.",
 )
 @click.option(
+    "--balance-cooldown",
+    "balance_cooldown_s",
+    type=click.FloatRange(0, 86_400),
+    default=BalanceParams().cooldown_ms / 1000,
+    show_default=True,
+    help="Seconds between two load-balancing moves (and after an operator's hand-off).",
+)
+@click.option(
+    "--balance-min-ops",
+    type=click.FloatRange(0, 1e9),
+    default=BalanceParams().load_gap_min_per_s,
+    show_default=True,
+    help="Ops/s below which load is not balanced (gap between nodes, and in all).",
+)
+@click.option(
     "--auth",
     is_flag=True,
     help="Require tokens (ADR 0008). The first start prints an admin token, once.",
@@ -102,6 +118,8 @@ def sm_command(
     data: Path | None,
     etcd: str | None,
     replace_after_s: float,
+    balance_cooldown_s: float,
+    balance_min_ops: float,
     auth: bool,
     region: str,
     latency: str,
@@ -150,6 +168,11 @@ def sm_command(
             latency=matrix,
             locality=locality,
             locality_period_s=akkio_period_s,
+            balance=BalanceParams(
+                cooldown_ms=balance_cooldown_s * 1000,
+                load_gap_min_per_s=balance_min_ops,
+                load_total_min_per_s=balance_min_ops,
+            ),
         )
         await manager.start()
         where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"

@@ -25,6 +25,7 @@ def status_json(status: StatusReply) -> dict[str, object]:
                 "incarnation": n.incarnation,
                 "stored_bytes": n.stored_bytes,
                 "throttled_per_s": n.throttled_per_s,
+                "tier": n.tier,
             }
             for n in status.nodes
         ],
@@ -42,6 +43,7 @@ def status_json(status: StatusReply) -> dict[str, object]:
                 "commit_seq": s.progress.get(s.primary, (0, 0))[1],
                 "lag": _lag(s),
                 "ops_per_s": s.ops_per_s,
+                "load_per_s": s.load_per_s,
                 "progress": {m: {"applied": a, "commit": c} for m, (a, c) in s.progress.items()},
             }
             for s in status.shards
@@ -82,8 +84,8 @@ def status_command(cluster: str, as_json: bool) -> None:
         return
     console = Console()
     nodes = Table(title="nodes")
-    node_columns = ("node", "address", "region", "zone", "alive", "pid", "incarnation", "size")
-    for column in (*node_columns, "throttled/s"):
+    node_columns = ("node", "address", "region", "zone", "tier", "alive", "pid", "incarnation")
+    for column in (*node_columns, "size", "throttled/s"):
         nodes.add_column(column)
     for node in status.nodes:
         alive = "[green]yes[/green]" if node.alive else "[red]no[/red]"
@@ -92,6 +94,7 @@ def status_command(cluster: str, as_json: bool) -> None:
             node.address,
             node.region or "-",
             node.zone or "-",
+            node.tier or "-",
             alive,
             str(node.pid),
             str(node.incarnation),
@@ -109,6 +112,7 @@ def status_command(cluster: str, as_json: bool) -> None:
         "applied/commit",
         "lag",
         "ops/s",
+        "load/s",
     )
     for column in columns:
         shards.add_column(column)
@@ -127,6 +131,7 @@ def status_command(cluster: str, as_json: bool) -> None:
             progress or "-",
             str(_lag(shard)),
             f"{shard.ops_per_s:,.0f}",
+            f"{shard.load_per_s:,.0f}",
         )
     console.print(nodes)
     console.print(shards)

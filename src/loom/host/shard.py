@@ -174,6 +174,7 @@ class ShardHost:
         self.out = HostOutput()
         self.renamed_requests = 0
         self.applied_commands = 0
+        self.reads_served = 0  # reads and scans answered (for the load figure)
         self.next_gc_at = Instant(now + params.gc_interval_ms)
 
     # ------------------------------------------------------------------ inputs
@@ -573,6 +574,11 @@ class ShardHost:
                 origin, request.token, ErrorCode.NOT_PRIMARY, "lease expired", retry_after_ms=10
             )
             return
+        lead = self.replica.lead
+        if decision.lease_read and lead is not None:
+            # For the simulator's lease checker (World._check_lease).
+            self.out.lease_reads.append((lead.ballot, lead.config))
+        self.reads_served += 1
         self.out.replies.append((origin, reply))
 
     # ------------------------------------------------------------------ helpers

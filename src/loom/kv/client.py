@@ -480,6 +480,28 @@ class Client:
         await self.router.refresh(force=True)
         return self.router.table
 
+    async def transfer_primary(self, shard: int, to: str) -> tuple[str, int]:
+        """Hand the primary of p-shard `shard` to its acceptor `to`, gracefully (admin):
+        returns (primary, epoch) once `to` serves."""
+        from loom.kv import placement  # noqa: PLC0415 - the admin calls live there
+
+        moved = await placement.transfer_primary(self, shard, to)
+        return moved.primary, moved.epoch
+
+    async def set_keyspace_tier(
+        self,
+        name: str,
+        tier: str,
+        *,
+        wait: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> KeyspaceInfo:
+        """Move keyspace `name` to the nodes of `tier`, live (admin). With `wait`,
+        returns once every member is on the tier; `progress(on_tier, members)`."""
+        from loom.kv import placement  # noqa: PLC0415 - the admin calls live there
+
+        return await placement.set_keyspace_tier(self, name, tier, wait=wait, progress=progress)
+
     async def status(self) -> StatusReply:
         reply = await self._admin(StatusRequest())
         if not isinstance(reply, StatusReply):

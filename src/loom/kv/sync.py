@@ -124,6 +124,21 @@ class SyncClient:
             self.client.reshard_keyspace(name, shards=shards, wait=wait, progress=progress)
         )
 
+    def transfer_primary(self, shard: int, to: str) -> tuple[str, int]:
+        return self._runner.run(self.client.transfer_primary(shard, to))
+
+    def set_keyspace_tier(
+        self,
+        name: str,
+        tier: str,
+        *,
+        wait: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> KeyspaceInfo:
+        return self._runner.run(
+            self.client.set_keyspace_tier(name, tier, wait=wait, progress=progress)
+        )
+
     def create_tenant(self, name: str, *, weight: int = 1) -> Tenant:
         return self._runner.run(self.client.create_tenant(name, weight=weight))
 

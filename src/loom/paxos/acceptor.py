@@ -28,6 +28,7 @@ from loom.paxos.messages import (
     HeartbeatAck,
     Learn,
     LearnAck,
+    LeaseRelease,
     Message,
     Nack,
     Prepare,
@@ -76,6 +77,11 @@ class AcceptorCore:
         self.match_seq = Seq(0)
         # A restarted acceptor may have granted a lease it no longer remembers [16].
         self.last_grant_at = now
+        # The ballot of the last grant (this process's life only: after a restart we do
+        # not know whom we granted, so a release is ignored and W is waited out), and the
+        # highest ballot whose primary released its lease (no grants to it any more).
+        self.last_granted_ballot: Ballot | None = None
+        self.released_ballot: Ballot | None = None
         self.pending_prepare: Envelope | None = None
         self.higher_prepare_seen: Ballot | None = None
         self.lead: Leadership | None = None
@@ -174,8 +180,28 @@ class AcceptorCore:
         seen = self.higher_prepare_seen
         if seen is not None and seen > ballot:
             return False  # stop extending leases of lower ballots [1]
+        released = self.released_ballot
+        if released is not None and ballot <= released:
+            return False  # a late round of a primary that handed its lease back
         self.last_grant_at = now
+        self.last_granted_ballot = ballot
         return True
+
+    def _on_lease_release(self, src: NodeId, msg: LeaseRelease, now: Instant) -> None:
+        """The primary of `msg.ballot` stepped down in a planned hand-off and serves
+        nothing under that ballot any more: the grants we gave it protect nobody, so a
+        successor's Prepare need not wait `W` (DESIGN §3: a planned hand-off releases the
+        lease instead of waiting it out). Only the ballot we granted last is released, by
+        its own node: a grant to any later ballot keeps its full wait."""
+        if src != msg.ballot.node or msg.ballot != self.last_granted_ballot:
+            return
+        if self.lead is not None and self.lead.ballot == msg.ballot:
+            return  # our own ballot while we still lead: cannot be a real release
+        self.released_ballot = msg.ballot
+        self.last_grant_at = Instant(now - self.p.promise_wait_ms)
+        if self.pending_prepare is not None and self._may_promise(now):
+            env, self.pending_prepare = self.pending_prepare, None
+            self._on_prepare(env, now)
 
     def _on_accept(self, src: NodeId, msg: Accept, now: Instant) -> None:
         if not self._adopt_ballot(msg.ballot, now):

@@ -4,7 +4,9 @@ Rules (DESIGN §3, PITFALLS 3, 15):
 - promises must come from a majority of *every* config since the last activated one;
   a promise that reveals an unknown later config adds it to that set;
 - every slot at or below the highest commit point among the promises is chosen: its
-  value must be found among the promises, else activation cannot proceed here;
+  value must be found among the promises, else activation cannot proceed here; where
+  a promiser left the slot out because it truncated it, only a value some promiser
+  has committed counts (an older accepted value elsewhere may not be the chosen one);
 - above it, each slot takes the value of the highest ballot among the promises and
   holes become no-ops.
 """
@@ -61,15 +63,31 @@ def choose_log(
     it): the candidate must not invent one.
     """
     c0 = candidacy.own_commit_seq
-    highest_commit = max([c0, *(p.commit_seq for p in candidacy.promises.values())])
+    promises = candidacy.promises.values()
+    highest_commit = max([c0, *(p.commit_seq for p in promises)])
+    # Slots at or below this were left out of some promise because that acceptor
+    # truncated them: its (chosen) value is missing from the highest-ballot vote.
+    truncated = max([c0, *(p.truncated_seq for p in promises)])
     best: dict[Seq, Entry] = {}
+    committed: dict[Seq, Entry] = {}  # values their promiser has committed: chosen
     for node in sorted(candidacy.promises):
-        for entry in candidacy.promises[node].entries:
+        promise = candidacy.promises[node]
+        for entry in promise.entries:
             if entry.seq <= c0:
                 continue
             known = best.get(entry.seq)
             if known is None or entry.ballot > known.ballot:
                 best[entry.seq] = entry
+            if entry.seq <= promise.commit_seq:
+                committed[entry.seq] = entry
+    for seq in range(c0 + 1, min(truncated, highest_commit) + 1):
+        # Chosen, and an acceptor that may hold the chosen value left it out: only a
+        # value someone committed is known to be it; an older accepted value (say a
+        # lagging acceptor's own, from before it missed the slot's real choice) is not.
+        if Seq(seq) in committed:
+            best[Seq(seq)] = committed[Seq(seq)]
+        else:
+            best.pop(Seq(seq), None)
     return _fill(candidacy, best, highest_commit, own_entries, noop_below_commit_bug)
 
 

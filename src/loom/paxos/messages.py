@@ -145,6 +145,14 @@ class SnapshotAck(Struct, frozen=True, tag="snapack"):
     installed: bool
 
 
+class LeaseRelease(Struct, frozen=True, tag="release"):
+    """A primary that stepped down in a planned hand-off gives up the lease its acceptors
+    granted to `ballot`: it serves nothing under it any more, so they need not wait `W`
+    before promising its successor."""
+
+    ballot: Ballot
+
+
 Message = (
     Prepare
     | Promise
@@ -159,6 +167,7 @@ Message = (
     | FreshnessReply
     | SnapshotChunk
     | SnapshotAck
+    | LeaseRelease
 )
 
 

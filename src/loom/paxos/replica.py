@@ -30,6 +30,7 @@ from loom.paxos.messages import (
     HeartbeatAck,
     Learn,
     LearnAck,
+    LeaseRelease,
     Nack,
     Prepare,
     Promise,
@@ -65,6 +66,9 @@ class Assignment:
     # The incarnation of each member's data directory when it joined: a node whose disk
     # was wiped since is not that member and must ignore this (PITFALLS 19).
     incarnations: tuple[tuple[NodeId, Incarnation], ...] = ()
+    # A planned hand-off (balancing, tier move, operator): the primary it replaces is
+    # alive and caught up the new one first, and releases its lease on stepping down.
+    handoff: bool = False
 
     @property
     def ballot(self) -> Ballot:
@@ -83,7 +87,13 @@ class Replica(AcceptorCore):
         self.primary_hint = assignment.primary
         if assignment.primary != self.node:
             if self.lead is not None and self.lead.ballot < assignment.ballot:
+                lead = self.lead
+                if assignment.handoff and self.p.has_bug("release-while-leading"):
+                    self._release_lease(lead, now)  # still leading: the bug
+                    return
                 self._step_down(now)
+                if assignment.handoff:
+                    self._release_lease(lead, now)
             if self.lead is None:
                 is_acceptor = self.node in config.acceptors
                 self.role = Role.ACCEPTOR if is_acceptor else Role.FOLLOWER
@@ -122,6 +132,8 @@ class Replica(AcceptorCore):
                 self._on_probe(src, msg, now)
             case FreshnessReply():
                 self.reads.on_probe_reply(msg, now)
+            case LeaseRelease():
+                self._on_lease_release(src, msg, now)
             case _:
                 # Snapshot messages are handled by the host, which owns the state.
                 self.dropped_messages += 1
@@ -226,8 +238,13 @@ class Replica(AcceptorCore):
     # ------------------------------------------------------------------ candidate
 
     def _become_candidate(self, assignment: Assignment, now: Instant) -> None:
-        if self.lead is not None:
+        lead = self.lead
+        if lead is not None:
             self._step_down(now)
+            if assignment.handoff:
+                # A planned change that keeps us primary (a member added or swapped): the
+                # old ballot serves nothing from now on, so its lease need not be waited out.
+                self._release_lease(lead, now)
         ballot = assignment.ballot
         required = [assignment.config]
         if not self.p.has_bug("prev-config-unactivated"):
@@ -246,6 +263,16 @@ class Replica(AcceptorCore):
             self._start_primary(self.lead, [], now)
             return
         self._prepare(self.lead, candidacy, now)
+
+    def _release_lease(self, lead: Leadership, now: Instant) -> None:
+        """After stepping down (so no lease read or freshness answer can use it any
+        more): hand the lease of `lead.ballot` back to its acceptors, ourselves included."""
+        assert self.lead is None or self.p.has_bug("release-while-leading")
+        for node in lead.config.acceptors:
+            if node == self.node:
+                self._on_lease_release(self.node, LeaseRelease(lead.ballot), now)
+            else:
+                self._send(node, LeaseRelease(lead.ballot))
 
     def _prepare(self, lead: Leadership, candidacy: Candidacy, now: Instant) -> None:
         """(Re)sends Prepare to every required acceptor that has not promised yet."""

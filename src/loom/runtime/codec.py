@@ -154,6 +154,30 @@ class SetQuota(msgspec.Struct, frozen=True, kw_only=True, tag="qs1"):
     auth: str = ""
 
 
+class TransferPrimaryCall(msgspec.Struct, frozen=True, kw_only=True, tag="tp1"):
+    """Hand the primary of p-shard `shard` to its acceptor `to` (graceful: `to` catches
+    up first, the old primary releases its lease; answered once `to` has activated)."""
+
+    shard: int
+    to: str
+    auth: str = ""
+
+
+class PrimaryMoved(msgspec.Struct, frozen=True, kw_only=True, tag="pmv1"):
+    shard: int
+    primary: str
+    epoch: int
+
+
+class SetKeyspaceTier(msgspec.Struct, frozen=True, kw_only=True, tag="st1"):
+    """Move keyspace `name` to the nodes of `tier` (answered at once with the keyspace;
+    the manager replaces the members one at a time, resumable after a restart)."""
+
+    name: str
+    tier: str
+    auth: str = ""
+
+
 class ReshardKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="rs1"):
     """Grow a keyspace to `shards` p-shards by moving μshards (answered at once with the
     keyspace; the moves go on in the manager, visible in its mapping version)."""
@@ -264,6 +288,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     stored_bytes: int = 0
     # Client requests this node refused over a keyspace quota, per second, lately.
     throttled_per_s: float = 0.0
+    tier: str = ""
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -278,6 +303,8 @@ class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     progress: dict[str, tuple[int, int]]
     # Commands the primary applied per second, over the last reports.
     ops_per_s: float = 0.0
+    # What the rebalancer balances by: its busiest replica's decayed ops/s (ADR 0014).
+    load_per_s: float = 0.0
 
 
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="sr1"):
@@ -292,6 +319,9 @@ NodeMessage = (
     | MoverCall
     | MoverAnswer
     | ReshardKeyspace
+    | TransferPrimaryCall
+    | PrimaryMoved
+    | SetKeyspaceTier
     | NodeReportMessage
     | ManagerEvent
     | AssignMessage
@@ -324,6 +354,8 @@ Authenticated = (
     | DropKeyspace
     | SetQuota
     | ReshardKeyspace
+    | TransferPrimaryCall
+    | SetKeyspaceTier
     | RoutingRequest
     | StatusRequest
     | CreateTenant

@@ -152,6 +152,7 @@ class LocalCluster:
         port: int = 0,
         region: str = "",
         zone: str = "",
+        tier: str = "",
         data: Path | None = None,
     ) -> int:
         args = [
@@ -168,6 +169,8 @@ class LocalCluster:
             args += ["--zone", zone]
         if self.latency:
             args += ["--latency", self.latency]
+        if tier:
+            args += ["--tier", tier]
         return self._spawn(name, args)
 
     def start_worker(self, name: str, target: str, *, concurrency: int = 16) -> None:

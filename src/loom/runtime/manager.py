@@ -51,14 +51,17 @@ from loom.runtime.codec import (
     NodeReportMessage,
     NodeStatus,
     PeerAddress,
+    PrimaryMoved,
     ReshardKeyspace,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
+    SetKeyspaceTier,
     SetQuota,
     ShardStatus,
     StatusReply,
     StatusRequest,
+    TransferPrimaryCall,
     decode,
     encode,
 )
@@ -66,6 +69,7 @@ from loom.runtime.latency import LatencyMatrix, LinkDelays
 from loom.runtime.leadership import EtcdLeadership
 from loom.runtime.locality import DEFAULT_LOCALITY_PERIOD_S, LocalityDriver
 from loom.runtime.outbound import Outbound
+from loom.runtime.placement import Placement
 from loom.runtime.resharding import Resharder
 from loom.runtime.rpc import RpcServer
 from loom.runtime.tenancy import Tenancy
@@ -74,9 +78,8 @@ from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRe
 from loom.shardmgr.locality import LocalityParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.moves import MoverParams, plan_reshard
-from loom.shardmgr.rebalance import ReplaceMember, ShardView, TransferPrimary, next_move
+from loom.shardmgr.rebalance import BalanceParams
 from loom.shardmgr.routing import (
-    DEFAULT_TIER,
     Keyspace,
     KeyspaceSpec,
     NodeInfo,
@@ -169,12 +172,15 @@ class ManagerRuntime:
         latency: LatencyMatrix | None = None,
         locality: LocalityParams | None = None,
         locality_period_s: float = DEFAULT_LOCALITY_PERIOD_S,
+        balance: BalanceParams | None = None,
     ) -> None:
         self.tls = tls  # on the listener and to the nodes (ADR 0015)
         # This manager's region and the injected latency matrix (ADR 0013).
         self.region = region
         self.links = LinkDelays(latency, region)
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
+        # Rebalancing, hand-offs and tier moves (runtime/placement.py).
+        self.placement = Placement(self, balance)
         # Tenants and tokens; with `auth`, every operator call needs a token (ADR 0008).
         self.tenancy = Tenancy(metastore, auth=auth)
         # The first admin token's secret, made when this manager first led with auth on
@@ -329,6 +335,16 @@ class ManagerRuntime:
                 case ReshardKeyspace():
                     self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.reshard_keyspace(message.name, message.shards)
+                    return encode(KeyspaceReply(keyspace=keyspace))
+                case TransferPrimaryCall():
+                    self.tenancy.authorize(message.auth, admin=True)
+                    primary, epoch = await self.placement.transfer_primary(
+                        ShardId(message.shard), NodeId(message.to)
+                    )
+                    return encode(PrimaryMoved(shard=message.shard, primary=primary, epoch=epoch))
+                case SetKeyspaceTier():
+                    self.tenancy.authorize(message.auth, admin=True)
+                    keyspace = await self.placement.set_tier(message.name, message.tier)
                     return encode(KeyspaceReply(keyspace=keyspace))
                 case SetQuota():
                     self.tenancy.authorize(message.auth, admin=True)
@@ -597,43 +613,7 @@ class ManagerRuntime:
             await self._in_core(self._rebalance_once)
 
     def _rebalance_once(self, now: Instant) -> None:
-        views = []
-        for shard, state in sorted(self.core.shards.items()):
-            keyspace = self.keyspaces.get(self.shard_keyspace.get(shard, ""))
-            views.append(
-                ShardView(
-                    shard=shard,
-                    config=state.current.config,
-                    primary=state.current.primary,
-                    tier=keyspace.spec.tier if keyspace is not None else DEFAULT_TIER,
-                    settled=state.activated and state.change is None and not state.persisting,
-                )
-            )
-        move = next_move(
-            views,
-            self.infos,
-            {n: s.last_report_at for n, s in self.core.nodes.items()},
-            now,
-            failure_timeout_ms=self.core.p.failure_timeout_ms,
-            replace_after_ms=self.core.p.replace_after_ms,
-        )
-        match move:
-            case ReplaceMember():
-                log.info(
-                    "p-shard %d: replacing %s by %s (%s)",
-                    move.shard,
-                    move.old,
-                    move.new,
-                    move.reason,
-                )
-                self.core.replace_member(move.shard, move.old, move.new)
-            case TransferPrimary():
-                if self.core.transfer_primary(move.shard, move.to, now):
-                    log.info(
-                        "p-shard %d: primary moves to %s (%s)", move.shard, move.to, move.reason
-                    )
-            case None:
-                pass
+        self.placement.rebalance_once(now)
 
     # ---------------------------------------------------------------- routing
 
@@ -728,6 +708,7 @@ class ManagerRuntime:
                     if node in self.throttle_rates
                     else 0.0
                 ),
+                tier=info.tier,
             )
             for node, info in sorted(self.infos.items())
         )
@@ -752,6 +733,7 @@ class ManagerRuntime:
                     followers=config.followers,
                     progress=progress,
                     ops_per_s=round(self.rates[shard].per_s, 1) if shard in self.rates else 0.0,
+                    load_per_s=self.placement.load_of(shard),
                 )
             )
         return StatusReply(nodes=nodes, shards=tuple(shards))

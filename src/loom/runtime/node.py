@@ -36,6 +36,7 @@ from pathlib import Path
 from loom.core.ids import Incarnation, NodeId, ShardId
 from loom.core.time import Instant, WallMs
 from loom.host.fair_queue import FairQueue
+from loom.host.load import LoadMeter
 from loom.host.requests import (
     ClientReply,
     ClientRequest,
@@ -174,6 +175,7 @@ class NodeRuntime:
         )
         # Owned by the storage thread:
         self.sizes = ShardSizes()
+        self.load = LoadMeter()
         self.store: RocksStore | None = None
         self.incarnation = Incarnation(0)
         self.hosts: dict[ShardId, ShardHost] = {}
@@ -270,9 +272,13 @@ class NodeRuntime:
 
     def _report(self) -> NodeReport:
         """In the storage thread: this node's progress on each of its shards."""
+        counts = {s: h.applied_commands + h.reads_served for s, h in self.hosts.items()}
+        load = self.load.observe(counts, Instant(time.monotonic() * 1000))
         shards = [
             dataclasses.replace(
-                ShardProgress.of(shard, host.replica), applied_commands=host.applied_commands
+                ShardProgress.of(shard, host.replica),
+                applied_commands=host.applied_commands,
+                load_per_s=load.get(shard, 0.0),
             )
             for shard, host in sorted(self.hosts.items())
         ]
@@ -539,6 +545,7 @@ class NodeRuntime:
             for envelope in out.messages:
                 self._send(envelope)
             for event in out.sm_events:
+                log.info("p-shard %d: %s in epoch %d", shard, event.kind.value, event.ballot.epoch)
                 self._to_managers(encode(ManagerEvent(shard=shard, event=event)))
             for origin, reply in (*out.replies, *out.mover_replies):
                 future = self.calls.get(origin) if isinstance(origin, int) else None

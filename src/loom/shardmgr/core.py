@@ -29,6 +29,9 @@ class ShardProgress:
     is_primary: bool
     # Commands applied since the replica started (for rates in `loom status`).
     applied_commands: int = 0
+    # Operations per second on this replica (commands applied + reads served), decayed
+    # (`host.load`): what the rebalancer balances by (`shardmgr.rebalance`).
+    load_per_s: float = 0.0
 
     @classmethod
     def of(cls, shard: ShardId, replica: Replica) -> ShardProgress:
@@ -96,6 +99,10 @@ class SmParams:
     # default only so the simulator's recorded bug seeds keep their schedules; the
     # `moves` profile turns it on. TODO(lead): turn on everywhere, re-record seeds.
     prefer_highest_commit: bool = False
+    # A membership change that keeps its primary is a planned hand-off too: the primary
+    # releases its lease before it runs Phase 1 again, so the change costs no lease wait
+    # W. Off in the simulator's older profiles only, to keep their recorded schedules.
+    handoff_on_reconfigure: bool = True
 
 
 @dataclass(slots=True, kw_only=True)
@@ -141,6 +148,9 @@ class ShardManagerCore:
         self.nodes: dict[NodeId, _NodeState] = {}
         self.shards: dict[ShardId, _ShardState] = {}
         self.out: list[SmOutput] = []
+        # When `restore` last took shards back (a restarted or new leader): nodes get
+        # `failure_timeout_ms` from then to report before their primaries count as dead.
+        self.restored_at: Instant | None = None
         # Fault injection for the simulator: wrong but "legal-looking" decisions.
         self.chaos_promote_probability = 0.0
         self.chaos_duplicate_epoch_probability = 0.0
@@ -195,6 +205,7 @@ class ShardManagerCore:
     def restore(self, shard: ShardId, record: ShardRecord, now: Instant) -> None:
         """Takes a shard back from the metastore after a restart; the primary keeps its
         place while its node reports, and is replaced like any other otherwise."""
+        self.restored_at = now
         self.shards[shard] = _ShardState(
             shard=shard,
             current=record.assignment,
@@ -250,6 +261,9 @@ class ShardManagerCore:
             state.current = replace(state.current, epoch=stored_epoch)
             return
         state.current = assignment
+        # The activation timeout runs from the announcement: a slow metastore (seconds
+        # to store under a loaded disk) must not make the new primary look stuck.
+        state.allocated_at = now
         self._announce(state, now)
 
     def tick(self, now: Instant) -> None:
@@ -260,6 +274,8 @@ class ShardManagerCore:
             stuck = not state.activated and now - state.allocated_at > self.p.activation_timeout_ms
             primary = state.current.primary
             dead = not self._is_alive(primary, now) or self._is_reborn(state, primary)
+            if dead and primary not in self.nodes and self._just_restored(now):
+                dead = False  # not heard from since our restart: give it time to report
             reborn = [m for m in state.current.config.members() if self._is_reborn(state, m)]
             rejoining = state.change is not None and state.change.rejoin
             if reborn and not rejoining and not (dead and reborn == [primary]):
@@ -286,20 +302,35 @@ class ShardManagerCore:
                 self._failover(state, now, exclude=node)
 
     def transfer_primary(self, shard: ShardId, to: NodeId, now: Instant) -> bool:
-        """A planned primary move to acceptor `to` (balancing); False if not possible now."""
-        state = self.shards[shard]
-        config = state.current.config
-        if (
-            state.persisting
-            or not state.activated
-            or to == state.current.primary
-            or to not in config.acceptors
-            or not self._is_alive(to, now)
-            or self._is_reborn(state, to)
-        ):
+        """A planned primary move to acceptor `to` (balancing, tier moves, an operator);
+        False if not possible now (`transfer_problem` says why)."""
+        if self.transfer_problem(shard, to, now) is not None:
             return False
-        self._allocate(state, to, config, now)
+        state = self.shards[shard]
+        self._allocate(state, to, state.current.config, now, handoff=True)
         return True
+
+    def transfer_problem(self, shard: ShardId, to: NodeId, now: Instant) -> str | None:
+        """Why the primary of `shard` cannot be handed to `to` now, or None. A hand-off
+        is graceful: the shard is settled, the old primary is alive (it releases its
+        lease on stepping down) and `to` has caught up, so it activates at once."""
+        state = self.shards.get(shard)
+        if state is None:
+            return f"no p-shard {shard}"
+        config = state.current.config
+        if to == state.current.primary:
+            return f"{to} is already the primary of p-shard {shard}"
+        if to not in config.acceptors:
+            return f"{to} is not an acceptor of p-shard {shard} ({', '.join(config.acceptors)})"
+        if not self._is_alive(to, now) or self._is_reborn(state, to):
+            return f"{to} is not live"
+        if state.persisting or not state.activated or state.change is not None:
+            return f"p-shard {shard} is changing (epoch {state.current.epoch}); try again"
+        if not self._is_alive(state.current.primary, now):
+            return f"the primary {state.current.primary} is not live; failover handles it"
+        if not self._caught_up(to, state, now):
+            return f"{to} has not caught up with the primary of p-shard {shard} yet"
+        return None
 
     def announce_all(self, now: Instant) -> None:
         for shard in sorted(self.shards):
@@ -333,6 +364,10 @@ class ShardManagerCore:
         recorded = state.current.incarnation_of(node)
         reported = self.nodes.get(node)
         return recorded is not None and reported is not None and reported.incarnation != recorded
+
+    def _just_restored(self, now: Instant) -> bool:
+        restored = self.restored_at
+        return restored is not None and now - restored <= self.p.failure_timeout_ms
 
     def is_alive(self, node: NodeId, now: Instant) -> bool:
         return self._is_alive(node, now)
@@ -373,7 +408,15 @@ class ShardManagerCore:
         progress = self.nodes[node].progress.get(shard)
         return progress.commit_seq if progress else 0
 
-    def _allocate(self, state: _ShardState, primary: NodeId, config: Config, now: Instant) -> None:
+    def _allocate(
+        self,
+        state: _ShardState,
+        primary: NodeId,
+        config: Config,
+        now: Instant,
+        *,
+        handoff: bool = False,
+    ) -> None:
         epoch = Epoch(state.current.epoch + 1)
         expected = state.current.epoch
         chaos = self.chaos_duplicate_epoch_probability > 0 and (
@@ -392,6 +435,7 @@ class ShardManagerCore:
             prior_configs=tuple(state.since_activated),
             activated_epoch=state.activated_epoch,
             incarnations=self._incarnations(new_config, state.current.incarnations),
+            handoff=handoff,
         )
         state.since_activated.append(new_config)
         state.activated = False
@@ -404,9 +448,10 @@ class ShardManagerCore:
     # ---------------------------------------------------------------- membership
 
     def replace_member(self, shard: ShardId, old: NodeId, new: NodeId) -> None:
-        """Plan: add `new` as follower, then swap it for `old` among the acceptors."""
+        """Plan: add `new` as follower, then swap it for `old` among the acceptors. `new`
+        may be a follower already (left by a change a restarted manager forgot)."""
         state = self.shards[shard]
-        if state.change is None and new not in state.current.config.members():
+        if state.change is None and new not in state.current.config.acceptors:
             state.change = _Change(add=new, remove=old)
 
     def _maybe_change_membership(self, state: _ShardState, now: Instant) -> None:
@@ -425,9 +470,11 @@ class ShardManagerCore:
             self._allocate(state, primary, Config(config.epoch, acceptors, followers), now)
             change.removed = True
             return
+        handoff = self.p.handoff_on_reconfigure and self._is_alive(primary, now)
         if new not in config.members():
             followers = (*config.followers, new)
-            self._allocate(state, primary, Config(config.epoch, config.acceptors, followers), now)
+            config = Config(config.epoch, config.acceptors, followers)
+            self._allocate(state, primary, config, now, handoff=handoff)
             return
         if new in config.followers and not change.as_acceptor:
             state.change = None
@@ -436,8 +483,9 @@ class ShardManagerCore:
             acceptors = (*(a for a in config.acceptors if a != old), new)
             followers = tuple(f for f in config.followers if f != new)
             if primary == old:
-                primary = new
-            self._allocate(state, primary, Config(config.epoch, acceptors, followers), now)
+                primary, handoff = new, False  # the old primary hears nothing: it leaves
+            config = Config(config.epoch, acceptors, followers)
+            self._allocate(state, primary, config, now, handoff=handoff)
             return
         if new in config.acceptors:
             state.change = None

@@ -14,6 +14,7 @@ from loom.sim.world import SM, World
 DOWN_NODES_MAX = 2
 POWER_OUTAGE_PROBABILITY = 0.15
 WIPE_PROBABILITY = 0.05
+SLOW_HANDOFF_PROBABILITY = 0.5
 
 
 class Chaos:
@@ -23,6 +24,9 @@ class Chaos:
         # Wiped disks draw from their own stream, so adding them did not reshuffle the
         # other faults of every seed (seeds found for rare bugs stay meaningful).
         self.wipe_rng = random.Random(f"wipe-{world.cfg.seed}")
+        # Planned hand-offs too (profile "handoffs" only).
+        self.handoff_rng = random.Random(f"handoff-{world.cfg.seed}")
+        self.handoffs = 0
         self.running = False
 
     def start(self) -> None:
@@ -34,6 +38,8 @@ class Chaos:
             self._later(self.rng.uniform(500, 3000), self._crash)
         if faults.reconfigure:
             self._later(self.rng.uniform(2000, 6000), self._reconfigure)
+        if faults.handoffs:
+            self._later(self.handoff_rng.uniform(1000, 3000), self._handoff)
         if faults.sm_chaos:
             self._later(self.rng.uniform(3000, 8000), self._rogue_manager)
             self.world.sm.chaos_promote_probability = 0.01
@@ -207,6 +213,29 @@ class Chaos:
             world.net.partition([SM], [rival], one_way=True)
             self._later(self.rng.uniform(2000, 4000), self.world.net.heal)
         self._later(self.rng.uniform(4000, 10000), self._rogue_manager)
+
+    def _handoff(self) -> None:
+        """A planned primary hand-off (balancing or an operator): the manager hands the
+        primary to a caught-up acceptor, the old primary steps down and releases its
+        lease, so the successor need not wait W. Faults keep running meanwhile."""
+        world = self.world
+        shard = self.handoff_rng.choice(sorted(world.sm.shards))
+        current = world.sm.shards[shard].current
+        others = [a for a in current.config.acceptors if a != current.primary]
+        if others:
+            to = self.handoff_rng.choice(others)
+            if world.sm.transfer_primary(shard, to, world._sm_now()):
+                world.note("handoff", shard, current.primary, to)
+                self.handoffs += 1
+                if self.handoff_rng.random() < SLOW_HANDOFF_PROBABILITY:
+                    # Aimed: the peers' answers reach the old primary late (the manager's
+                    # word does not), so only its own stepping down stops it serving
+                    # while its successor is already elected.
+                    peers: list[str] = [n for n in sorted(world.nodes) if n != current.primary]
+                    world.net.slow_down([current.primary], peers, one_way=True)
+                    world.note("slow-handoff", current.primary)
+                    self._later(self.handoff_rng.uniform(500, 1500), world.net.heal)
+        self._later(self.handoff_rng.uniform(800, 3000), self._handoff)
 
     def _reconfigure(self) -> None:
         world = self.world

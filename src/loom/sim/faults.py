@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 # "moves" is "all" plus μshard moves; "all" keeps its schedules of before moves existed,
 # so the seeds recorded for deliberate bugs keep catching them.
-PROFILES = ("none", "network", "crash", "all", "moves")
+# "handoffs" is "all" plus planned primary hand-offs (the manager's transfer_primary,
+# which releases the old primary's lease), drawn from their own random stream.
+PROFILES = ("none", "network", "crash", "all", "moves", "handoffs")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +26,8 @@ class Faults:
     reconfigure: bool = False
     # μshards move between p-shards while the load runs (loom.sim.moves).
     moves: bool = False
+    # Planned primary hand-offs while the load runs (loom.sim.chaos).
+    handoffs: bool = False
 
     @staticmethod
     def profile(name: str) -> Faults:
@@ -41,9 +45,10 @@ class Faults:
                 )
             case "crash":
                 return Faults(crashes=True, drift_fraction=1.0, reconfigure=True)
-            case "all" | "moves":
+            case "all" | "moves" | "handoffs":
                 return Faults(
                     moves=name == "moves",
+                    handoffs=name == "handoffs",
                     loss=0.03,
                     duplicate=0.02,
                     detour=0.03,

@@ -42,6 +42,8 @@ class SeedResult:
     moves_started: int = 0
     moves_done: int = 0
     mover_restarts: int = 0
+    handoffs: int = 0  # planned primary hand-offs started (profile "handoffs")
+    lease_releases: int = 0  # LeaseRelease messages delivered to other acceptors
 
 
 def replay_command(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> str:
@@ -85,6 +87,8 @@ def run_seed(
     world.run_until(world.t + 1500)
     result = SeedResult(seed=seed)
     result.moves_started = moves.started
+    result.handoffs = chaos.handoffs
+    result.lease_releases = world.lease_releases
     _final_reads(world, result)
     finals = _convergence(world, result)
     _verdicts(world, result, finals)

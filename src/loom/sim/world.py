@@ -28,7 +28,7 @@ from loom.host.requests import (
     WriteRequest,
 )
 from loom.host.shard import HostOutput
-from loom.paxos.messages import Accept, Config, Envelope, Promise
+from loom.paxos.messages import Accept, Config, Envelope, LeaseRelease, Promise
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
@@ -94,6 +94,7 @@ class World:
         self.cfg = config
         self.rng = random.Random(config.seed)
         self.t = 0.0
+        self.lease_releases = 0  # LeaseRelease messages delivered (planned hand-offs)
         self.events: list[_Event] = []
         self.order = 0
         self.trace = hashlib.blake2b(digest_size=16)
@@ -134,6 +135,7 @@ class World:
                 activation_timeout_ms=3000.0,
                 announce_interval_ms=200.0,
                 prefer_highest_commit=config.faults.moves,
+                handoff_on_reconfigure=config.faults.handoffs,
             ),
             rng=random.Random(self.rng.random()),
         )
@@ -409,6 +411,8 @@ class World:
     def _node_receive(self, node: SimNode, src: str, payload: object) -> None:
         now = node.clock.monotonic(self.t)
         if isinstance(payload, Envelope):
+            if isinstance(payload.message, LeaseRelease):
+                self.lease_releases += 1
             host = node.host(payload.shard, self.t)
             host.on_message(payload, now)
             self._flush(node, payload.shard)
