@@ -56,6 +56,7 @@ from loom.paxos.messages import (
     HeartbeatAck,
     Learn,
     LearnAck,
+    LeaseRelease,
     Message,
     Nack,
     Prepare,
@@ -88,10 +89,12 @@ from loom.runtime.codec import (
     NodeReportMessage,
     NodeStatus,
     PeerMessage,
+    PrimaryMoved,
     ReshardKeyspace,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
+    SetKeyspaceTier,
     SetQuota,
     ShardStatus,
     StatusReply,
@@ -100,6 +103,7 @@ from loom.runtime.codec import (
     TokenInfo,
     TokenReply,
     TokensReply,
+    TransferPrimaryCall,
     decode,
     encode,
 )
@@ -163,6 +167,7 @@ REPLICATION: tuple[Message, ...] = (
     LearnAck(ballot=BALLOT, applied_seq=Seq(41), held_seq=Seq(41)),
     FreshnessProbe(probe=12),
     FreshnessReply(probe=12, commit_seq=Seq(42), ballot=BALLOT),
+    LeaseRelease(ballot=BALLOT),
     SnapshotChunk(
         ballot=BALLOT,
         transfer=3,
@@ -294,6 +299,9 @@ CONTROL: tuple[NodeMessage, ...] = (
     CreateKeyspace(spec=_SPEC),
     DropKeyspace(name="ks"),
     ReshardKeyspace(name="ks", shards=4),
+    TransferPrimaryCall(shard=3, to="n2", auth="tok"),
+    PrimaryMoved(shard=3, primary="n2", epoch=7),
+    SetKeyspaceTier(name="ks", tier="gold"),
     MoverCall(
         shard=ShardId(3),
         request=MoveRequest(
