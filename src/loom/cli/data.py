@@ -21,10 +21,12 @@ from rich.table import Table
 from loom import kv
 from loom.core.errors import LoomError
 from loom.core.ids import NodeId
+from loom.runtime.codec import ReshardReport
 from loom.shardmgr.routing import Quota, ShardRoute
 
 T = TypeVar("T")
 DEFAULT_CLUSTER = "127.0.0.1:7300"
+PAUSES_SHOWN = 5  # `keyspace reshard` prints this many of the longest pauses
 CONSISTENCY_HELP = "strong, eventual, ryw (read your writes) or bounded:MS"
 
 
@@ -266,16 +268,23 @@ def create_command(
 @click.option("--shards", type=click.IntRange(1, 1024), required=True)
 @cluster_option
 def reshard_command(name: str, shards: int, cluster: str) -> None:
-    """Grow keyspace NAME to SHARDS p-shards, moving μshards live (clients see a short
-    pause per μshard, no errors)."""
+    """Grow or shrink keyspace NAME to SHARDS p-shards, moving μshards live (clients see
+    a short pause per μshard, no errors); a shrink then retires the emptied p-shards."""
+    reports: list[ReshardReport] = []
     with connected(cluster) as client, Progress() as bar:
         task = bar.add_task(f"resharding {name}", total=None)
 
         def show(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        keyspace = client.reshard_keyspace(name, shards=shards, progress=show)
+        keyspace = client.reshard_keyspace(
+            name, shards=shards, progress=show, report=reports.append
+        )
     click.echo(f"keyspace {keyspace.name}: {len(keyspace.placements)} p-shards, resharded")
+    pauses = reports[0].pauses if reports else ()
+    if pauses:
+        longest = ", ".join(f"μshard {u}: {ms:.0f} ms" for u, ms in pauses[:PAUSES_SHOWN])
+        click.echo(f"{len(pauses)} μshards moved; longest write pauses: {longest}")
 
 
 @keyspace_group.command("list")

@@ -52,6 +52,7 @@ from loom.runtime.codec import (
     NodeStatus,
     PeerAddress,
     ReshardKeyspace,
+    ReshardStatus,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
@@ -65,6 +66,7 @@ from loom.runtime.codec import (
 from loom.runtime.leadership import EtcdLeadership
 from loom.runtime.outbound import Outbound
 from loom.runtime.resharding import Resharder
+from loom.runtime.retirement import Shrinker
 from loom.runtime.rpc import RpcServer
 from loom.runtime.tenancy import Tenancy
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
@@ -192,6 +194,7 @@ class ManagerRuntime:
         self.routing_content: object = None
         self.rates: dict[ShardId, _Rate] = {}
         self.stored_bytes: dict[NodeId, int] = {}
+        self.shrinker = Shrinker(self)  # shrinking keyspaces (runtime/retirement.py)
         # μshard moves of `loom keyspace reshard` (runtime/resharding.py).
         self.resharder = Resharder(
             metastore=metastore,
@@ -199,6 +202,7 @@ class ManagerRuntime:
             primary_address=self._primary_address,
             install_mapping=self._install_mapping,
             params=MoverParams(moves_in_flight_max=reshard_parallelism),
+            finish=self.shrinker.finish,
         )
         self.routing_seen: dict[NodeId, tuple[int, int]] = {}
         self.throttle_rates: dict[NodeId, _Rate] = {}
@@ -253,6 +257,7 @@ class ManagerRuntime:
                 await self._install(keyspace_record.keyspace)
         # After the keyspaces: resumed moves route by their mappings.
         self.resharder.restore(await asyncio.to_thread(self.resharder.load), now)
+        self.shrinker.resume([r.keyspace for r in keyspaces if not r.dropping])
 
     @property
     def port(self) -> int:
@@ -301,6 +306,9 @@ class ManagerRuntime:
                     self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.reshard_keyspace(message.name, message.shards)
                     return encode(KeyspaceReply(keyspace=keyspace))
+                case ReshardStatus():
+                    self.tenancy.authorize(message.auth, admin=True)
+                    return encode(self.shrinker.report(message.name))
                 case SetQuota():
                     self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.set_quota(message.name, message.quota)
@@ -465,7 +473,12 @@ class ManagerRuntime:
 
     async def _finish_drop(self, keyspace: Keyspace) -> None:
         self.keyspaces.pop(keyspace.name, None)
-        for shard in keyspace.shards():
+        await self.drop_shards(keyspace.shards())
+        await asyncio.to_thread(self.catalog.delete, keyspace.name)
+
+    async def drop_shards(self, shards: tuple[ShardId, ...]) -> None:
+        """Unassigns the p-shards' replicas and deletes their data on the nodes."""
+        for shard in shards:
             members = await self._in_core(functools.partial(self._drop_shard, shard))
             await asyncio.to_thread(self.catalog.delete_shard_record, shard)
             self.stored_activation.pop(shard, None)
@@ -473,7 +486,6 @@ class ManagerRuntime:
             for node in members:
                 if node in self.outboxes:
                     self.outboxes[node].put(encode(DropShard(shard=shard)))
-        await asyncio.to_thread(self.catalog.delete, keyspace.name)
 
     def _drop_shard(self, shard: ShardId, _now: Instant) -> tuple[NodeId, ...]:
         return self.core.drop_shard(shard)
@@ -483,14 +495,14 @@ class ManagerRuntime:
     async def reshard_keyspace(self, name: str, shards: int) -> Keyspace:
         """Grows the keyspace to `shards` p-shards (new ones created owning nothing) and
         plans the μshard moves to the compact mapping over all of them; the moves run
-        in `self.resharder`. Shrinking is not built yet."""
+        in `self.resharder`. Fewer p-shards: `self.shrinker` (runtime/retirement.py)."""
         async with self.admin_lock:
             keyspace = self.keyspaces.get(name)
             if keyspace is None:
                 raise NotFound(f"no keyspace {name!r}")
             have = len(keyspace.placements)
-            if shards < have:
-                raise InvalidArgument("shrinking a keyspace is not supported yet")
+            if shards < have or keyspace.retiring:
+                return await self.shrinker.start(keyspace, shards)
             if shards > have:
                 keyspace = await self._add_shards(keyspace, shards)
             goal = msgspec.structs.replace(

@@ -42,6 +42,7 @@ from loom.host.requests import (
     ErrorCode,
     ErrorReply,
     ExportReply,
+    HoldingReply,
     MoverReply,
     MoverRequest,
     ReadReply,
@@ -374,8 +375,8 @@ class NodeRuntime:
                     self._enqueue(_wake)
 
         reply = await self._reply(call_id, call.request.token, submit)
-        if isinstance(reply, ExportReply):
-            raise BadMessage("a client request was answered with an export")
+        if isinstance(reply, ExportReply | HoldingReply):
+            raise BadMessage("a client request was answered with a mover reply")
         return encode(ClientAnswer(reply=reply))
 
     async def _reply(

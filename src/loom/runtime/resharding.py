@@ -13,7 +13,10 @@ Rules of this module:
 - a mover's unfinished work (`Mover.record`) is stored at `reshard/{keyspace}` before
   the outputs that follow a change are sent, so a manager that restarts (or a new
   leader) resumes every move where it was (`restore`), and a move that may have sent
-  Own is never aborted. Move ids come from the metastore (`Catalog.allocate_move_ids`).
+  Own is never aborted. Move ids come from the metastore (`Catalog.allocate_move_ids`);
+- a keyspace marked with `finish_when_idle` (a shrink) gets `finish(name)` called from
+  the same task once its mover has nothing left, until `finish` says it is done (the
+  manager retires the emptied p-shards then, runtime/retirement.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from loom.host.requests import (
     ErrorReply,
     ExportReply,
     ExportRequest,
+    HoldingReply,
+    HoldingRequest,
     MoveRequest,
+    MoverReply,
     MoverRequest,
     WriteReply,
 )
@@ -64,6 +70,8 @@ ANSWERS_MAX = 4096
 
 AddressOf = Callable[[ShardId], tuple[str, int] | None]
 InstallMapping_ = Callable[[str, UShard, ShardId], Awaitable[None]]
+Finish = Callable[[str], Awaitable[bool]]
+FINISH_EVERY_S = 0.5  # a finish that could not complete is tried again after this
 
 
 class Resharder:
@@ -75,6 +83,7 @@ class Resharder:
         primary_address: AddressOf,
         install_mapping: InstallMapping_,
         params: MoverParams | None = None,
+        finish: Finish | None = None,
     ) -> None:
         self.metastore = metastore
         # What is stored of each mover: (record, revision).
@@ -88,11 +97,26 @@ class Resharder:
         self.calls: set[asyncio.Task[None]] = set()
         self.connections: dict[tuple[str, int], RpcClient] = {}
         self.connecting: dict[tuple[str, int], asyncio.Lock] = {}
+        self.finish = finish
+        # Keyspaces to `finish` once their movers are idle, with when it was last tried.
+        self.finishing: dict[str, float] = {}
+
+    def finish_when_idle(self, name: str) -> None:
+        self.finishing.setdefault(name, 0.0)
+
+    def pauses(self, name: str) -> dict[UShard, float]:
+        """The longest write pause (ms) of each μshard moved in the keyspace's current
+        or last reshard (Mover.pauses)."""
+        mover = self.movers.get(name)
+        return dict(mover.pauses) if mover is not None else {}
 
     def plan(self, name: str, moves: list[tuple[UShard, ShardId]], first_move_id: int) -> None:
         """Queue a keyspace's moves (μshard numbers are per keyspace: one mover each).
         `first_move_id` starts `ids_needed(name, moves)` ids allocated in the metastore."""
-        self.movers.setdefault(name, Mover(self.params)).plan(moves, first_move_id)
+        mover = self.movers.setdefault(name, Mover(self.params))
+        if not mover.planned and not mover.in_flight():
+            mover.pauses.clear()  # a new reshard: its own pauses
+        mover.plan(moves, first_move_id)
 
     def ids_needed(self, name: str, moves: list[tuple[UShard, ShardId]]) -> int:
         mover = self.movers.get(name)
@@ -119,6 +143,23 @@ class Resharder:
                 mover.start_planned(keyspace.shard_of, now)
                 mover.tick(now)
                 await self._execute(name, mover, now)
+            await self._finish_idle()
+
+    async def _finish_idle(self) -> None:
+        if self.finish is None:
+            return
+        for name in sorted(self.finishing):
+            tried = self.finishing[name]
+            if self.pending(name) or time.monotonic() - tried < FINISH_EVERY_S:
+                continue
+            self.finishing[name] = time.monotonic()
+            try:
+                done = await self.finish(name)
+            except LoomError as error:
+                log.warning("keyspace %s: reshard not finished yet: %s", name, error)
+                continue
+            if done:
+                del self.finishing[name]
 
     def load(self) -> list[tuple[str, MoverRecord, int]]:
         """The stored movers (blocking: call off the event loop)."""
@@ -197,7 +238,9 @@ class Resharder:
                             "keyspace %s: μshard %d moved to p-shard %d",
                             name, output.ushard, output.shard,
                         )  # fmt: skip
-                        mover.mapping_installed(output.move_id, now)
+                        # The pause ends now that the mapping is usable: a fresh clock.
+                        installed = Instant(time.monotonic() * 1000)
+                        mover.mapping_installed(output.move_id, installed)
 
     def _call(self, name: str, shard: ShardId, request: MoverRequest) -> None:
         address = self.primary_address(shard)
@@ -227,6 +270,26 @@ class Resharder:
         with contextlib.suppress(asyncio.QueueFull):
             self.answers.put_nowait((name, request.token, answer))
 
+    async def holding(self, shard: ShardId, ushards: int) -> tuple[UShard, ...] | None:
+        """The μshards p-shard `shard`'s primary says it holds; None if it did not
+        answer (no primary known, not activated, unreachable)."""
+        address = self.primary_address(shard)
+        if address is None:
+            return None
+        request = HoldingRequest(token=0, ushards=ushards)
+        try:
+            client = await self._connection(address)
+            body = await client.call(
+                encode(MoverCall(shard=shard, request=request)), timeout_s=CALL_TIMEOUT_S
+            )
+        except (LoomError, OSError) as error:
+            log.debug("holding call to %s failed: %s", address, error)
+            return None
+        message = decode(body)
+        if isinstance(message, MoverAnswer) and isinstance(message.reply, HoldingReply):
+            return message.reply.ushards
+        return None
+
     async def _connection(self, address: tuple[str, int]) -> RpcClient:
         """One connection per node; concurrent calls wait for the same connect."""
         lock = self.connecting.setdefault(address, asyncio.Lock())
@@ -248,7 +311,7 @@ class Resharder:
         self.connections.clear()
 
 
-def _answer(reply: WriteReply | ExportReply | ErrorReply) -> MoverInput:
+def _answer(reply: MoverReply) -> MoverInput:
     match reply:
         case ExportReply():
             return Exported(
@@ -259,5 +322,5 @@ def _answer(reply: WriteReply | ExportReply | ErrorReply) -> MoverInput:
             )
         case WriteReply():
             return Proposed(result=reply.result)
-        case ErrorReply():
+        case ErrorReply() | HoldingReply():
             return Unanswered()

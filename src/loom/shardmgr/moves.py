@@ -188,6 +188,10 @@ class Mover:
     pending: list[MoverOutput] = field(default_factory=list)
     # A reshard's plan: (μshard, target) still to start, in order.
     planned: list[tuple[UShard, ShardId]] = field(default_factory=list)
+    # The longest write pause of each μshard moved (ms): from the move's start (its
+    # Freeze leaves then) to `mapping_installed` (the new mapping is usable). A move
+    # resumed by `restore` counts from the restore: the earlier part is not known.
+    pauses: dict[UShard, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ plans
 
@@ -265,6 +269,8 @@ class Mover:
     def mapping_installed(self, move_id: MoveId, now: Instant) -> None:
         move = self.moves[move_id]
         assert move.step is Step.INSTALL
+        pause = float(now - move.started_at)
+        self.pauses[move.ushard] = max(pause, self.pauses.get(move.ushard, 0.0))
         self._go(move, Step.DROP, now)
 
     def outputs(self) -> list[MoverOutput]:
