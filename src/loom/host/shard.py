@@ -82,7 +82,6 @@ from loom.storage.prefixed import PrefixedStore
 GENERATION_ZERO = Generation(0)
 # A keyspace has at most this many μshards (shardmgr.routing.USHARDS_MAX).
 HOLDING_USHARDS_MAX = 65_536
-_HELD = (ownership.Owner.OWNED, ownership.Owner.FROZEN, ownership.Owner.INCOMING)
 Origin = Hashable  # where a reply goes (a client connection); opaque to the host
 
 _REFUSAL_CODES = {
@@ -365,7 +364,7 @@ class ShardHost:
         held = tuple(
             UShard(u)
             for u in range(request.ushards)
-            if ownership.ownership(self.state, UShard(u), self.initial).state in _HELD
+            if ownership.ownership(self.state, UShard(u), self.initial).state in ownership.HELD
         )
         self.out.mover_replies.append((origin, HoldingReply(token=request.token, ushards=held)))
 
