@@ -18,6 +18,7 @@ import itertools
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 from loom import kv
 from loom.core.errors import ConditionFailed, LoomError, Unavailable
@@ -108,7 +109,7 @@ def print_pauses(label: str, report: ReshardReport) -> None:
 class Cluster:
     """A manager (replaceable: `restart`) and three nodes; `close` stops what runs."""
 
-    def __init__(self, tmp: Path, **settings: int) -> None:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
         (tmp / "sm").mkdir()
         self.tmp, self.settings = tmp, settings
         self.manager = self._manager()

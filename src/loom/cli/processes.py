@@ -21,6 +21,7 @@ from loom.runtime.metastore_etcd import EtcdMetastore
 from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.node import NodeRuntime
 from loom.runtime.rpc import run
+from loom.shardmgr.autosplit import SplitParams
 from loom.shardmgr.core import SmParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.routing import DEFAULT_TIER, LABEL
@@ -84,6 +85,34 @@ async def until_stopped(also: asyncio.Event | None = None) -> None:
     is_flag=True,
     help="Require tokens (ADR 0008). The first start prints an admin token, once.",
 )
+@click.option(
+    "--auto-split/--no-auto-split",
+    default=True,
+    show_default=True,
+    help="Grow a keyspace by itself (double its p-shards) when one of its p-shards stays "
+    "over --split-bytes or --split-ops.",
+)
+@click.option(
+    "--split-bytes",
+    type=click.IntRange(1),
+    default=SplitParams().bytes_max,
+    show_default=True,
+    help="Stored bytes of a p-shard above which its keyspace splits.",
+)
+@click.option(
+    "--split-ops",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SplitParams().ops_per_s_max,
+    show_default=True,
+    help="Commands per second of a p-shard above which its keyspace splits.",
+)
+@click.option(
+    "--split-max-shards",
+    type=click.IntRange(1, 1024),
+    default=SplitParams().shards_max,
+    show_default=True,
+    help="The most p-shards an automatic split grows a keyspace to.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def sm_command(
     listen: str,
@@ -91,6 +120,10 @@ def sm_command(
     etcd: str | None,
     replace_after_s: float,
     auth: bool,
+    auto_split: bool,
+    split_bytes: int,
+    split_ops: float,
+    split_max_shards: int,
     log_level: str,
 ) -> None:
     """Run the shard manager: node registry, keyspaces and placement, epochs, failover,
@@ -122,6 +155,12 @@ def sm_command(
             port=port,
             leadership=leadership,
             auth=auth,
+            split=SplitParams(
+                enabled=auto_split,
+                bytes_max=split_bytes,
+                ops_per_s_max=split_ops,
+                shards_max=split_max_shards,
+            ),
         )
         await manager.start()
         where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"

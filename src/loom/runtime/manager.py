@@ -68,7 +68,9 @@ from loom.runtime.outbound import Outbound
 from loom.runtime.resharding import Resharder
 from loom.runtime.retirement import Shrinker
 from loom.runtime.rpc import RpcServer
+from loom.runtime.splitting import SplitDriver
 from loom.runtime.tenancy import Tenancy
+from loom.shardmgr.autosplit import SplitParams
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.moves import MoverParams, plan_reshard
@@ -162,6 +164,7 @@ class ManagerRuntime:
         leadership: EtcdLeadership | None = None,
         reshard_parallelism: int = 8,
         auth: bool = False,
+        split: SplitParams | None = None,
     ) -> None:
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
         # Tenants and tokens; with `auth`, every operator call needs a token (ADR 0008).
@@ -204,6 +207,8 @@ class ManagerRuntime:
             params=MoverParams(moves_in_flight_max=reshard_parallelism),
             finish=self.shrinker.finish,
         )
+        # Growing hot keyspaces by themselves (runtime/splitting.py).
+        self.splitting = SplitDriver(self, split or SplitParams())
         self.routing_seen: dict[NodeId, tuple[int, int]] = {}
         self.throttle_rates: dict[NodeId, _Rate] = {}
 
@@ -250,6 +255,7 @@ class ManagerRuntime:
         self.tasks.append(loop.create_task(self._push_routing()))
         self.tasks.append(loop.create_task(self._rebalance()))
         self.tasks.append(loop.create_task(self.resharder.run()))
+        self.tasks.append(loop.create_task(self.splitting.run()))
         for keyspace_record in keyspaces:
             if keyspace_record.dropping:
                 await self._finish_drop(keyspace_record.keyspace)
@@ -360,6 +366,7 @@ class ManagerRuntime:
             shard = progress.shard
             if progress.is_primary:
                 self.rates.setdefault(shard, _Rate()).add(progress.applied_commands)
+                self.splitting.on_primary_report(shard, progress.stored_bytes)
             if shard not in self.core.shards and shard < self.next_shard:
                 # A replica of a dropped shard (its node was away during the drop).
                 self.outboxes[node].put(encode(DropShard(shard=shard)))

@@ -29,6 +29,9 @@ class ShardProgress:
     is_primary: bool
     # Commands applied since the replica started (for rates in `loom status`).
     applied_commands: int = 0
+    # The p-shard's kv state in bytes, as this node last measured it (0: not yet);
+    # primaries measure it for the automatic split (loom.shardmgr.autosplit).
+    stored_bytes: int = 0
 
     @classmethod
     def of(cls, shard: ShardId, replica: Replica) -> ShardProgress:
