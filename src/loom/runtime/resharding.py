@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -66,6 +67,8 @@ _ENCODER = msgspec.msgpack.Encoder()
 _RECORD = msgspec.msgpack.Decoder(MoverRecord)
 TICK_S = 0.05
 CALL_TIMEOUT_S = 2.0
+RETRY_S = 0.05  # between two tries of one call (no primary yet, not ready, refused)
+RESEND_AFTER_MS = CALL_TIMEOUT_S * 1000 + 500
 ANSWERS_MAX = 4096
 
 AddressOf = Callable[[ShardId], tuple[str, int] | None]
@@ -91,7 +94,12 @@ class Resharder:
         self.keyspace_of = keyspace_of
         self.primary_address = primary_address
         self.install_mapping = install_mapping
-        self.params = params or MoverParams()
+        # No resend while a call may still answer (`_ask` keeps trying until its
+        # deadline): a resend would turn the slow answer stale.
+        given = params or MoverParams()
+        self.params = dataclasses.replace(
+            given, resend_after_ms=max(given.resend_after_ms, RESEND_AFTER_MS)
+        )
         self.movers: dict[str, Mover] = {}
         self.answers: asyncio.Queue[tuple[str, int, MoverInput]] = asyncio.Queue(ANSWERS_MAX)
         self.calls: set[asyncio.Task[None]] = set()
@@ -128,10 +136,16 @@ class Resharder:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
-            now = Instant(time.monotonic() * 1000)
+            # A turn as soon as an answer comes (each step of a move waits for the
+            # previous one: this is most of a μshard's write pause), else every TICK_S.
+            answers = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    answers.append(await self.answers.get())
             while not self.answers.empty():
-                name, token, answer = self.answers.get_nowait()
+                answers.append(self.answers.get_nowait())
+            now = Instant(time.monotonic() * 1000)
+            for name, token, answer in answers:
                 if name in self.movers:
                     self.movers[name].on_reply(token, answer, now)
             for name in sorted(self.movers):
@@ -243,32 +257,43 @@ class Resharder:
                         mover.mapping_installed(output.move_id, installed)
 
     def _call(self, name: str, shard: ShardId, request: MoverRequest) -> None:
-        address = self.primary_address(shard)
-        if address is None:
-            return  # no primary known: the mover resends after resend_after_ms
-        task = asyncio.get_running_loop().create_task(self._ask(name, address, shard, request))
+        task = asyncio.get_running_loop().create_task(self._ask(name, shard, request))
         self.calls.add(task)
         task.add_done_callback(self.calls.discard)
 
-    async def _ask(
-        self, name: str, address: tuple[str, int], shard: ShardId, request: MoverRequest
-    ) -> None:
+    async def _ask(self, name: str, shard: ShardId, request: MoverRequest) -> None:
+        """One request, tried at the p-shard's current primary until it answers or
+        `CALL_TIMEOUT_S` passes (not primary, not ready, overloaded, unreachable: again
+        after `RETRY_S`). Only then does the mover hear `Unanswered` and resend: a slow
+        answer is never overtaken by a resend whose token would make it stale."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CALL_TIMEOUT_S
         answer: MoverInput = Unanswered()
+        while isinstance(answer, Unanswered) and loop.time() < deadline:
+            address = self.primary_address(shard)
+            if address is not None:
+                answer = await self._ask_once(address, shard, request, deadline - loop.time())
+            if isinstance(answer, Unanswered):
+                await asyncio.sleep(min(RETRY_S, max(0.0, deadline - loop.time())))
+        with contextlib.suppress(asyncio.QueueFull):
+            self.answers.put_nowait((name, request.token, answer))
+
+    async def _ask_once(
+        self, address: tuple[str, int], shard: ShardId, request: MoverRequest, timeout_s: float
+    ) -> MoverInput:
         try:
             client = await self._connection(address)
             body = await client.call(
-                encode(MoverCall(shard=shard, request=request)), timeout_s=CALL_TIMEOUT_S
+                encode(MoverCall(shard=shard, request=request)), timeout_s=max(0.05, timeout_s)
             )
             message = decode(body)
-            if isinstance(message, MoverAnswer):
-                answer = _answer(message.reply)
         except (LoomError, OSError) as error:
             log.debug("mover call to %s failed: %s", address, error)
             stale = self.connections.pop(address, None)
             if stale is not None:
                 await stale.close()
-        with contextlib.suppress(asyncio.QueueFull):
-            self.answers.put_nowait((name, request.token, answer))
+            return Unanswered()
+        return _answer(message.reply) if isinstance(message, MoverAnswer) else Unanswered()
 
     async def holding(self, shard: ShardId, ushards: int) -> tuple[UShard, ...] | None:
         """The μshards p-shard `shard`'s primary says it holds; None if it did not
