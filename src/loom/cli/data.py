@@ -351,10 +351,13 @@ def describe_command(name: str, as_json: bool, cluster: str) -> None:
             "tenant": keyspace.tenant,
             "quota": _quota_json(keyspace.quota),
             "shards": shards,
+            "retiring": list(keyspace.retiring),
         }
         click.echo(json.dumps(described))
         return
     click.echo(f"tenant: {keyspace.tenant or '-'}   quota: {quota_text(keyspace.quota)}")
+    if keyspace.retiring:
+        click.echo(f"shrinking: retiring p-shards {', '.join(map(str, keyspace.retiring))}")
     out = Table(title=f"keyspace {name} (mapping v{keyspace.mapping_version})")
     for column in ("p-shard", "μshards", "primary", "epoch", "ready", "acceptors", "followers"):
         out.add_column(column)
