@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import typing
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,8 @@ from loom.host.requests import (
     ErrorReply,
     ExportReply,
     ExportRequest,
+    HoldingReply,
+    HoldingRequest,
     MoveRequest,
     ReadReply,
     ReadRequest,
@@ -89,6 +92,8 @@ from loom.runtime.codec import (
     NodeStatus,
     PeerMessage,
     ReshardKeyspace,
+    ReshardReport,
+    ReshardStatus,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
@@ -294,6 +299,15 @@ CONTROL: tuple[NodeMessage, ...] = (
     CreateKeyspace(spec=_SPEC),
     DropKeyspace(name="ks"),
     ReshardKeyspace(name="ks", shards=4),
+    ReshardStatus(name="ks", auth="loom_x"),
+    ReshardReport(
+        name="ks",
+        moves_left=2,
+        retiring=(ShardId(4), ShardId(5)),
+        pauses=((UShard(3), 812.5), (UShard(1), 40.0)),
+    ),
+    MoverCall(shard=ShardId(3), request=HoldingRequest(token=7, ushards=64)),
+    MoverAnswer(reply=HoldingReply(token=7, ushards=(UShard(2), UShard(9)))),
     MoverCall(
         shard=ShardId(3),
         request=MoveRequest(
@@ -315,6 +329,7 @@ CONTROL: tuple[NodeMessage, ...] = (
     MoverAnswer(reply=ErrorReply(token=5, code=ErrorCode.MOVED, message="moved")),
     SetQuota(name="ks", quota=Quota(reads_per_s=10.0, bytes_max=1 << 20)),
     KeyspaceReply(keyspace=_KEYSPACE),
+    KeyspaceReply(keyspace=msgspec.structs.replace(_KEYSPACE, retiring=(ShardId(9),))),
     CreateTenant(tenant=Tenant(name="acme", weight=3), auth="loom_x"),
     ListTenants(auth="loom_x"),
     TenantsReply(tenants=(Tenant(name="acme"), Tenant(name="globex", weight=2))),
