@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from loom import kv
-from loom.core.errors import ConditionFailed, LoomError, Unavailable
+from loom.core.errors import ConditionFailed, InvalidArgument, LoomError, Unavailable
 from loom.core.ids import NodeId, ShardId
 from loom.runtime.codec import ReshardReport
 from loom.runtime.manager import ManagerRuntime
@@ -215,6 +217,9 @@ async def interrupted_shrink(tmp: Path) -> None:
         ks = client.keyspace("ks")
         for i in range(20):
             await ks.put(b"k%d" % i, b"v%d" % i)
+        for bad in (0, 9):  # below 1, above the μshard count
+            with pytest.raises(InvalidArgument):
+                await client.reshard_keyspace("ks", shards=bad)
 
         # 1. The moves end, but this manager stops before it retires anything.
         async def not_yet(_name: str) -> bool:
@@ -225,6 +230,11 @@ async def interrupted_shrink(tmp: Path) -> None:
         await client.reshard_keyspace("ks", shards=1, wait=False)
         await wait_for(lambda: first.resharder.pending("ks") == 0)
         assert first.keyspaces["ks"].retiring == created.shards()[1:]
+        # The same shrink again answers the record; another reshard waits for it.
+        again = await client.reshard_keyspace("ks", shards=1, wait=False)
+        assert again.retiring == created.shards()[1:]
+        with pytest.raises(InvalidArgument):
+            await client.reshard_keyspace("ks", shards=2, wait=False)
         assert len(first.keyspaces["ks"].placements) == 3
         await first.close()
 
