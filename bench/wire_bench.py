@@ -79,8 +79,11 @@ async def _serve_grpc() -> None:
     await server.wait_for_termination()
 
 
-def _start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
-    command = [sys.executable, "-m", "bench.wire_bench", "--serve", kind]
+def _start_server(
+    kind: str, module: str = "bench.wire_bench", extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], int]:
+    """`python -m MODULE --serve KIND [EXTRA…]`, which prints `PORT n` once it listens."""
+    command = [sys.executable, "-m", module, "--serve", kind, *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], SERVER_START_TIMEOUT_S)

@@ -16,7 +16,18 @@ PHASE_KEYS = {"ops", "errors", "p50_ms", "p99_ms", "ops_per_s"}
 
 @pytest.mark.timeout(180)
 def test_bench_tenants_prints_both_p99s_and_the_noisy_tenant_is_throttled() -> None:
-    args = ("--duration", "2", "--quiet-rate", "40", "--noisy-writers", "32", "--noisy-quota", "20")
+    args = (
+        "--duration",
+        "2",
+        "--rounds",
+        "2",
+        "--quiet-rate",
+        "40",
+        "--noisy-writers",
+        "32",
+        "--noisy-quota",
+        "20",
+    )
     done = subprocess.run(
         [sys.executable, "-m", "loom.cli.main", "bench", "tenants", *args, "--json"],
         capture_output=True,
@@ -31,6 +42,7 @@ def test_bench_tenants_prints_both_p99s_and_the_noisy_tenant_is_throttled() -> N
         assert set(report[phase]) == PHASE_KEYS
         assert report[phase]["ops"] > 0 and report[phase]["errors"] == 0
     assert report["p99_ratio"] > 0
+    assert len(report["round_p99_ratios"]) == report["rounds"] == 2
     noisy = report["noisy"]
     assert noisy["throttled"] > 0
     assert noisy["accepted_writes_per_s"] > 0

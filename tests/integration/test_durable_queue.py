@@ -19,6 +19,7 @@ from loom.functions.queue import (
     CallState,
     DurableQueue,
     LeaseLost,
+    NotStarted,
     PartitionLease,
     StaleAttempt,
     Submission,
@@ -186,6 +187,23 @@ def test_transitions_are_fenced_by_attempt_and_partition_lease(tmp_path: Path) -
             outcomes = [Succeeded(c, 1, b"") for c in batch] + [Succeeded(flaky, 9, b"")]
             done_many = await queue.finish_many(0, outcomes, now_ms=now, jitter=lambda: 0.0)
             assert [isinstance(r, StaleAttempt) for r in done_many] == [False] * 5 + [True]
+
+            # A call handed back unstarted uses no attempt; a lease that ends on the
+            # last attempt dead-letters the call (one that kills its worker every time
+            # must not run forever).
+            lost = (
+                await queue.submit(sub("h", b"3", 1, attempts_max=1, run_after_ms=now))
+            ).record.call_id
+            await queue.claim(s2, lost, lease_ms=1_000, now_ms=now)
+            (back,) = await queue.finish_many(
+                0, [NotStarted(lost, 1)], now_ms=now, jitter=lambda: 0.0
+            )
+            assert not isinstance(back, StaleAttempt)
+            assert (back.state, back.attempts_used) == (CallState.QUEUED, 0)
+            await queue.claim(s2, lost, lease_ms=1_000, now_ms=now)
+            expired = await queue.reclaim(s2, lost, attempt=2, now_ms=now + 1_500)
+            assert expired.state is CallState.DEAD and "lease expired" in (expired.error or "")
+            assert lost in await queue.dead_letters()
 
     cluster = LocalCluster(data_dir=tmp_path)
     try:

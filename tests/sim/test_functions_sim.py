@@ -12,7 +12,13 @@ import pytest
 
 from loom.functions_sim.run import run_seed
 
-CLEAN_SEEDS = range(1, 5)
+# Seeds that once failed stay here: 9 (a worker paused with a reply in flight started
+# calls whose leases had ended: calls now start soon after their pull or go back),
+# 22 (a worker's cancelled pull left a waiter behind that took calls nobody ran, and
+# a lease that ended on the last attempt put the call back instead of dead-lettering),
+# 78 (the drain's check scanned the due index, then the running index, and missed a
+# call a reclaim moved between them: one scan now reads both).
+CLEAN_SEEDS = [1, 2, 3, 4, 9, 22, 78]
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ from loom.functions.limits import (
     allotted_partitions,
     concurrency_share,
 )
+from loom.functions.worker import PREFETCH, PREFETCH_CALL_MS_MAX, capacity_for
 
 
 @given(st.integers(1, 300), st.integers(1, 64), st.integers(1, 5), st.randoms())
@@ -130,3 +131,10 @@ def test_rising_latency_signals_after_warmup_and_the_baseline_does_not_follow() 
     assert signals[-1] and not signals[0]  # the fast average needs a few slow calls
     assert watch.base < 100.0  # the overload did not become the baseline
     assert not any(LatencyWatch().observe(900.0) for _ in range(20))  # warmup: no signal
+
+
+def test_a_worker_prefetches_only_short_calls_of_unlimited_apps() -> None:
+    assert capacity_for(16, None, limited=False) == 16  # nothing measured yet
+    assert capacity_for(16, 5.0, limited=False) == 16 * (1 + PREFETCH)
+    assert capacity_for(16, PREFETCH_CALL_MS_MAX + 1, limited=False) == 16  # others may be free
+    assert capacity_for(16, 5.0, limited=True) == 16  # starts must keep the claims' pace

@@ -40,7 +40,8 @@ CLIENT_TIMEOUT_S = ycsb.OP_TIMEOUT_S_DEFAULT
 SETUP_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 8
 
-PEERS = ("etcd",)
+# "loom-tls": the same loom cluster with TLS on every connection (ADR 0015).
+PEERS = ("etcd", "loom-tls")
 Progress = Callable[[str], None]
 
 
@@ -78,8 +79,8 @@ class LoomDriver:
         self._keyspace = client.keyspace(keyspace)
 
     @classmethod
-    async def connect(cls, address: str, keyspace: str) -> Self:
-        client = await kv.connect(address, timeout_s=CLIENT_TIMEOUT_S)
+    async def connect(cls, address: str, keyspace: str, tls: kv.TlsConfig | None = None) -> Self:
+        client = await kv.connect(address, timeout_s=CLIENT_TIMEOUT_S, tls=tls)
         return cls(client, keyspace)
 
     async def get(self, key: bytes) -> bytes | None:
@@ -96,12 +97,15 @@ class LoomDriver:
 class LoomDrivers:
     """A `DriverFactory`: each call connects a new `LoomDriver` through the manager."""
 
-    def __init__(self, address: str, keyspace: str = KEYSPACE) -> None:
+    def __init__(
+        self, address: str, keyspace: str = KEYSPACE, tls: kv.TlsConfig | None = None
+    ) -> None:
         self.address = address
         self.keyspace = keyspace
+        self.tls = tls
 
     async def __call__(self) -> ycsb.Driver:
-        return await LoomDriver.connect(self.address, self.keyspace)
+        return await LoomDriver.connect(self.address, self.keyspace, self.tls)
 
 
 async def run_kv_bench(
@@ -137,27 +141,35 @@ async def run_kv_bench(
         peer_stats = None
         if peer == "etcd":
             peer_stats = await measure_etcd(settings, Path(tmp) / "etcd", progress)
+        elif peer == "loom-tls":
+            peer_stats = await measure_loom(settings, Path(tmp) / "loom-tls", progress, tls=True)
     return ycsb.report(workload, clients, duration_s, loom_stats, peer_stats)
 
 
-async def measure_loom(settings: Settings, data_dir: Path, progress: Progress) -> ycsb.Stats:
+async def measure_loom(
+    settings: Settings, data_dir: Path, progress: Progress, *, tls: bool = False
+) -> ycsb.Stats:
     """A manager and three nodes, a keyspace of `settings.shards` p-shards, the records
-    loaded, the workload run; the processes stopped by PID whatever happens."""
-    cluster = LocalCluster(data_dir=data_dir)
+    loaded, the workload run; the processes stopped by PID whatever happens. `tls`: every
+    connection with TLS (clients verify the cluster with its CA)."""
+    cluster = LocalCluster(data_dir=data_dir, tls=tls)
+    name = "loom-tls" if tls else "loom"
     try:
         started = time.monotonic()
         await _start(cluster)
-        async with kv.connect(cluster.manager_address, timeout_s=SETUP_TIMEOUT_S) as admin:
+        client_tls = cluster.client_tls()
+        async with kv.connect(
+            cluster.manager_address, timeout_s=SETUP_TIMEOUT_S, tls=client_tls
+        ) as admin:
             await admin.create_keyspace(KEYSPACE, shards=settings.shards, replication=REPLICATION)
             progress(
-                f"loom: manager + {len(NODES)} nodes, keyspace of {settings.shards} "
+                f"{name}: manager + {len(NODES)} nodes, keyspace of {settings.shards} "
                 f"p-shards ready in {time.monotonic() - started:.1f} s; {_primaries(admin)}"
             )
-        stats = await _load_and_run(
-            "loom", LoomDrivers(cluster.manager_address), settings, progress
-        )
+        drivers = LoomDrivers(cluster.manager_address, tls=client_tls)
+        stats = await _load_and_run(name, drivers, settings, progress)
         if cluster.exited():
-            progress(f"loom: processes exited during the run: {cluster.exited()}")
+            progress(f"{name}: processes exited during the run: {cluster.exited()}")
         return stats
     except Exception:
         # The logs go with the temporary directory: show their ends before they do.

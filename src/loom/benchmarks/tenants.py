@@ -2,11 +2,13 @@
 
 A cluster of real processes with auth on (a manager and 3 nodes on 127.0.0.1), two
 tenants, one keyspace each. The quiet tenant runs a paced mix of reads and writes,
-first alone (its solo latency), then while the noisy tenant's writers hammer a
-keyspace with a writes/s quota far below what they offer. Printed: the quiet
-tenant's p50/p99 in both phases and their ratio, and what the noisy tenant got
-(accepted writes/s against its quota, Throttled answers). It measures; it does not
-decide pass or fail.
+alone (its solo latency) and while the noisy tenant's writers hammer a keyspace with
+a writes/s quota far below what they offer, in alternating rounds (solo, beside,
+solo, beside, …): on a shared machine the background load drifts, and alternating
+puts the drift on both sides. Printed: the quiet tenant's p50/p99 in both phases
+(every round's samples pooled) and their ratio, each round's ratio, and what the
+noisy tenant got (accepted writes/s against its quota, Throttled answers). It
+measures; it does not decide pass or fail.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+
+import msgspec
 
 from loom import kv
 from loom.core.errors import LoomError, Throttled
@@ -30,6 +35,7 @@ QUIET_TASKS = 4
 NOISY_TIMEOUT_S = 1.0
 WARMUP_S = 1.0
 DURATION_S_MAX = 600.0
+ROUNDS_MAX = 20
 RATE_MAX = 100_000.0
 NOISY_WRITERS_MAX = 1024
 
@@ -38,6 +44,31 @@ def _percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+class _NoisyResult(msgspec.Struct):
+    """What the noisy tenant's process got in one round (its one JSON line)."""
+
+    accepted_writes_per_s: float
+    throttled: int
+    other_errors: dict[str, int]
+
+
+class _Phase:
+    """The quiet tenant's samples over one or more runs of a phase."""
+
+    def __init__(self) -> None:
+        self.latencies_ms: list[float] = []
+        self.errors = 0
+        self.elapsed_s = 0.0
+
+    def add(self, other: _Phase) -> None:
+        self.latencies_ms += other.latencies_ms
+        self.errors += other.errors
+        self.elapsed_s += other.elapsed_s
+
+    def summary(self) -> dict[str, float]:
+        return _summary(self.latencies_ms, self.errors, self.elapsed_s)
 
 
 def _summary(latencies_ms: list[float], errors: int, elapsed_s: float) -> dict[str, float]:
@@ -52,10 +83,9 @@ def _summary(latencies_ms: list[float], errors: int, elapsed_s: float) -> dict[s
     }
 
 
-async def _quiet(ks: kv.Keyspace, rate: float, duration_s: float) -> dict[str, float]:
+async def _quiet(ks: kv.Keyspace, rate: float, duration_s: float) -> _Phase:
     """QUIET_TASKS paced tasks, together `rate` ops/s, half reads and half writes."""
-    latencies: list[float] = []
-    errors = [0]
+    phase = _Phase()
     start = time.monotonic()
     interval = QUIET_TASKS / rate
 
@@ -75,14 +105,15 @@ async def _quiet(ks: kv.Keyspace, rate: float, duration_s: float) -> dict[str, f
                 else:
                     await ks.put(key, b"x" * 100)
             except LoomError:
-                errors[0] += 1
+                phase.errors += 1
                 continue
-            latencies.append((time.perf_counter() - began) * 1000)
+            phase.latencies_ms.append((time.perf_counter() - began) * 1000)
 
     async with asyncio.TaskGroup() as group:
         for index in range(QUIET_TASKS):
             group.create_task(task(index))
-    return _summary(latencies, errors[0], time.monotonic() - start)
+    phase.elapsed_s = time.monotonic() - start
+    return phase
 
 
 class _Noisy:
@@ -118,6 +149,7 @@ async def _bench(
     noisy_writers: int,
     noisy_quota: float,
     duration_s: float,
+    rounds: int,
     progress: Callable[[str], None],
 ) -> dict[str, object]:
     address = cluster.manager_address
@@ -130,45 +162,82 @@ async def _bench(
         await admin.create_keyspace("quiet-ks", shards=3, replication=3, tenant="quiet")
         await admin.create_keyspace("noisy-ks", shards=3, replication=3, tenant="noisy")
         await admin.set_quota("noisy-ks", writes_per_s=noisy_quota)
+    solo, shared = _Phase(), _Phase()
+    round_ratios: list[float] = []
+    noisy_rounds: list[_NoisyResult] = []
     async with kv.connect(address, token=quiet_token) as quiet:
         quiet_ks = quiet.keyspace("quiet-ks")
         await _quiet(quiet_ks, quiet_rate, WARMUP_S)
-        progress(f"quiet tenant alone, {duration_s:g} s at {quiet_rate:g} ops/s …")
-        solo = await _quiet(quiet_ks, quiet_rate, duration_s)
-        progress(f"  p50 {solo['p50_ms']} ms, p99 {solo['p99_ms']} ms")
-        progress(f"with {noisy_writers} noisy writers over a {noisy_quota:g} writes/s quota …")
-        # The noisy tenant runs in its own process, as it would: sharing this event
-        # loop would add its client-side work to the quiet tenant's latency.
-        noisy_s = WARMUP_S + duration_s
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loom.benchmarks.tenants",
-            address, noisy_token, str(noisy_writers), str(noisy_s),
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        await asyncio.sleep(WARMUP_S)
-        shared = await _quiet(quiet_ks, quiet_rate, duration_s)
+        for number in range(1, rounds + 1):
+            progress(f"round {number}/{rounds}: quiet tenant alone, {duration_s:g} s …")
+            alone = await _quiet(quiet_ks, quiet_rate, duration_s)
+            progress(f"  p50 {alone.summary()['p50_ms']} ms, p99 {alone.summary()['p99_ms']} ms")
+            progress(
+                f"round {number}/{rounds}: beside {noisy_writers} noisy writers over a "
+                f"{noisy_quota:g} writes/s quota …"
+            )
+            beside, noisy = await _beside_noisy(
+                quiet_ks,
+                address=address,
+                noisy_token=noisy_token,
+                noisy_writers=noisy_writers,
+                quiet_rate=quiet_rate,
+                duration_s=duration_s,
+            )
+            progress(f"  p50 {beside.summary()['p50_ms']} ms, p99 {beside.summary()['p99_ms']} ms")
+            solo.add(alone)
+            shared.add(beside)
+            noisy_rounds.append(noisy)
+            round_ratios.append(_ratio(beside.summary(), alone.summary()))
         refused_per_s = await _refused_per_s(address, cluster.admin_token)
-        out, _ = await process.communicate()
-        noisy = json.loads(out)
-        progress(f"  p50 {shared['p50_ms']} ms, p99 {shared['p99_ms']} ms")
-    ratio = shared["p99_ms"] / solo["p99_ms"] if solo["p99_ms"] else 0.0
+    solo_summary, shared_summary = solo.summary(), shared.summary()
     return {
-        "quiet_solo": solo,
-        "quiet_with_noisy": shared,
-        "p99_ratio": round(ratio, 2),
+        "quiet_solo": solo_summary,
+        "quiet_with_noisy": shared_summary,
+        "p99_ratio": _ratio(shared_summary, solo_summary),
+        "round_p99_ratios": round_ratios,
         "noisy": {
             "writers": noisy_writers,
             "quota_writes_per_s": noisy_quota,
-            "accepted_writes_per_s": noisy["accepted_writes_per_s"],
-            "throttled": noisy["throttled"],
-            "other_errors": noisy["other_errors"],
+            "accepted_writes_per_s": round(
+                statistics.mean(n.accepted_writes_per_s for n in noisy_rounds), 1
+            ),
+            "throttled": sum(n.throttled for n in noisy_rounds),
+            "other_errors": dict(sum((Counter(n.other_errors) for n in noisy_rounds), Counter())),
             # What the nodes refused per second at the end (their smoothed count, as
             # `loom status` shows it): the retry traffic a tenant over quota causes.
             "refused_per_s_at_nodes": refused_per_s,
         },
         "quiet_rate_ops_per_s": quiet_rate,
         "duration_s": duration_s,
+        "rounds": rounds,
     }
+
+
+async def _beside_noisy(
+    quiet_ks: kv.Keyspace,
+    *,
+    address: str,
+    noisy_token: str,
+    noisy_writers: int,
+    quiet_rate: float,
+    duration_s: float,
+) -> tuple[_Phase, _NoisyResult]:
+    """One shared phase. The noisy tenant runs in its own process, as it would: sharing
+    this event loop would add its client-side work to the quiet tenant's latency."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loom.benchmarks.tenants",
+        address, noisy_token, str(noisy_writers), str(WARMUP_S + duration_s),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(WARMUP_S)
+    beside = await _quiet(quiet_ks, quiet_rate, duration_s)
+    out, _ = await process.communicate()
+    return beside, msgspec.json.decode(out, type=_NoisyResult)
+
+
+def _ratio(shared: dict[str, float], solo: dict[str, float]) -> float:
+    return round(shared["p99_ms"] / solo["p99_ms"], 2) if solo["p99_ms"] else 0.0
 
 
 async def _refused_per_s(address: str, admin_token: str) -> float:
@@ -183,6 +252,7 @@ async def run_tenants_bench(
     noisy_writers: int,
     noisy_quota: float,
     duration_s: float,
+    rounds: int,
     progress: Callable[[str], None],
 ) -> dict[str, object]:
     """Starts the cluster in a temporary directory, measures, stops it."""
@@ -198,6 +268,7 @@ async def run_tenants_bench(
                 noisy_writers=noisy_writers,
                 noisy_quota=noisy_quota,
                 duration_s=duration_s,
+                rounds=rounds,
                 progress=progress,
             )
         finally:

@@ -94,7 +94,8 @@ def failover_command(trials: int, lease_ms: float, as_json: bool) -> None:
     "--peer",
     type=click.Choice(PEERS),
     default=None,
-    help="Then run the same workload (same seed) against a local 3-member etcd.",
+    help="Then run the same workload (same seed) against a local 3-member etcd, or "
+    "(loom-tls) against a fresh loom cluster with TLS on every connection.",
 )
 @click.option("--seed", type=int, default=SEED_DEFAULT, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")
@@ -248,6 +249,13 @@ def functions_command(
     help="Measured seconds of each phase (quiet alone, then with the noisy tenant).",
 )
 @click.option(
+    "--rounds",
+    type=click.IntRange(1, tenants.ROUNDS_MAX),
+    default=3,
+    show_default=True,
+    help="Alternations of the two phases (the machine's background load drifts).",
+)
+@click.option(
     "--quiet-rate",
     type=click.FloatRange(1, tenants.RATE_MAX),
     default=100.0,
@@ -270,7 +278,12 @@ def functions_command(
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")
 def tenants_command(
-    duration: float, quiet_rate: float, noisy_writers: int, noisy_quota: float, as_json: bool
+    duration: float,
+    rounds: int,
+    quiet_rate: float,
+    noisy_writers: int,
+    noisy_quota: float,
+    as_json: bool,
 ) -> None:
     """A quiet tenant's latency alone and beside a noisy tenant driven far over its
     writes/s quota, on a fresh local cluster with auth (manager + 3 nodes). Prints both
@@ -283,6 +296,7 @@ def tenants_command(
                     noisy_writers=noisy_writers,
                     noisy_quota=noisy_quota,
                     duration_s=duration,
+                    rounds=rounds,
                     progress=lambda line: click.echo(line, err=True),
                 )
             )
@@ -294,10 +308,13 @@ def tenants_command(
         return
     solo, shared, noisy = result["quiet_solo"], result["quiet_with_noisy"], result["noisy"]
     assert isinstance(solo, dict) and isinstance(shared, dict) and isinstance(noisy, dict)
+    ratios = result["round_p99_ratios"]
+    assert isinstance(ratios, list)
     click.echo(
         f"tenants: quiet p99 {solo['p99_ms']} ms alone, {shared['p99_ms']} ms beside the "
         f"noisy tenant ({result['p99_ratio']}x); p50 {solo['p50_ms']} → {shared['p50_ms']} ms; "
-        f"quiet errors {solo['errors']}/{shared['errors']}"
+        f"quiet errors {solo['errors']}/{shared['errors']}; each round: "
+        f"{', '.join(f'{r}x' for r in ratios)}"
     )
     click.echo(
         f"noisy: {noisy['writers']} writers, {noisy['accepted_writes_per_s']} writes/s accepted "

@@ -59,6 +59,11 @@ def cluster_group() -> None:
     is_flag=True,
     help="Require tokens; the first start prints the admin token once (ADR 0008).",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Every connection with TLS; certificates are made in DATA/tls (ADR 0015).",
+)
 def up_command(
     nodes: int,
     regions: str,
@@ -67,6 +72,7 @@ def up_command(
     lease_ms: float,
     functions_app: str | None,
     auth: bool,
+    tls: bool,
 ) -> None:
     """Start a shard manager and NODES storage nodes on 127.0.0.1, print the address to
     connect to, and keep them running (restarting any that dies) until Ctrl-C."""
@@ -75,7 +81,7 @@ def up_command(
     if bad:
         raise click.BadParameter(f"invalid region labels {bad}", param_hint="--regions")
     data.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(data_dir=data, lease_ms=lease_ms, auth=auth)
+    cluster = LocalCluster(data_dir=data, lease_ms=lease_ms, auth=auth, tls=tls)
     stopping = _stop_on_signals()
     try:
         cluster.start_manager(port=port)
@@ -118,6 +124,10 @@ def _announce(cluster: LocalCluster, data: Path, nodes: int, labels: list[str]) 
     click.echo(f"  try: loom keyspace create demo --shards 2 -c {address}")
     click.echo(f"       loom kv put demo hello world -c {address}")
     _announce_auth(cluster)
+    if cluster.tls:
+        files = cluster.certificates
+        click.echo(f"  TLS is on; clients: export LOOM_TLS_CA={files.ca}")
+        click.echo(f"  (a client certificate, optional: {files.cert('client')})")
     click.echo("  Ctrl-C stops it")
 
 

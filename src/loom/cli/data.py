@@ -19,6 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from loom import kv
+from loom.cli.tls import current_tls
 from loom.core.errors import LoomError
 from loom.core.ids import NodeId
 from loom.runtime.codec import ReshardReport
@@ -52,7 +53,9 @@ def current_token() -> str | None:
 @contextmanager
 def connected(cluster: str) -> Iterator[kv.SyncClient]:
     try:
-        with kv.connect_sync(cluster, timeout_s=10.0, token=current_token()) as client:
+        with kv.connect_sync(
+            cluster, timeout_s=10.0, token=current_token(), tls=current_tls()
+        ) as client:
             yield client
     except LoomError as error:
         raise click.ClickException(f"{type(error).__name__}: {error}") from None

@@ -50,8 +50,15 @@ def demo_group() -> None:
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last, for machines.")
+@click.option("--tls", is_flag=True, help="Every connection with TLS (certificates in the data).")
 def threads_command(
-    users: int, duration_s: float, data: Path | None, report_path: Path, seed: int, as_json: bool
+    users: int,
+    duration_s: float,
+    data: Path | None,
+    report_path: Path,
+    seed: int,
+    as_json: bool,
+    tls: bool,
 ) -> None:
     """Replay a launch: sign-ups surge, each copying a follow graph through loom
     functions into loom kv; celebrities fan out notifications; a node is killed and
@@ -59,7 +66,7 @@ def threads_command(
     only if every check passes."""
     console = Console(stderr=True)
     workdir = data or Path(tempfile.mkdtemp(prefix="loom-demo-"))
-    settings = Settings(users=users, duration_s=duration_s, seed=seed)
+    settings = Settings(users=users, duration_s=duration_s, seed=seed, tls=tls)
     launch = Launch(settings, workdir, lambda line: console.print(f"[dim]·[/dim] {line}"))
     try:
         report = asyncio.run(_run_live(launch, console))

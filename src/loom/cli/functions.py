@@ -19,6 +19,7 @@ from rich.table import Table
 from loom import kv
 from loom.cli.data import cluster_option, current_token
 from loom.cli.processes import LOG_LEVELS, log, setup_logging, until_stopped
+from loom.cli.tls import current_tls, tls_options
 from loom.core.errors import LoomError
 from loom.functions.app import App
 from loom.functions.overview import Overview, overview
@@ -50,12 +51,16 @@ def load_app(target: str) -> App:
 @cluster_option
 @click.option("--concurrency", type=click.IntRange(1, 10_000), default=16, show_default=True)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def worker_command(target: str, cluster: str, concurrency: int, log_level: str) -> None:
+@tls_options
+def worker_command(
+    target: str, cluster: str, concurrency: int, log_level: str, tls: kv.TlsConfig | None
+) -> None:
     """Run the functions of MODULE:APP: take due calls, run them, record the outcome."""
     setup_logging(log_level)
     app = load_app(target)
     app.cluster = cluster
     app.token = app.token or current_token()
+    app.tls = app.tls or tls
 
     async def main() -> None:
         worker = Worker(app, concurrency=concurrency)
@@ -94,16 +99,22 @@ async def _serve(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]], rea
     help="Seconds a succeeded call (its result and idempotency key) is remembered.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@tls_options
 def scheduler_command(
-    cluster: str, host: str, port: int, retention_s: float, log_level: str
+    cluster: str,
+    host: str,
+    port: int,
+    retention_s: float,
+    log_level: str,
+    tls: kv.TlsConfig | None,
 ) -> None:
     """Dispatch due function calls to workers. Several may run: each owns a share of
     the queue's partitions by leases in the store, and takes over a dead one's."""
     setup_logging(log_level)
 
     async def main() -> None:
-        async with kv.connect(cluster, token=current_token()) as client:
-            scheduler = Scheduler(client, host=host, port=port, retention_s=retention_s)
+        async with kv.connect(cluster, token=current_token(), tls=tls) as client:
+            scheduler = Scheduler(client, host=host, port=port, retention_s=retention_s, tls=tls)
             await scheduler.start()
             ready = f"loom scheduler {scheduler.name} listening on {host}:{scheduler.port}"
             await _serve(scheduler.run, ready)
@@ -124,7 +135,7 @@ def functions_ls(cluster: str, as_json: bool) -> None:
     the downstream controllers' rates (throttling: below their ceiling)."""
 
     async def main() -> Overview:
-        async with kv.connect(cluster, token=current_token()) as client:
+        async with kv.connect(cluster, token=current_token(), tls=current_tls()) as client:
             return await overview(client)
 
     result = _run(main())
@@ -175,7 +186,7 @@ def functions_drain(cluster: str, timeout_s: float) -> None:
         return sum(row.queued + row.running for row in (await overview(client)).functions)
 
     async def main() -> bool:
-        async with kv.connect(cluster, token=current_token()) as client:
+        async with kv.connect(cluster, token=current_token(), tls=current_tls()) as client:
             first = await remaining(client)
             deadline = time.monotonic() + timeout_s
             with Progress() as progress:
@@ -211,7 +222,7 @@ def functions_calls(
     """List calls (every partition's records, read in order, with a progress bar)."""
 
     async def main() -> list[CallRecord]:
-        async with kv.connect(cluster, token=current_token()) as client:
+        async with kv.connect(cluster, token=current_token(), tls=current_tls()) as client:
             queue = await _queue(client)
             found: list[CallRecord] = []
             with Progress(transient=True) as progress:
@@ -260,7 +271,7 @@ def dead_letter_ls(cluster: str, limit: int, as_json: bool) -> None:
     """List dead-lettered calls: id, function, attempts, last error."""
 
     async def main() -> list[CallRecord]:
-        async with kv.connect(cluster, token=current_token()) as client:
+        async with kv.connect(cluster, token=current_token(), tls=current_tls()) as client:
             queue = await _queue(client)
             records = [await queue.get(c) for c in await queue.dead_letters(limit=limit)]
             return [r for r in records if r is not None]
@@ -286,7 +297,7 @@ def dead_letter_replay(call_ids: tuple[str, ...], replay_all: bool, cluster: str
         raise click.UsageError("give CALL_IDS or --all")
 
     async def main() -> int:
-        async with kv.connect(cluster, token=current_token()) as client:
+        async with kv.connect(cluster, token=current_token(), tls=current_tls()) as client:
             queue = await _queue(client)
             ids = list(call_ids) or await queue.dead_letters(limit=100_000)
             now_ms = int(time.time() * 1000)

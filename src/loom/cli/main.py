@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from loom import __version__
@@ -14,6 +16,7 @@ from loom.cli.processes import node_command, sm_command
 from loom.cli.sim import sim
 from loom.cli.status import status_command
 from loom.cli.tenancy import tenant_group, token_group
+from loom.cli.tls import root_tls_options, tls_config, tls_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,10 +26,17 @@ from loom.cli.tenancy import tenant_group, token_group
     envvar="LOOM_TOKEN",
     help="Token for a cluster that runs with auth (default: $LOOM_TOKEN).",
 )
+@root_tls_options
 @click.pass_context
-def main(context: click.Context, token: str | None) -> None:
+def main(
+    context: click.Context,
+    token: str | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> None:
     """loom: a sharded, replicated key-value store and a background-function platform."""
-    context.obj = {"token": token}
+    context.obj = {"token": token, "tls": tls_config(tls_ca, tls_cert, tls_key)}
 
 
 main.add_command(sim)
@@ -43,6 +53,7 @@ main.add_command(demo_group)
 main.add_command(functions_group)
 main.add_command(tenant_group)
 main.add_command(token_group)
+main.add_command(tls_group)
 
 if __name__ == "__main__":
     main()

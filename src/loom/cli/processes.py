@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from loom.cli.tls import tls_options
 from loom.core.ids import NodeId
 from loom.core.limits import DEFAULT_LIMITS
 from loom.paxos.params import ReplicaParams
@@ -21,6 +22,7 @@ from loom.runtime.metastore_etcd import EtcdMetastore
 from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.node import NodeRuntime
 from loom.runtime.rpc import run
+from loom.runtime.tls import TlsConfig
 from loom.shardmgr.autosplit import SplitParams
 from loom.shardmgr.core import SmParams
 from loom.shardmgr.metastore import Metastore
@@ -114,6 +116,7 @@ async def until_stopped(also: asyncio.Event | None = None) -> None:
     help="The most p-shards an automatic split grows a keyspace to.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@tls_options
 def sm_command(
     listen: str,
     data: Path | None,
@@ -125,6 +128,7 @@ def sm_command(
     split_ops: float,
     split_max_shards: int,
     log_level: str,
+    tls: TlsConfig | None,
 ) -> None:
     """Run the shard manager: node registry, keyspaces and placement, epochs, failover,
     the routing table (control plane only: never on the data path)."""
@@ -161,6 +165,7 @@ def sm_command(
                 ops_per_s_max=split_ops,
                 shards_max=split_max_shards,
             ),
+            tls=tls,
         )
         await manager.start()
         where = f"metastore {data}" if data is not None else f"etcd {etcd} (standby until elected)"
@@ -226,6 +231,7 @@ async def _show_token_once_made(manager: ManagerRuntime) -> None:
     "any table without auth.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@tls_options
 def node_command(
     node_id: str,
     listen: str,
@@ -238,6 +244,7 @@ def node_command(
     log_entries_max: int,
     auth: bool,
     log_level: str,
+    tls: TlsConfig | None,
 ) -> None:
     """Run a storage node: the replicas of its shards over one RocksDB."""
     setup_logging(log_level)
@@ -263,6 +270,7 @@ def node_command(
             zone=zone,
             tier=tier,
             auth=auth,
+            tls=tls,
         )
         await node.start()
         node.connect_managers(managers)

@@ -62,3 +62,17 @@ class WriteLost(LoomError):
 
 class OutcomeUnknown(LoomError):
     """A commit may or may not have happened; the caller must not blindly re-run it."""
+
+
+class ConnectionFailed(LoomError):
+    """A connection could not be set up, and trying again will not help until a setting
+    changes: TLS on one side only, or a certificate the other side refuses (ADR 0015)."""
+
+
+class TlsRequired(ConnectionFailed):
+    """The server expects TLS and this client connected without it."""
+
+
+class CertificateRefused(ConnectionFailed):
+    """A certificate failed verification: the server's (by this client's CA) or this
+    client's (by the server)."""

@@ -68,6 +68,7 @@ class Settings:
     seed: int = 7
     kill: bool = True
     reshard: bool = True
+    tls: bool = False  # every connection with TLS (ADR 0015)
 
     def __post_init__(self) -> None:
         if not 20 <= self.users <= 200_000:
@@ -120,7 +121,7 @@ class Launch:
         self.workdir = workdir
         self.say = say
         self.graph: LegacyGraph = generate(settings.users, seed=settings.seed)
-        self.cluster = LocalCluster(data_dir=workdir)
+        self.cluster = LocalCluster(data_dir=workdir, tls=settings.tls)
         self.rng = random.Random(settings.seed)
         self.app_ops = Meter()
         self.other_ops = Meter()
@@ -381,9 +382,12 @@ class Launch:
         """Waits until no call is queued or running any more."""
         queue = await DurableQueue.open(client)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        empty = 0
         while time.monotonic() < deadline:
             with contextlib.suppress(LoomError):
-                if not await queue.pending():
+                # Empty twice, a second apart: one look may fall between two pages.
+                empty = 0 if await queue.pending() else empty + 1
+                if empty == 2:
                     return True
             await asyncio.sleep(1.0)
         return False
@@ -393,12 +397,13 @@ class Launch:
     async def run(self) -> DemoReport:
         began_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.start_cluster()
-        async with kv.connect(self.cluster.manager_address, timeout_s=20) as client:
+        tls = self.cluster.client_tls()
+        async with kv.connect(self.cluster.manager_address, timeout_s=20, tls=tls) as client:
             await self.create_keyspaces(client)
             await self.load_legacy_graph(client)
             await DurableQueue.open(client)
             self.start_functions()
-            demo_app.app.cluster = self.cluster.manager_address
+            demo_app.app.cluster, demo_app.app.tls = self.cluster.manager_address, tls
             try:
                 await demo_app.app.queue()
                 self.say("the launch begins")
@@ -443,6 +448,7 @@ class Launch:
                 "regions": list(REGIONS),
                 "workers": WORKERS,
                 "seed": self.settings.seed,
+                "tls": self.settings.tls,
             },
             samples=self.samples,
             events=self.events,

@@ -255,6 +255,8 @@ class App:
     # them, so `Throttled` reaches the platform: the call goes back to the queue without
     # using an attempt and the downstream's controller slows dispatch.
     kv_timeout_s: float = 3.0
+    # TLS to the cluster and, for workers, to the schedulers (ADR 0015).
+    tls: kv.TlsConfig | None = None
     _client: kv.Client | None = None
     _functions_client: kv.Client | None = None
     _queue: DurableQueue | None = None
@@ -334,14 +336,14 @@ class App:
     async def client(self) -> kv.Client:
         """The client of the queue (submissions, outcomes)."""
         if self._client is None:
-            self._client = await kv.connect(self.cluster, token=self.token)
+            self._client = await kv.connect(self.cluster, token=self.token, tls=self.tls)
         return self._client
 
     async def functions_client(self) -> kv.Client:
         """The client functions get as `ctx.kv` (see `kv_timeout_s`)."""
         if self._functions_client is None:
             self._functions_client = await kv.connect(
-                self.cluster, token=self.token, timeout_s=self.kv_timeout_s
+                self.cluster, token=self.token, timeout_s=self.kv_timeout_s, tls=self.tls
             )
         return self._functions_client
 

@@ -86,7 +86,8 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     # Starts of the call so far; each claim adds one. Transitions name the attempt
     # they belong to, which fences out a worker that lost its lease.
     attempt: int = 0
-    # Attempts that ended in `Throttled`: they do not count against `attempts_max`.
+    # Attempts that do not count against `attempts_max`: those that ended in
+    # `Throttled`, and those a worker handed back unstarted.
     throttled: int = 0
     run_after_ms: int
     deadline_ms: int | None = None
@@ -288,7 +289,16 @@ class WasThrottled:
     retry_after_ms: int
 
 
-Outcome = Succeeded | Failed | WasThrottled
+@dataclass(frozen=True, slots=True)
+class NotStarted:
+    """A worker fetched the call but did not start it in time (its running slots were
+    busy): back to the queue at once, without using up an attempt."""
+
+    call_id: str
+    attempt: int
+
+
+Outcome = Succeeded | Failed | WasThrottled | NotStarted
 _Change = Callable[[CallRecord], tuple[CallRecord, list[bytes], dict[bytes, bytes]]]
 
 
@@ -489,12 +499,22 @@ class DurableQueue:
                 return
 
     async def pending(self) -> bool:
-        """Whether any call is queued or running (one tiny scan per index)."""
+        """Whether any call is queued or running. Per partition, one scan from the due
+        index through the lease record to the running index: one read, so a call that
+        moves from one index to the other (a reclaim, a retry) is not missed between
+        two scans. (A page cut short by a long run of tombstones goes on in another
+        read; a caller that must be sure asks twice.)"""
         for partition in range(self.partitions):
-            for prefix in (b"q/%d/due/" % partition, running_prefix(partition)):
-                page = await self.ks.scan(shard_key=shard_key(partition), prefix=prefix, limit=1)
-                if page.items:
+            due, running = b"q/%d/due/" % partition, running_prefix(partition)
+            cursor: bytes | None = due
+            while cursor is not None:
+                page = await self.ks.scan(
+                    shard_key=shard_key(partition), prefix=b"q/%d/" % partition,
+                    cursor=cursor, limit=2,
+                )  # fmt: skip
+                if any(i.key.startswith((due, running)) for i in page.items):
                     return True
+                cursor = page.cursor  # only the lease record, or tombstones, so far
         return False
 
     def _check_page(self, partition: int, limit: int) -> None:
@@ -597,11 +617,11 @@ class DurableQueue:
         assert len(changes) <= CALLS_PER_TXN_MAX
 
         async def apply(tx: kv.Transaction) -> list[CallRecord | StaleAttempt]:
-            if hold is not None:
-                await self._check_lease(tx, hold)
-            items = await asyncio.gather(
-                *(tx.get(call_key(partition, call_id)) for call_id, _ in changes)
-            )
+            reads = asyncio.gather(*(tx.get(call_key(partition, c)) for c, _ in changes))
+            if hold is None:
+                items = await reads
+            else:  # the lease and the calls at once: one round trip, not two
+                _, items = await asyncio.gather(self._check_lease(tx, hold), reads)
             done: list[CallRecord | StaleAttempt] = []
             for (call_id, change), item in zip(changes, items, strict=True):
                 if item is None:
@@ -660,14 +680,25 @@ class DurableQueue:
         self, hold: LeaseHold, call_id: str, *, attempt: int, now_ms: int
     ) -> CallRecord:
         """A RUNNING call whose lease the scheduler saw end (on its own clock) goes back
-        to the queue (at-least-once); the attempt it was in can no longer finish it."""
+        to the queue (at-least-once); the attempt it was in can no longer finish it. An
+        attempt whose lease ended is used up: after the last, the call is dead (a call
+        that kills its worker every time must not run forever)."""
 
         def change(record: CallRecord) -> tuple[CallRecord, list[bytes], dict[bytes, bytes]]:
             _require_running(record, attempt)
+            drop = [running_key(hold.partition, record.call_id)]
+            if record.attempts_used >= record.attempts_max:
+                dead = msgspec.structs.replace(
+                    record,
+                    state=CallState.DEAD,
+                    error=f"lease expired on attempt {record.attempt}, the last",
+                    finished_ms=now_ms,
+                )
+                return dead, drop, {dead_key(hold.partition, record.call_id): b""}
             new = msgspec.structs.replace(
                 record, state=CallState.QUEUED, run_after_ms=now_ms, error="lease expired"
             )
-            return new, [running_key(hold.partition, record.call_id)], _due(hold.partition, new)
+            return new, drop, _due(hold.partition, new)
 
         return await self._transition(call_id, change, hold=hold)
 
@@ -809,6 +840,11 @@ def _finish(partition: int, outcome: Outcome, now_ms: int, jitter: Callable[[], 
                     throttled=record.throttled + 1,
                     run_after_ms=now_ms + retry_after_ms,
                     error="throttled downstream",
+                )
+                return new, drop, _due(partition, new)
+            case NotStarted():
+                new = msgspec.structs.replace(
+                    record, state=CallState.QUEUED, throttled=record.throttled + 1
                 )
                 return new, drop, _due(partition, new)
             case Failed(error=error, retryable=retryable):

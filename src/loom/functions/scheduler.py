@@ -176,6 +176,7 @@ class Scheduler:
         aimd: AimdSettings | None = None,
         retention_s: float = RETENTION_S,
         bugs: frozenset[str] = frozenset(),
+        tls: kv.TlsConfig | None = None,
     ) -> None:
         # Deliberate bugs, for the simulation to prove its checks bite (loom sim
         # --functions --bug …): "reclaim-early" reclaims calls at a quarter of their lease.
@@ -187,7 +188,7 @@ class Scheduler:
         self.name = name or f"sched-{secrets.token_hex(4)}"
         self.lease_s = lease_s
         self.aimd_settings = aimd or AimdSettings()
-        self.server = RpcServer(self._handle, host, port)
+        self.server = RpcServer(self._handle, host, port, tls=tls)  # workers' TLS (ADR 0015)
         self.host = host
         self.queue: DurableQueue | None = None
         self.partitions: dict[int, PartitionView] = {}
@@ -778,6 +779,13 @@ class Scheduler:
         try:
             async with asyncio.timeout(pull.wait_ms / 1000):
                 return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The worker is gone (its connection closed): a waiter left behind would
+            # take calls that nobody runs, each losing an attempt to its lease.
+            if not waiter.batches:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+            raise
         except TimeoutError:
             if future.done():
                 return future.result()

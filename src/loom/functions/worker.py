@@ -1,7 +1,14 @@
 """A worker: pulls calls of an `App` from the schedulers and runs them (DESIGN §8).
 
 - It publishes its functions' configs (limits, batching, downstreams) to the store,
-  finds the live schedulers there, and long-polls each with its free slots.
+  finds the live schedulers there, and long-polls each with its free slots, several
+  pulls at once, so one pull's claim in the store overlaps the next.
+- While its calls are short it prefetches: it asks for more calls than it runs at
+  once (`concurrency × (1 + PREFETCH)`), so it is never idle waiting for a claim; a
+  fetched call waits for a running slot at most about one short call's time. Long
+  calls are not prefetched (another worker may be free to run them now), nor those
+  of an app with rate, concurrency or downstream limits (they must start at the
+  pace they were claimed at).
 - Async functions run on the loop, sync ones in a thread pool, both under the
   function's timeout. (A sync function that ignores its timeout cannot be stopped —
   Python threads cannot be killed; its late outcome is fenced out by the attempt.)
@@ -39,6 +46,7 @@ from loom.functions.queue import (
     CallRecord,
     DurableQueue,
     Failed,
+    NotStarted,
     Outcome,
     Succeeded,
     WasThrottled,
@@ -55,6 +63,28 @@ THROTTLED_RETRY_MS_MIN = 100
 RPC_TIMEOUT_S = 10.0
 MEMBER_TTL_S = 5.0
 THROTTLE_WATCH_S = 0.2
+PULLS_PER_SCHEDULER = 2
+# Calls fetched beyond `concurrency`, as a multiple of it, while calls are short.
+PREFETCH = 2
+PREFETCH_CALL_MS_MAX = 100.0
+# A pull waits this long for more slots to free before it asks for fewer.
+GATHER_S = 0.002
+# A call starts at most this long after the pull that fetched it was sent, or goes back
+# to the queue unstarted, without using an attempt: a worker stalled (paused, or its
+# slots busy) must not start a call whose lease — the function's timeout + 5 s
+# (`scheduler.LEASE_SLACK_MS`), counted from the claim, after the pull was sent — may
+# end before the call does.
+START_WITHIN_S = 3.0
+
+
+def capacity_for(concurrency: int, call_ms: float | None, *, limited: bool) -> int:
+    """How many calls the worker holds (running or waiting for a slot): prefetch only
+    once calls are known to be short, and never for an app with a limited function
+    (a rate, a concurrency limit, a downstream): calls claimed at the limit's pace
+    must also start at it, not bunched after a wait for a slot."""
+    if limited or call_ms is None or call_ms > PREFETCH_CALL_MS_MAX:
+        return concurrency
+    return concurrency * (1 + PREFETCH)
 
 
 @dataclass(slots=True)
@@ -72,12 +102,20 @@ class Worker:
         self.app = app
         self.name = name or f"worker-{secrets.token_hex(4)}"
         self.concurrency = concurrency
-        self.free = concurrency
+        self.capacity = concurrency  # calls held: running, or fetched and waiting
+        self.free = concurrency  # of the capacity, not reserved by a pull nor held
         self.freed = asyncio.Event()
+        self.slots = asyncio.Semaphore(concurrency)  # calls running at once
+        self.call_ms: float | None = None  # a moving average of call durations
+        self.limited = any(
+            f.rate_limit_per_s is not None or f.concurrency_max is not None or f.downstream
+            for f in app.functions.values()
+        )
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fn")
         self.running: dict[str, tuple[int, str]] = {}  # call id → (attempt, scheduler)
         self.tasks: set[asyncio.Task[None]] = set()
         self.schedulers: dict[str, RpcClient] = {}
+        self.connecting: dict[str, asyncio.Lock] = {}
         self.pullers: dict[str, asyncio.Task[None]] = {}
         self.members = registry.Liveness(ttl_s=MEMBER_TTL_S)
         self.outbox: list[tuple[CallRecord, Outcome, int, list[str]]] = []
@@ -86,6 +124,7 @@ class Worker:
         self.completed = 0
         self.failed = 0
         self.throttled = 0
+        self.returned = 0  # fetched calls handed back unstarted
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set; then finishes the calls it runs."""
@@ -135,18 +174,30 @@ class Worker:
                 )
 
     async def _connection(self, scheduler: str, address: tuple[str, int]) -> RpcClient:
-        client = self.schedulers.get(scheduler)
-        if client is None:
-            client = self.schedulers[scheduler] = await RpcClient.connect(*address)
-        return client
+        """One connection per scheduler, shared by its pull streams."""
+        async with self.connecting.setdefault(scheduler, asyncio.Lock()):
+            client = self.schedulers.get(scheduler)
+            if client is None:
+                client = await RpcClient.connect(*address, tls=self.app.tls)
+                self.schedulers[scheduler] = client
+            return client
 
     async def _pull_loop(
+        self, scheduler: str, address: tuple[str, int], stop: asyncio.Event
+    ) -> None:
+        await asyncio.gather(
+            *(self._pull_stream(scheduler, address, stop) for _ in range(PULLS_PER_SCHEDULER))
+        )
+
+    async def _pull_stream(
         self, scheduler: str, address: tuple[str, int], stop: asyncio.Event
     ) -> None:
         functions = tuple(self.app.functions)
         failures = 0
         while not stop.is_set():
             slots = await self._reserve()
+            sent = time.monotonic()  # the calls this pull brings are claimed after this
+            client = None
             try:
                 client = await self._connection(scheduler, address)
                 pull = Pull(
@@ -161,10 +212,14 @@ class Worker:
                         protocol.encode(pull), timeout_s=PULL_WAIT_MS / 1000 + RPC_TIMEOUT_S
                     )
                 )
+            except asyncio.CancelledError:
+                self._release(slots)  # or the worker's capacity shrinks for good
+                raise
             except LoomError as error:
                 self._release(slots)
-                if (stale := self.schedulers.pop(scheduler, None)) is not None:
-                    await stale.close()
+                if client is not None and self.schedulers.get(scheduler) is client:
+                    del self.schedulers[scheduler]  # the other stream reconnects, not closes
+                    await client.close()
                 failures += 1
                 if failures >= 5:
                     log.info("scheduler %s unreachable (%s); rediscovering", scheduler, error)
@@ -177,14 +232,20 @@ class Worker:
                 continue
             self._release(slots - len(reply.batches))
             for batch in reply.batches:
-                self._start(list(batch), scheduler)
+                self._start(list(batch), scheduler, sent)
 
     async def _reserve(self) -> int:
-        """Waits for a free slot, then takes a fair part of the free ones for one pull."""
+        """Waits for free capacity, then takes a fair part of it for one pull (waiting
+        a moment for more to free, so pulls do not shrink to one call each)."""
+        share = max(1, self.capacity // (PULLS_PER_SCHEDULER * max(1, len(self.pullers))))
         while self.free <= 0:
             self.freed.clear()
             await self.freed.wait()
-        slots = max(1, self.free // max(1, len(self.pullers)))
+        if self.free < share:
+            self.freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.freed.wait(), GATHER_S)
+        slots = max(1, min(self.free, share))
         self.free -= slots
         return slots
 
@@ -193,18 +254,52 @@ class Worker:
             self.free += slots
             self.freed.set()
 
-    def _start(self, batch: list[CallRecord], scheduler: str) -> None:
+    def _observe(self, duration_ms: float) -> None:
+        """Averages call durations and resizes the capacity to match."""
+        average = self.call_ms
+        self.call_ms = duration_ms if average is None else average + 0.1 * (duration_ms - average)
+        capacity = capacity_for(self.concurrency, self.call_ms, limited=self.limited)
+        if capacity != self.capacity:
+            self.free += capacity - self.capacity  # below zero: pulls wait until it is back
+            self.capacity = capacity
+            self.freed.set()
+
+    def _start(self, batch: list[CallRecord], scheduler: str, pulled: float) -> None:
         for record in batch:
             self.running[record.call_id] = (record.attempt, scheduler)
-        task = asyncio.create_task(self._run(batch, scheduler))
+        task = asyncio.create_task(self._run(batch, pulled))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, batch: list[CallRecord], scheduler: str) -> None:
+    async def _run(self, batch: list[CallRecord], pulled: float) -> None:
+        """Runs one call (or batch) once a running slot is free. One that cannot start
+        soon after the pull that fetched it was sent (`pulled`; it was claimed after
+        that) goes back to the queue unstarted: its lease may be near its end."""
         function = self.app.functions.get(batch[0].function)
-        started = time.monotonic()
         ctx: Context | None = None
-        outcomes: list[Outcome]
+        try:
+            async with self.slots:
+                started = time.monotonic()
+                if started - pulled > START_WITHIN_S:
+                    outcomes: list[Outcome] = [NotStarted(r.call_id, r.attempt) for r in batch]
+                    self.returned += len(batch)
+                else:
+                    ctx, outcomes = await self._attempt(function, batch)
+                    self._observe((time.monotonic() - started) * 1000)
+        finally:
+            self._release(1)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        signals = list(ctx.signals) if ctx is not None else []
+        for record, outcome in zip(batch, outcomes, strict=True):
+            self.outbox.append((record, outcome, duration_ms, signals))
+            signals = []
+        self.outbox_ready.set()
+
+    async def _attempt(
+        self, function: Function | None, batch: list[CallRecord]
+    ) -> tuple[Context | None, list[Outcome]]:
+        """Runs the function; its outcome for each call of the batch."""
+        ctx: Context | None = None
         try:
             if function is None:
                 raise NonRetryable(f"this worker's app has no function {batch[0].function!r}")
@@ -217,30 +312,22 @@ class Worker:
                 batch=tuple(r.call_id for r in batch) if function.batch else (),
             )
             results = await self._invoke(function, ctx, batch)
-            outcomes = [
-                Succeeded(r.call_id, r.attempt, msgspec.msgpack.encode(v))
-                for r, v in zip(batch, results, strict=True)
-            ]
-            self.completed += len(batch)
         except Throttled as error:
             retry_ms = max(THROTTLED_RETRY_MS_MIN, error.retry_after_ms or 0)
-            outcomes = [WasThrottled(r.call_id, r.attempt, retry_ms) for r in batch]
             if ctx is not None:
                 ctx.backpressure()
             self.throttled += len(batch)
+            return ctx, [WasThrottled(r.call_id, r.attempt, retry_ms) for r in batch]
         except Exception as error:  # noqa: BLE001 - a function's failure is data
             text = f"{type(error).__name__}: {error}"[:2000]
             retryable = not isinstance(error, NonRetryable)
-            outcomes = [Failed(r.call_id, r.attempt, text, retryable) for r in batch]
             self.failed += len(batch)
-        finally:
-            self._release(1)
-        duration_ms = int((time.monotonic() - started) * 1000)
-        signals = list(ctx.signals) if ctx is not None else []
-        for record, outcome in zip(batch, outcomes, strict=True):
-            self.outbox.append((record, outcome, duration_ms, signals))
-            signals = []
-        self.outbox_ready.set()
+            return ctx, [Failed(r.call_id, r.attempt, text, retryable) for r in batch]
+        self.completed += len(batch)
+        return ctx, [
+            Succeeded(r.call_id, r.attempt, msgspec.msgpack.encode(v))
+            for r, v in zip(batch, results, strict=True)
+        ]
 
     async def _invoke(
         self, function: Function, ctx: Context, batch: list[CallRecord]

@@ -306,9 +306,12 @@ class World:
     async def drain(self, queue: DurableQueue) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + DRAIN_S
+        empty = 0
         while loop.time() < end:
             with contextlib.suppress(LoomError):
-                if not await queue.pending():
+                # Empty twice, a second apart: one look may fall between two pages.
+                empty = 0 if await queue.pending() else empty + 1
+                if empty == 2:
                     return
             await asyncio.sleep(1.0)
 

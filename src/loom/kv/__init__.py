@@ -15,7 +15,9 @@ re-exported here.
 from __future__ import annotations
 
 from loom.core.errors import (
+    CertificateRefused,
     ConditionFailed,
+    ConnectionFailed,
     InvalidArgument,
     LoomError,
     NotFound,
@@ -23,6 +25,7 @@ from loom.core.errors import (
     PermissionDenied,
     QuotaExceeded,
     Throttled,
+    TlsRequired,
     TransactionConflict,
     Unavailable,
     WriteLost,
@@ -43,6 +46,7 @@ from loom.kv.options import (
 from loom.kv.sync import SyncClient, SyncKeyspace, SyncTransaction, connect_sync
 from loom.kv.transaction import Transaction
 from loom.kvstate.records import decode_counter
+from loom.runtime.tls import TlsConfig
 
 
 def counter_value(value: bytes) -> int:
@@ -59,8 +63,10 @@ __all__ = [
     "QUORUM",
     "READ_YOUR_WRITES",
     "STRONG",
+    "CertificateRefused",
     "Client",
     "ConditionFailed",
+    "ConnectionFailed",
     "InvalidArgument",
     "Item",
     "Keyspace",
@@ -75,6 +81,8 @@ __all__ = [
     "SyncKeyspace",
     "SyncTransaction",
     "Throttled",
+    "TlsConfig",
+    "TlsRequired",
     "Transaction",
     "TransactionConflict",
     "Unavailable",

@@ -32,6 +32,7 @@ import msgspec
 
 from loom.core.errors import (
     ConditionFailed,
+    ConnectionFailed,
     InvalidArgument,
     LoomError,
     NotFound,
@@ -102,6 +103,7 @@ from loom.runtime.codec import (
     encode,
 )
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
+from loom.runtime.tls import TlsConfig
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
 from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable
 from loom.shardmgr.shrink import goal_ranges
@@ -245,6 +247,7 @@ class Client:
         token: str | None = None,
         region: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        tls: TlsConfig | None = None,
     ) -> None:
         if not math.isfinite(timeout_s) or not 0 < timeout_s <= 3600:
             raise InvalidArgument(f"timeout_s must be in (0, 3600], not {timeout_s!r}")
@@ -256,6 +259,7 @@ class Client:
         # runs with auth (ADR 0008).
         self.token = token
         self.timeout_s = timeout_s
+        self.tls = tls  # ADR 0015: TLS to every node and manager, verified by tls.ca
         # Requests a keyspace's quota throttled at least once (even if a retry then
         # succeeded), per keyspace: back-pressure for whoever drives this client.
         self.throttled_requests: collections.Counter[str] = collections.Counter()
@@ -565,7 +569,7 @@ class Client:
         task = self._connecting.get(address)
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                RpcClient.connect(*address, limits=_CLIENT_LIMITS)
+                RpcClient.connect(*address, limits=_CLIENT_LIMITS, tls=self.tls)
             )
             self._connecting[address] = task
         try:
@@ -589,7 +593,7 @@ class Client:
         connection = await self._connection(address)
         try:
             body = await connection.call(encode(message), timeout_s=timeout_s)
-        except ConnectionLost:
+        except (ConnectionLost, ConnectionFailed):
             if self._connections.get(address) is connection:
                 del self._connections[address]
             await connection.close()
@@ -1020,11 +1024,14 @@ def connect(
     token: str | None = None,
     region: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    tls: TlsConfig | None = None,
 ) -> _Connecting:
     """Connect to a cluster through any of its addresses (the shard manager or nodes:
     `"127.0.0.1:7300"`, `"h1:p1,h2:p2"`). `region` makes relaxed reads prefer replicas
-    there; `timeout_s` bounds every request, retries included."""
-    client = Client(parse_seeds(address), token=token, region=region, timeout_s=timeout_s)
+    there; `timeout_s` bounds every request, retries included. `tls`: connect with TLS
+    (`kv.TlsConfig(ca=..., cert=..., key=...)`; a cluster with TLS refuses clients
+    without it with `TlsRequired`)."""
+    client = Client(parse_seeds(address), token=token, region=region, timeout_s=timeout_s, tls=tls)
     return _Connecting(client)
 
 

@@ -12,7 +12,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from loom.core.errors import LoomError, NotFound, PermissionDenied, Unavailable
+from loom.core.errors import (
+    ConnectionFailed,
+    LoomError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from loom.core.ids import NodeId, ShardId
 from loom.shardmgr.routing import EMPTY_TABLE, Keyspace, NodeRoute, RoutingTable, ShardRoute
 
@@ -59,8 +65,9 @@ class Router:
         for address in candidates:
             try:
                 table = await self.fetch(address)
-            except PermissionDenied:
-                raise  # the token is refused: asking elsewhere will not change that
+            except (PermissionDenied, ConnectionFailed):
+                # The token or TLS settings are refused: asking elsewhere will not help.
+                raise
             except LoomError as error:
                 failures.append(f"{address[0]}:{address[1]}: {error}")
                 continue

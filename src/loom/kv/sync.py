@@ -32,6 +32,7 @@ from loom.kv.options import QUORUM, STRONG, Page, ReadConsistency
 from loom.kv.transaction import Transaction
 from loom.kvstate.reads import Item
 from loom.runtime.codec import ReshardReport, StatusReply, TokenInfo, TokenReply
+from loom.runtime.tls import TlsConfig
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
 from loom.shardmgr.routing import RoutingTable
 from loom.shardmgr.tenancy import Tenant
@@ -303,12 +304,13 @@ def connect_sync(
     token: str | None = None,
     region: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    tls: TlsConfig | None = None,
 ) -> SyncClient:
     """The blocking `connect`: returns a connected `SyncClient`."""
     runner = _LoopThread()
 
     async def start() -> Client:
-        return await connect(address, token=token, region=region, timeout_s=timeout_s)
+        return await connect(address, token=token, region=region, timeout_s=timeout_s, tls=tls)
 
     try:
         client = runner.run(start())

@@ -5,12 +5,16 @@ only those, by PID. Each child's stderr (its log) goes to `DATA/logs/NAME.log`."
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loom.runtime.tls import TlsConfig
+from loom.runtime.tls_certs import CertificateFiles, init_certificates
 
 LISTENING = re.compile(r"listening on [^\s:]+:(\d+)")
 ADMIN_TOKEN = re.compile(r"admin token: (loom_\S+)")
@@ -36,13 +40,32 @@ class LocalCluster:
     # printed on its first start lands in `admin_token`.
     auth: bool = False
     admin_token: str | None = None
+    # Every process with TLS (ADR 0015), certificates made once in DATA/tls.
+    tls: bool = False
 
     @property
     def manager_address(self) -> str:
         """Every shard manager's address, as clients and `--sm` take them."""
         return ",".join(f"127.0.0.1:{self.ports[m]}" for m in self.managers if m in self.ports)
 
+    @property
+    def certificates(self) -> CertificateFiles:
+        """DATA/tls: the CA, cluster and client certificates (`loom tls init`)."""
+        return CertificateFiles(directory=self.data_dir / "tls")
+
+    def client_tls(self) -> TlsConfig | None:
+        """What a client of this cluster connects with (None without TLS)."""
+        return TlsConfig(ca=self.certificates.ca) if self.tls else None
+
+    def _tls_args(self) -> list[str]:
+        files = self.certificates
+        if not files.exist():
+            init_certificates(files.directory)
+        return files.cluster().args()
+
     def _spawn(self, name: str, args: list[str], ready: re.Pattern[str] = LISTENING) -> int:
+        if self.tls and "--tls-ca" not in args:
+            args = [*args, *self._tls_args()]
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{name}.log").open("a") as log:
@@ -52,6 +75,7 @@ class LocalCluster:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 text=True,
+                env=self._env(args[0]),
                 # Its own process group: a Ctrl-C in our terminal reaches us, and we stop
                 # the children in order.
                 start_new_session=True,
@@ -76,6 +100,14 @@ class LocalCluster:
             f"127.0.0.1:{self.ports[name]}" if arg == "127.0.0.1:0" else arg for arg in args
         ]
         return self.ports[name]
+
+    def _env(self, command: str) -> dict[str, str] | None:
+        """Schedulers and workers of a cluster with auth act for it with the admin
+        token (`$LOOM_TOKEN`): a local cluster is one operator's, and its functions
+        reach the queue and every app's keyspaces."""
+        if command not in ("scheduler", "worker") or self.admin_token is None:
+            return None
+        return {**os.environ, "LOOM_TOKEN": self.admin_token}
 
     def start_manager(
         self,

@@ -70,6 +70,7 @@ from loom.runtime.retirement import Shrinker
 from loom.runtime.rpc import RpcServer
 from loom.runtime.splitting import SplitDriver
 from loom.runtime.tenancy import Tenancy
+from loom.runtime.tls import TlsConfig, require_cluster_peer
 from loom.shardmgr.autosplit import SplitParams
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 from loom.shardmgr.metastore import Metastore
@@ -164,8 +165,10 @@ class ManagerRuntime:
         leadership: EtcdLeadership | None = None,
         reshard_parallelism: int = 8,
         auth: bool = False,
+        tls: TlsConfig | None = None,
         split: SplitParams | None = None,
     ) -> None:
+        self.tls = tls  # on the listener and to the nodes (ADR 0015)
         self.core = ShardManagerCore(params=params or SmParams(), rng=_Rng())
         # Tenants and tokens; with `auth`, every operator call needs a token (ADR 0008).
         self.tenancy = Tenancy(metastore, auth=auth)
@@ -181,7 +184,7 @@ class ManagerRuntime:
         self.metastore = metastore
         self.catalog = Catalog(metastore)
         self.host = host
-        self.server = RpcServer(self._handle, host, port)
+        self.server = RpcServer(self._handle, host, port, tls=tls)
         self.inputs: asyncio.Queue[Callable[[Instant], None]] = asyncio.Queue(INPUTS_MAX)
         self.infos: dict[NodeId, NodeInfo] = {}
         self.outboxes: dict[NodeId, Outbound] = {}
@@ -205,6 +208,7 @@ class ManagerRuntime:
             primary_address=self._primary_address,
             install_mapping=self._install_mapping,
             params=MoverParams(moves_in_flight_max=reshard_parallelism),
+            tls=tls,
             finish=self.shrinker.finish,
         )
         # Growing hot keyspaces by themselves (runtime/splitting.py).
@@ -285,6 +289,8 @@ class ManagerRuntime:
 
     async def _handle(self, body: bytes) -> bytes:
         message = decode(body)
+        if self.tls is not None:
+            require_cluster_peer(message)
         if isinstance(message, NodeReportMessage):
             self._on_report(message)
             return b""
@@ -354,7 +360,7 @@ class ManagerRuntime:
             raise BadMessage("a report names two nodes")
         self.infos[node] = message.info
         if node not in self.outboxes:
-            outbound = self.outboxes[node] = Outbound(lambda: self._address(node))
+            outbound = self.outboxes[node] = Outbound(lambda: self._address(node), tls=self.tls)
             self.tasks.append(asyncio.get_running_loop().create_task(outbound.run()))
         self.inputs.put_nowait(lambda now: self.core.on_report(message.report, now))
         if not self.leading:

@@ -75,6 +75,7 @@ from loom.runtime.outbound import Outbound
 from loom.runtime.quota_gate import QuotaGate
 from loom.runtime.rpc import RpcServer
 from loom.runtime.sizes import ShardSizes
+from loom.runtime.tls import TlsConfig, require_cluster_peer
 from loom.shardmgr.core import NodeReport, ShardProgress
 from loom.shardmgr.routing import DEFAULT_TIER, EMPTY_TABLE, NodeInfo
 from loom.storage.api import WriteBatch
@@ -131,8 +132,10 @@ class NodeRuntime:
         zone: str = "",
         tier: str = DEFAULT_TIER,
         auth: bool = False,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.node = node
+        self.tls = tls  # on the listener, to peers and to the managers (ADR 0015)
         self.host = host
         self.labels = (region, zone, tier)
         self.routing = EMPTY_TABLE
@@ -140,7 +143,7 @@ class NodeRuntime:
         self.foreign_seen: set[ShardId] = set()
         self.data_dir = data_dir
         self.params = params
-        self.server = RpcServer(self._handle, host, port)
+        self.server = RpcServer(self._handle, host, port, tls=tls)
         self.peers: dict[NodeId, tuple[str, int]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"storage-{node}")
         # fsync runs in its own thread, so the next turn overlaps the last one's sync.
@@ -202,7 +205,7 @@ class NodeRuntime:
             if peer in self.outboxes:
                 continue
             outbound = self.outboxes[peer] = Outbound(
-                functools.partial(self.peers.__getitem__, peer)
+                functools.partial(self.peers.__getitem__, peer), tls=self.tls
             )
             self.tasks.append(loop.create_task(outbound.run()))
 
@@ -215,7 +218,7 @@ class NodeRuntime:
         registry warm with them)."""
         loop = asyncio.get_running_loop()
         for address in addresses:
-            outbound = Outbound(functools.partial(lambda a: a, address))
+            outbound = Outbound(functools.partial(lambda a: a, address), tls=self.tls)
             self.managers.append(outbound)
             self.tasks.append(loop.create_task(outbound.run()))
         self.tasks.append(loop.create_task(self._reporter()))
@@ -308,6 +311,8 @@ class NodeRuntime:
 
     async def _handle(self, body: bytes) -> bytes:
         message = decode(body)
+        if self.tls is not None:
+            require_cluster_peer(message)
         match message:
             case PeerMessage():
                 envelope = message.envelope

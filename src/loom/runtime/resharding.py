@@ -46,6 +46,7 @@ from loom.host.requests import (
 )
 from loom.runtime.codec import MoverAnswer, MoverCall, decode, encode
 from loom.runtime.rpc import RpcClient
+from loom.runtime.tls import TlsConfig
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.moves import (
     ExportChunk,
@@ -87,8 +88,10 @@ class Resharder:
         install_mapping: InstallMapping_,
         params: MoverParams | None = None,
         finish: Finish | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.metastore = metastore
+        self.tls = tls
         # What is stored of each mover: (record, revision).
         self.stored: dict[str, tuple[MoverRecord, int]] = {}
         self.keyspace_of = keyspace_of
@@ -321,7 +324,7 @@ class Resharder:
         async with lock:
             client = self.connections.get(address)
             if client is None:
-                client = await RpcClient.connect(*address)
+                client = await RpcClient.connect(*address, tls=self.tls)
                 self.connections[address] = client
             return client
 

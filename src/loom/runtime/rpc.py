@@ -20,11 +20,14 @@ import importlib
 import importlib.util
 import itertools
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
-from loom.core.errors import InvalidArgument, LoomError, Throttled, Unavailable
+from loom.core.errors import ConnectionFailed, InvalidArgument, LoomError, Throttled, Unavailable
+from loom.runtime import tls as tls_
+from loom.runtime.tls import TlsConfig
 from loom.wire.envelope import (
     BATCH_ITEMS_MAX,
     ERROR_DEADLINE_EXCEEDED,
@@ -212,12 +215,14 @@ class RpcServer:
         port: int = 0,
         *,
         limits: RpcLimits = DEFAULT_RPC_LIMITS,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits
         self._host = host
         self._port = port
-        self._server: asyncio.Server | None = None
+        self._tls = tls
+        self._server: asyncio.Server | tls_.TlsListener | None = None
         self._connections: dict[int, asyncio.Task[Any]] = {}
         self._connection_ids = itertools.count()
 
@@ -229,7 +234,12 @@ class RpcServer:
 
     async def start(self) -> None:
         assert self._server is None
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        if self._tls is None:
+            self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        else:
+            listener = tls_.TlsListener(self._tls, self._serve, self.limits.io_timeout_s)
+            await listener.start(self._host, self._port)
+            self._server = listener
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection_id = next(self._connection_ids)
@@ -272,27 +282,46 @@ class RpcClient:
     """One connection; many calls pipelined on it, replies matched by request id."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: RpcLimits
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: RpcLimits,
+        *,
+        peer: tuple[str, int] = ("?", 0),
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._limits = limits
+        self._peer = peer
         self._outbox = _Outbox(writer, limits)
         self._pending: dict[int, asyncio.Future[Response]] = {}
+        # Ids start at 1: a response with id 0 is a connection-level error (e.g. TLS).
         self._request_ids = itertools.count(1)
-        self._closed_because: ConnectionLost | None = None
+        self._closed_because: LoomError | None = None
         self._reader_task = asyncio.get_running_loop().create_task(self._read_responses())
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, limits: RpcLimits = DEFAULT_RPC_LIMITS
+        cls,
+        host: str,
+        port: int,
+        *,
+        limits: RpcLimits = DEFAULT_RPC_LIMITS,
+        tls: TlsConfig | None = None,
     ) -> RpcClient:
+        """`ConnectionLost` if nobody answers (retryable); with `tls`, `ConnectionFailed`
+        if the TLS handshake fails (the server runs without TLS, or a certificate is
+        refused): trying again will not help."""
         try:
             async with asyncio.timeout(limits.io_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port)
+                if tls is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                else:
+                    opening = tls_.open_connection(host, port, tls, limits.io_timeout_s)
+                    reader, writer = await opening
         except (OSError, TimeoutError) as failure:
             raise ConnectionLost(f"cannot connect to {host}:{port}: {failure!r}") from None
-        return cls(reader, writer, limits)
+        return cls(reader, writer, limits, peer=(host, port))
 
     async def call(self, body: bytes, *, timeout_s: float) -> bytes:
         """Send one request; its reply's body, or a `LoomError` within `timeout_s`."""
@@ -311,7 +340,7 @@ class RpcClient:
 
     async def _call_many(self, bodies: Sequence[bytes], timeout_s: float) -> list[Response]:
         if self._closed_because is not None:
-            raise ConnectionLost(str(self._closed_because))
+            raise type(self._closed_because)(str(self._closed_because))
         if len(self._pending) + len(bodies) > self._limits.in_flight_max:
             raise Overloaded(
                 f"{len(self._pending)} calls in flight on this connection",
@@ -346,7 +375,7 @@ class RpcClient:
 
     async def _read_responses(self) -> None:
         decoder = FrameDecoder(frame_bytes_max=self._limits.frame_bytes_max)
-        failure = ConnectionLost("the server closed the connection")
+        failure: LoomError = ConnectionLost("the server closed the connection")
         try:
             # Waiting for replies has no deadline of its own: each call bounds its wait.
             while data := await self._reader.read(READ_BYTES):
@@ -357,23 +386,33 @@ class RpcClient:
                         future = self._pending.pop(item.request_id, None)
                         if future is not None and not future.done():
                             future.set_result(item)
+                        elif item.request_id == 0 and item.error is not None:
+                            raise tls_.connection_error(item.error)
                         # else: a late reply to a call that timed out; nothing waits for it
         except (FrameError, BadEnvelope) as error:
             failure = ConnectionLost(f"the server broke the protocol: {error}")
+        except ConnectionFailed as error:
+            failure = error
+        except ssl.SSLError as error:
+            failure = tls_.stream_error(*self._peer, error)
         except OSError as error:
             failure = ConnectionLost(f"connection failed: {error!r}")
         finally:
+            if isinstance(failure, ConnectionLost) and tls_.is_refused_after_handshake(
+                self._writer
+            ):
+                failure = tls_.certificate_refused(*self._peer)
             self._fail_all(failure)
             self._writer.close()
 
-    def _fail_all(self, failure: ConnectionLost) -> None:
+    def _fail_all(self, failure: LoomError) -> None:
         if self._closed_because is None:
             self._closed_because = failure
         pending = list(self._pending.values())
         self._pending.clear()
         for future in pending:
             if not future.done():
-                future.set_exception(ConnectionLost(str(failure)))
+                future.set_exception(type(failure)(str(failure)))
 
     async def close(self) -> None:
         """Fail calls still waiting, close the connection and end the reader task."""
