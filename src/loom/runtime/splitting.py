@@ -40,6 +40,8 @@ class SplitDriver:
     def loads(self) -> list[KeyspaceLoad]:
         manager = self.manager
         resharder = manager.resharder
+        for gone in [s for s in self.shard_bytes if s not in manager.core.shards]:
+            del self.shard_bytes[gone]  # dropped p-shards
         loads = []
         for name, keyspace in sorted(manager.keyspaces.items()):
             shards = tuple(
