@@ -212,6 +212,17 @@ def test_planned_moves_start_at_most_the_parallelism_and_skip_settled_ushards() 
     assert mover.start_planned(mapping.__getitem__, Instant(10)) == 0  # no free slot
 
 
+def test_planned_moves_wait_until_both_pshards_have_an_active_primary() -> None:
+    mover = Mover(MoverParams(moves_in_flight_max=4))
+    mapping = {UShard(0): ShardId(0), UShard(1): ShardId(0)}
+    mover.plan([(UShard(0), ShardId(1)), (UShard(1), ShardId(2))])
+    ready = {ShardId(0), ShardId(1)}  # p-shard 2 is still starting
+    assert mover.start_planned(mapping.__getitem__, Instant(0), ready.__contains__) == 1
+    assert mover.planned == [(UShard(1), ShardId(2))]
+    ready.add(ShardId(2))
+    assert mover.start_planned(mapping.__getitem__, Instant(10), ready.__contains__) == 1
+
+
 def test_a_restored_mover_resumes_its_moves_and_its_plan() -> None:
     driver = loaded_driver(MoverParams(chunk_records_max=2))
     driver.mover.plan([(U, T)])

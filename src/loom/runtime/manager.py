@@ -210,6 +210,7 @@ class ManagerRuntime:
             params=MoverParams(moves_in_flight_max=reshard_parallelism),
             tls=tls,
             finish=self.shrinker.finish,
+            is_ready=lambda shard: shard in self.core.shards and self.core.shards[shard].activated,
         )
         # Growing hot keyspaces by themselves (runtime/splitting.py).
         self.splitting = SplitDriver(self, split or SplitParams())

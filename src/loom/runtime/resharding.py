@@ -89,6 +89,7 @@ class Resharder:
         params: MoverParams | None = None,
         finish: Finish | None = None,
         tls: TlsConfig | None = None,
+        is_ready: Callable[[ShardId], bool] | None = None,
     ) -> None:
         self.metastore = metastore
         self.tls = tls
@@ -109,6 +110,7 @@ class Resharder:
         self.connections: dict[tuple[str, int], RpcClient] = {}
         self.connecting: dict[tuple[str, int], asyncio.Lock] = {}
         self.finish = finish
+        self.is_ready = is_ready  # a p-shard has an active primary: moves wait for it
         # Keyspaces to `finish` once their movers are idle, with when it was last tried.
         self.finishing: dict[str, float] = {}
 
@@ -157,7 +159,7 @@ class Resharder:
                 if keyspace is None:
                     del self.movers[name]  # dropped meanwhile
                     continue
-                mover.start_planned(keyspace.shard_of, now)
+                mover.start_planned(keyspace.shard_of, now, self.is_ready)
                 mover.tick(now)
                 await self._execute(name, mover, now)
             await self._finish_idle()
