@@ -49,6 +49,7 @@ def test_seed_with_all_faults_and_moves_has_no_violation(seed: int) -> None:
     assert result.violations == [], result.violations[:5]
     assert result.operations_checked > 250
     assert result.moves_done > 0  # moves did happen under the faults
+    assert result.retired == 1  # and the shrink retired its p-shard
 
 
 @pytest.mark.parametrize("seed", sorted(MOVES_REGRESSION_SEEDS))

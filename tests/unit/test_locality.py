@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import msgspec
 import pytest
 
 from loom.core.ids import NodeId, ShardId, UShard
@@ -124,6 +125,13 @@ def test_compact_keyspaces_and_ushards_already_moving_stay_put() -> None:
     assert (
         planner.decide(Instant(0), [keyspace()], PRIMARY_REGION, accesses, lambda k, u: True) == []
     )
+
+
+def test_a_shrinking_keyspace_moves_nothing_for_locality() -> None:
+    shrinking = msgspec.structs.replace(keyspace(), retiring=(ShardId(3),))
+    accesses = {("ks", 0): {"b": 90.0}, ("ks", 2): {"c": 90.0}}
+    planner = LocalityPlanner(PARAMS)
+    assert planner.decide(Instant(0), [shrinking], PRIMARY_REGION, accesses, never_moving) == []
 
 
 def test_moves_per_period_are_capped_heaviest_first() -> None:

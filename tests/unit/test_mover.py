@@ -12,7 +12,13 @@ from kv_state import Harness, U, request
 from loom.core.ids import Generation, MoveId, ShardId, UShard
 from loom.core.time import Instant
 from loom.kvstate.commands import Applied, Put, Rejected, decode_command
-from loom.kvstate.ownership import Owner, export_chunk, movable_records, ownership
+from loom.kvstate.ownership import (
+    Owner,
+    export_chunk,
+    generation,
+    movable_records,
+    ownership,
+)
 from loom.kvstate.reads import read_item
 from loom.shardmgr.moves import (
     ExportChunk,
@@ -38,6 +44,7 @@ class Driver:
         self.mapping = {U: S}
         self.now = 0.0
         self.proposed: list[tuple[ShardId, str]] = []
+        self.installed_at: list[float] = []
 
     def answer(self, output: MoverOutput) -> None:
         match output:
@@ -55,11 +62,15 @@ class Driver:
                 records, cursor = export_chunk(state, output.ushard, output.after, output.limit)
                 total = movable_records(state, output.ushard) if output.after is None else None
                 reply = Exported(
-                    records=tuple(records), cursor=cursor, generation=Generation(0), total=total
+                    records=tuple(records),
+                    cursor=cursor,
+                    generation=generation(state, output.ushard, Generation(0)),
+                    total=total,
                 )
                 self.mover.on_reply(output.token, reply, Instant(self.now))
             case InstallMapping():
                 self.mapping[output.ushard] = output.shard
+                self.installed_at.append(self.now)
                 self.mover.mapping_installed(output.move_id, Instant(self.now))
 
     def run(self, *, lose_every: int = 0, steps_max: int = 500) -> None:
@@ -102,6 +113,23 @@ def test_a_move_copies_in_chunks_commits_installs_and_drops() -> None:
     kinds = [kind for _, kind in driver.proposed]
     assert kinds[0] == "Freeze" and kinds[-2:] == ["Own", "Drop"]
     assert set(kinds[1:-2]) == {"Ingest"}
+
+
+def test_a_pause_runs_from_the_moves_start_to_its_mapping_and_the_longest_is_kept() -> None:
+    driver = loaded_driver(MoverParams(chunk_records_max=4))
+    driver.mover.start(U, S, T, Instant(0))
+    driver.run()
+    first = driver.installed_at[-1]
+    assert first > 0 and driver.mover.pauses == {U: first}
+    # The μshard moves on, faster (everything fits one chunk): the longest stays.
+    third = ShardId(2)
+    driver.shards[third] = Harness(initial=frozenset(), seq=200)
+    driver.mover.params = MoverParams(chunk_records_max=100)
+    started = driver.now
+    driver.mover.start(U, T, third, Instant(started))
+    driver.run()
+    second = driver.installed_at[-1] - started
+    assert 0 < second < first and driver.mover.pauses == {U: first}
 
 
 def test_lost_requests_and_replies_are_resent_and_the_move_still_completes() -> None:
@@ -182,6 +210,17 @@ def test_planned_moves_start_at_most_the_parallelism_and_skip_settled_ushards() 
     assert mover.in_flight() == 2
     assert [u for u, _ in mover.planned] == [UShard(2), UShard(3)]
     assert mover.start_planned(mapping.__getitem__, Instant(10)) == 0  # no free slot
+
+
+def test_planned_moves_wait_until_both_pshards_have_an_active_primary() -> None:
+    mover = Mover(MoverParams(moves_in_flight_max=4))
+    mapping = {UShard(0): ShardId(0), UShard(1): ShardId(0)}
+    mover.plan([(UShard(0), ShardId(1)), (UShard(1), ShardId(2))])
+    ready = {ShardId(0), ShardId(1)}  # p-shard 2 is still starting
+    assert mover.start_planned(mapping.__getitem__, Instant(0), ready.__contains__) == 1
+    assert mover.planned == [(UShard(1), ShardId(2))]
+    ready.add(ShardId(2))
+    assert mover.start_planned(mapping.__getitem__, Instant(10), ready.__contains__) == 1
 
 
 def test_a_restored_mover_resumes_its_moves_and_its_plan() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import typing
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,8 @@ from loom.host.requests import (
     ErrorReply,
     ExportReply,
     ExportRequest,
+    HoldingReply,
+    HoldingRequest,
     MoveRequest,
     ReadReply,
     ReadRequest,
@@ -91,6 +94,8 @@ from loom.runtime.codec import (
     PeerMessage,
     PrimaryMoved,
     ReshardKeyspace,
+    ReshardReport,
+    ReshardStatus,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
@@ -302,6 +307,15 @@ CONTROL: tuple[NodeMessage, ...] = (
     TransferPrimaryCall(shard=3, to="n2", auth="tok"),
     PrimaryMoved(shard=3, primary="n2", epoch=7),
     SetKeyspaceTier(name="ks", tier="gold"),
+    ReshardStatus(name="ks", auth="loom_x"),
+    ReshardReport(
+        name="ks",
+        moves_left=2,
+        retiring=(ShardId(4), ShardId(5)),
+        pauses=((UShard(3), 812.5), (UShard(1), 40.0)),
+    ),
+    MoverCall(shard=ShardId(3), request=HoldingRequest(token=7, ushards=64)),
+    MoverAnswer(reply=HoldingReply(token=7, ushards=(UShard(2), UShard(9)))),
     MoverCall(
         shard=ShardId(3),
         request=MoveRequest(
@@ -323,6 +337,7 @@ CONTROL: tuple[NodeMessage, ...] = (
     MoverAnswer(reply=ErrorReply(token=5, code=ErrorCode.MOVED, message="moved")),
     SetQuota(name="ks", quota=Quota(reads_per_s=10.0, bytes_max=1 << 20)),
     KeyspaceReply(keyspace=_KEYSPACE),
+    KeyspaceReply(keyspace=msgspec.structs.replace(_KEYSPACE, retiring=(ShardId(9),))),
     CreateTenant(tenant=Tenant(name="acme", weight=3), auth="loom_x"),
     ListTenants(auth="loom_x"),
     TenantsReply(tenants=(Tenant(name="acme"), Tenant(name="globex", weight=2))),

@@ -22,10 +22,12 @@ from loom import kv
 from loom.cli.tls import current_tls
 from loom.core.errors import LoomError
 from loom.core.ids import NodeId
+from loom.runtime.codec import ReshardReport
 from loom.shardmgr.routing import MAPPINGS, Quota, ShardRoute
 
 T = TypeVar("T")
 DEFAULT_CLUSTER = "127.0.0.1:7300"
+PAUSES_SHOWN = 5  # `keyspace reshard` prints this many of the longest pauses
 CONSISTENCY_HELP = "strong, eventual, ryw (read your writes) or bounded:MS"
 
 
@@ -279,16 +281,23 @@ def create_command(
 @click.option("--shards", type=click.IntRange(1, 1024), required=True)
 @cluster_option
 def reshard_command(name: str, shards: int, cluster: str) -> None:
-    """Grow keyspace NAME to SHARDS p-shards, moving μshards live (clients see a short
-    pause per μshard, no errors)."""
+    """Grow or shrink keyspace NAME to SHARDS p-shards, moving μshards live (clients see
+    a short pause per μshard, no errors); a shrink then retires the emptied p-shards."""
+    reports: list[ReshardReport] = []
     with connected(cluster) as client, Progress() as bar:
         task = bar.add_task(f"resharding {name}", total=None)
 
         def show(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        keyspace = client.reshard_keyspace(name, shards=shards, progress=show)
+        keyspace = client.reshard_keyspace(
+            name, shards=shards, progress=show, report=reports.append
+        )
     click.echo(f"keyspace {keyspace.name}: {len(keyspace.placements)} p-shards, resharded")
+    pauses = reports[0].pauses if reports else ()
+    if pauses:
+        longest = ", ".join(f"μshard {u}: {ms:.0f} ms" for u, ms in pauses[:PAUSES_SHOWN])
+        click.echo(f"{len(pauses)} μshards moved; longest write pauses: {longest}")
 
 
 @keyspace_group.command("list")
@@ -357,10 +366,13 @@ def describe_command(name: str, as_json: bool, cluster: str) -> None:
             "tenant": keyspace.tenant,
             "quota": _quota_json(keyspace.quota),
             "shards": shards,
+            "retiring": list(keyspace.retiring),
         }
         click.echo(json.dumps(described))
         return
     click.echo(f"tenant: {keyspace.tenant or '-'}   quota: {quota_text(keyspace.quota)}")
+    if keyspace.retiring:
+        click.echo(f"shrinking: retiring p-shards {', '.join(map(str, keyspace.retiring))}")
     out = Table(title=f"keyspace {name} (mapping v{keyspace.mapping_version})")
     for column in ("p-shard", "μshards", "primary", "epoch", "ready", "acceptors", "followers"):
         out.add_column(column)

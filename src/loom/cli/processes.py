@@ -29,6 +29,7 @@ from loom.runtime.metastore_file import FileMetastore
 from loom.runtime.node import NodeRuntime
 from loom.runtime.rpc import run
 from loom.runtime.tls import TlsConfig
+from loom.shardmgr.autosplit import SplitParams
 from loom.shardmgr.core import SmParams
 from loom.shardmgr.metastore import Metastore
 from loom.shardmgr.rebalance import BalanceParams
@@ -111,6 +112,34 @@ async def until_stopped(also: asyncio.Event | None = None) -> None:
 @click.option("--region", default="", help="This manager's region label (the latency matrix).")
 @latency_option
 @akkio_options
+@click.option(
+    "--auto-split/--no-auto-split",
+    default=True,
+    show_default=True,
+    help="Grow a keyspace by itself (double its p-shards) when one of its p-shards stays "
+    "over --split-bytes or --split-ops.",
+)
+@click.option(
+    "--split-bytes",
+    type=click.IntRange(1),
+    default=SplitParams().bytes_max,
+    show_default=True,
+    help="Stored bytes of a p-shard above which its keyspace splits.",
+)
+@click.option(
+    "--split-ops",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SplitParams().ops_per_s_max,
+    show_default=True,
+    help="Commands per second of a p-shard above which its keyspace splits.",
+)
+@click.option(
+    "--split-max-shards",
+    type=click.IntRange(1, 1024),
+    default=SplitParams().shards_max,
+    show_default=True,
+    help="The most p-shards an automatic split grows a keyspace to.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @tls_options
 def sm_command(
@@ -127,6 +156,10 @@ def sm_command(
     akkio_share: float,
     akkio_dwell_s: float,
     akkio_accesses_min: float,
+    auto_split: bool,
+    split_bytes: int,
+    split_ops: float,
+    split_max_shards: int,
     log_level: str,
     tls: TlsConfig | None,
 ) -> None:
@@ -163,6 +196,12 @@ def sm_command(
             port=port,
             leadership=leadership,
             auth=auth,
+            split=SplitParams(
+                enabled=auto_split,
+                bytes_max=split_bytes,
+                ops_per_s_max=split_ops,
+                shards_max=split_max_shards,
+            ),
             tls=tls,
             region=region,
             latency=matrix,

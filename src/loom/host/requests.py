@@ -72,6 +72,19 @@ class ExportRequest(Struct, frozen=True, tag="export", kw_only=True):
     limit: int = 512
 
 
+class HoldingRequest(Struct, frozen=True, tag="holding", kw_only=True):
+    """From the shard manager before it retires a p-shard (a shrink): which of μshards
+    0..ushards-1 this p-shard's activated primary holds (owned, frozen or incoming)."""
+
+    token: int
+    ushards: int
+
+
+class HoldingReply(Struct, frozen=True, tag="held", kw_only=True):
+    token: int
+    ushards: tuple[UShard, ...]
+
+
 class ExportReply(Struct, frozen=True, tag="exported", kw_only=True):
     token: int
     records: tuple[tuple[bytes, bytes], ...]
@@ -141,5 +154,5 @@ class ErrorReply(Struct, frozen=True, tag="error", kw_only=True):
 ReadLike = ReadRequest | ScanRequest
 ClientRequest = WriteRequest | ReadRequest | ScanRequest
 ClientReply = WriteReply | ReadReply | ScanReply | ErrorReply
-MoverRequest = MoveRequest | ExportRequest
-MoverReply = WriteReply | ExportReply | ErrorReply
+MoverRequest = MoveRequest | ExportRequest | HoldingRequest
+MoverReply = WriteReply | ExportReply | HoldingReply | ErrorReply

@@ -37,6 +37,8 @@ from loom.host.requests import (
     ErrorReply,
     ExportReply,
     ExportRequest,
+    HoldingReply,
+    HoldingRequest,
     MoveRequest,
     MoverReply,
     ReadLike,
@@ -59,6 +61,7 @@ from loom.kvstate.commands import (
     Gc,
     Increment,
     MoveCommand,
+    Own,
     Put,
     Rejected,
     Result,
@@ -77,6 +80,8 @@ from loom.storage.api import KVStore, WriteBatch
 from loom.storage.prefixed import PrefixedStore
 
 GENERATION_ZERO = Generation(0)
+# A keyspace has at most this many μshards (shardmgr.routing.USHARDS_MAX).
+HOLDING_USHARDS_MAX = 65_536
 Origin = Hashable  # where a reply goes (a client connection); opaque to the host
 
 _REFUSAL_CODES = {
@@ -221,7 +226,12 @@ class ShardHost:
     def submit(
         self,
         origin: Origin,
-        request: WriteRequest | ReadRequest | ScanRequest | MoveRequest | ExportRequest,
+        request: WriteRequest
+        | ReadRequest
+        | ScanRequest
+        | MoveRequest
+        | ExportRequest
+        | HoldingRequest,
         now: Instant,
         wall_ms: WallMs,
     ) -> None:
@@ -232,6 +242,8 @@ class ShardHost:
                 self._submit_move(origin, request)
             case ExportRequest():
                 self._export(origin, request)
+            case HoldingRequest():
+                self._holding(origin, request)
             case _:
                 self._submit_read(origin, request, now, wall_ms)
 
@@ -297,7 +309,10 @@ class ShardHost:
         lead = self.replica.lead
         if isinstance(command, Freeze) and lead is not None:
             self.fencing[command.ushard] = lead.ballot
-        elif isinstance(command, Abort):
+        elif isinstance(command, Abort | Own):
+            # An Own here means the μshard comes (back) to this p-shard, maybe under
+            # the ballot that froze it when it left: the old fence must not outlive
+            # it. Writes still answer MOVED until the Own is applied (`_serves`).
             self.fencing.pop(command.ushard, None)
         self.queue.append(
             _Queued(
@@ -334,6 +349,25 @@ class ShardHost:
             ),
         )
         self.out.mover_replies.append((origin, reply))
+
+    def _holding(self, origin: Origin, request: HoldingRequest) -> None:
+        """The μshards this p-shard still holds, from an activated primary's applied
+        state (it has applied every entry of earlier epochs, PITFALLS 2). On a p-shard
+        being retired nothing moves in, so a lagging answer can only hold more."""
+        if not 0 < request.ushards <= HOLDING_USHARDS_MAX:
+            self._mover_error(origin, request.token, ErrorCode.INVALID, "bad holding request")
+            return
+        lead = self.replica.lead
+        if lead is None or not lead.activated:
+            code = ErrorCode.NOT_PRIMARY if lead is None else ErrorCode.NOT_READY
+            self._mover_error(origin, request.token, code, "not an activated primary")
+            return
+        held = tuple(
+            UShard(u)
+            for u in range(request.ushards)
+            if ownership.ownership(self.state, UShard(u), self.initial).state in ownership.HELD
+        )
+        self.out.mover_replies.append((origin, HoldingReply(token=request.token, ushards=held)))
 
     def _mover_error(self, origin: Origin, token: int, code: ErrorCode, message: str) -> None:
         reply = ErrorReply(token=token, code=code, message=message, retry_after_ms=20)

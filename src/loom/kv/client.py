@@ -88,6 +88,8 @@ from loom.runtime.codec import (
     ListTokens,
     NodeMessage,
     ReshardKeyspace,
+    ReshardReport,
+    ReshardStatus,
     RevokeToken,
     RoutingRequest,
     SetQuota,
@@ -104,7 +106,8 @@ from loom.runtime.latency import LatencyMatrix, client_links
 from loom.runtime.rpc import CallTimedOut, ConnectionLost, Overloaded, RpcClient, RpcLimits
 from loom.runtime.tls import TlsConfig
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
-from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable, compact_ranges
+from loom.shardmgr.routing import KeyspaceSpec, Quota, RoutingTable
+from loom.shardmgr.shrink import goal_ranges
 from loom.shardmgr.tenancy import TOKEN_CHARS_MAX, Tenant, tenant_problem
 
 T = TypeVar("T")
@@ -356,18 +359,47 @@ class Client:
         shards: int,
         wait: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        report: Callable[[ReshardReport], None] | None = None,
     ) -> KeyspaceInfo:
-        """Grow keyspace `name` to `shards` p-shards by moving μshards live
+        """Grow or shrink keyspace `name` to `shards` p-shards by moving μshards live
         (docs/protocols/resharding.md). With `wait`, returns once every μshard is on
-        the p-shard the compact mapping over all p-shards gives it; `progress(done,
-        total)` is called as μshards arrive."""
+        the p-shard the compact mapping over the p-shards that stay gives it and a
+        shrink has retired the others; `progress(done, total)` is called as μshards
+        arrive, `report` at the end with the reshard's longest write pauses."""
+        if shards < 1:
+            raise InvalidArgument(f"shards must be at least 1, not {shards}")
         reply = await self._admin_retrying(ReshardKeyspace(name=name, shards=shards))
         if not isinstance(reply, KeyspaceReply):
             raise Unavailable(f"the shard manager answered {type(reply).__name__}")
         await self._until_ready(reply.keyspace)
         if not wait:
             return reply.keyspace
-        return await self._until_resharded(name, progress)
+        await self._until_resharded(name, progress)
+        # The mapping is final; the last sources drop their copies (and a shrink
+        # retires its p-shards): done when the manager has nothing left.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESHARD_STALL_S
+        status = await self.reshard_status(name)
+        while status.moves_left or status.retiring:
+            if loop.time() > deadline:
+                raise Unavailable(
+                    f"resharding {name!r}: {status.moves_left} moves left and p-shards "
+                    f"{list(status.retiring)} still retiring after {RESHARD_STALL_S:g} s"
+                )
+            await asyncio.sleep(0.1)
+            status = await self.reshard_status(name)
+        if report is not None:
+            report(status)
+        await self.router.refresh(force=True)
+        return self.router.keyspace(name)
+
+    async def reshard_status(self, name: str) -> ReshardReport:
+        """How keyspace `name`'s reshard goes: moves left, p-shards still retiring, and
+        each moved μshard's longest write pause (ms) in the current or last reshard."""
+        reply = await self._admin_retrying(ReshardStatus(name=name))
+        if not isinstance(reply, ReshardReport):
+            raise Unavailable(f"the shard manager answered {type(reply).__name__}")
+        return reply
 
     async def _until_resharded(
         self, name: str, progress: Callable[[int, int], None] | None
@@ -377,13 +409,13 @@ class Client:
         while True:
             await self.router.refresh(force=True)
             keyspace = self.router.keyspace(name)
-            goal = compact_ranges(keyspace.spec.ushards, keyspace.shards())
+            goal = goal_ranges(keyspace)
             placed = sum(
                 1 for u in range(keyspace.spec.ushards) if keyspace.shard_of(u) == _owner(goal, u)
             )
             if progress is not None:
                 progress(placed, keyspace.spec.ushards)
-            if placed == keyspace.spec.ushards:
+            if placed == keyspace.spec.ushards and not keyspace.retiring:
                 return keyspace
             if placed != last_placed:
                 last_placed, last_change = placed, loop.time()

@@ -31,7 +31,7 @@ from loom.kv.client import (
 from loom.kv.options import QUORUM, STRONG, Page, ReadConsistency
 from loom.kv.transaction import Transaction
 from loom.kvstate.reads import Item
-from loom.runtime.codec import StatusReply, TokenInfo, TokenReply
+from loom.runtime.codec import ReshardReport, StatusReply, TokenInfo, TokenReply
 from loom.runtime.tls import TlsConfig
 from loom.shardmgr.routing import Keyspace as KeyspaceInfo
 from loom.shardmgr.routing import RoutingTable
@@ -119,9 +119,12 @@ class SyncClient:
         shards: int,
         wait: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        report: Callable[[ReshardReport], None] | None = None,
     ) -> KeyspaceInfo:
         return self._runner.run(
-            self.client.reshard_keyspace(name, shards=shards, wait=wait, progress=progress)
+            self.client.reshard_keyspace(
+                name, shards=shards, wait=wait, progress=progress, report=report
+            )
         )
 
     def transfer_primary(self, shard: int, to: str) -> tuple[str, int]:
@@ -138,6 +141,9 @@ class SyncClient:
         return self._runner.run(
             self.client.set_keyspace_tier(name, tier, wait=wait, progress=progress)
         )
+
+    def reshard_status(self, name: str) -> ReshardReport:
+        return self._runner.run(self.client.reshard_status(name))
 
     def create_tenant(self, name: str, *, weight: int = 1) -> Tenant:
         return self._runner.run(self.client.create_tenant(name, weight=weight))

@@ -40,6 +40,11 @@ class Owner(enum.Enum):
     DROPPED = "dropped"
 
 
+# A p-shard "holds" a μshard in these states: its data is (or is becoming) there. A
+# p-shard that holds none may be retired (a shrink, loom.shardmgr.shrink).
+HELD = (Owner.OWNED, Owner.FROZEN, Owner.INCOMING)
+
+
 class OwnershipRecord(Struct, frozen=True, array_like=True, tag=1):
     state: Owner
     move_id: MoveId

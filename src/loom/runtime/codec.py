@@ -27,7 +27,7 @@ from typing import Final, Literal
 import msgspec
 
 from loom.core.errors import InvalidArgument
-from loom.core.ids import NodeId, ShardId
+from loom.core.ids import NodeId, ShardId, UShard
 from loom.host.requests import ClientReply, ClientRequest, MoverReply, MoverRequest
 from loom.paxos.messages import Envelope
 from loom.paxos.ready import SmEvent
@@ -187,6 +187,24 @@ class ReshardKeyspace(msgspec.Struct, frozen=True, kw_only=True, tag="rs1"):
     auth: str = ""
 
 
+class ReshardStatus(msgspec.Struct, frozen=True, kw_only=True, tag="rst1"):
+    """How a keyspace's reshard goes (admin); answers `ReshardReport`."""
+
+    name: str
+    auth: str = ""
+
+
+class ReshardReport(msgspec.Struct, frozen=True, kw_only=True, tag="rr1"):
+    """`moves_left`: planned or under way; `retiring`: p-shards a shrink still retires;
+    `pauses`: (μshard, ms) — each moved μshard's longest write pause in the current or
+    last reshard (from its Freeze to its new mapping being usable), longest first."""
+
+    name: str
+    moves_left: int
+    retiring: tuple[ShardId, ...]
+    pauses: tuple[tuple[UShard, float], ...]
+
+
 class KeyspaceReply(msgspec.Struct, frozen=True, kw_only=True, tag="kr1"):
     keyspace: Keyspace
 
@@ -322,6 +340,8 @@ NodeMessage = (
     | TransferPrimaryCall
     | PrimaryMoved
     | SetKeyspaceTier
+    | ReshardStatus
+    | ReshardReport
     | NodeReportMessage
     | ManagerEvent
     | AssignMessage
@@ -356,6 +376,7 @@ Authenticated = (
     | ReshardKeyspace
     | TransferPrimaryCall
     | SetKeyspaceTier
+    | ReshardStatus
     | RoutingRequest
     | StatusRequest
     | CreateTenant

@@ -53,6 +53,7 @@ from loom.runtime.codec import (
     PeerAddress,
     PrimaryMoved,
     ReshardKeyspace,
+    ReshardStatus,
     RevokeToken,
     RoutingPush,
     RoutingRequest,
@@ -71,9 +72,12 @@ from loom.runtime.locality import DEFAULT_LOCALITY_PERIOD_S, LocalityDriver
 from loom.runtime.outbound import Outbound
 from loom.runtime.placement import Placement
 from loom.runtime.resharding import Resharder
+from loom.runtime.retirement import Shrinker
 from loom.runtime.rpc import RpcServer
+from loom.runtime.splitting import SplitDriver
 from loom.runtime.tenancy import Tenancy
 from loom.runtime.tls import TlsConfig, require_cluster_peer
+from loom.shardmgr.autosplit import SplitParams
 from loom.shardmgr.core import Announce, PersistEpoch, ShardManagerCore, ShardRecord, SmParams
 from loom.shardmgr.locality import LocalityParams
 from loom.shardmgr.metastore import Metastore
@@ -173,6 +177,7 @@ class ManagerRuntime:
         locality: LocalityParams | None = None,
         locality_period_s: float = DEFAULT_LOCALITY_PERIOD_S,
         balance: BalanceParams | None = None,
+        split: SplitParams | None = None,
     ) -> None:
         self.tls = tls  # on the listener and to the nodes (ADR 0015)
         # This manager's region and the injected latency matrix (ADR 0013).
@@ -211,6 +216,7 @@ class ManagerRuntime:
         self.routing_content: object = None
         self.rates: dict[ShardId, _Rate] = {}
         self.stored_bytes: dict[NodeId, int] = {}
+        self.shrinker = Shrinker(self)  # shrinking keyspaces (runtime/retirement.py)
         # μshard moves of `loom keyspace reshard` (runtime/resharding.py).
         self.resharder = Resharder(
             metastore=metastore,
@@ -220,6 +226,8 @@ class ManagerRuntime:
             params=MoverParams(moves_in_flight_max=reshard_parallelism),
             tls=tls,
             delay_for=self.links.delay_for,
+            finish=self.shrinker.finish,
+            is_ready=lambda shard: shard in self.core.shards and self.core.shards[shard].activated,
         )
         # Akkio placement: μshards of `mapping: akkio` keyspaces follow their accesses.
         self.locality = LocalityDriver(
@@ -232,6 +240,8 @@ class ManagerRuntime:
             params=locality,
             period_s=locality_period_s,
         )
+        # Growing hot keyspaces by themselves (runtime/splitting.py).
+        self.splitting = SplitDriver(self, split or SplitParams())
         self.routing_seen: dict[NodeId, tuple[int, int]] = {}
         self.throttle_rates: dict[NodeId, _Rate] = {}
 
@@ -279,6 +289,7 @@ class ManagerRuntime:
         self.tasks.append(loop.create_task(self._rebalance()))
         self.tasks.append(loop.create_task(self.resharder.run()))
         self.tasks.append(loop.create_task(self.locality.run()))
+        self.tasks.append(loop.create_task(self.splitting.run()))
         for keyspace_record in keyspaces:
             if keyspace_record.dropping:
                 await self._finish_drop(keyspace_record.keyspace)
@@ -286,6 +297,7 @@ class ManagerRuntime:
                 await self._install(keyspace_record.keyspace)
         # After the keyspaces: resumed moves route by their mappings.
         self.resharder.restore(await asyncio.to_thread(self.resharder.load), now)
+        self.shrinker.resume([r.keyspace for r in keyspaces if not r.dropping])
 
     @property
     def port(self) -> int:
@@ -346,6 +358,9 @@ class ManagerRuntime:
                     self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.placement.set_tier(message.name, message.tier)
                     return encode(KeyspaceReply(keyspace=keyspace))
+                case ReshardStatus():
+                    self.tenancy.authorize(message.auth, admin=True)
+                    return encode(self.shrinker.report(message.name))
                 case SetQuota():
                     self.tenancy.authorize(message.auth, admin=True)
                     keyspace = await self.set_quota(message.name, message.quota)
@@ -401,6 +416,7 @@ class ManagerRuntime:
             shard = progress.shard
             if progress.is_primary:
                 self.rates.setdefault(shard, _Rate()).add(progress.applied_commands)
+                self.splitting.on_primary_report(shard, progress.stored_bytes)
             if shard not in self.core.shards and shard < self.next_shard:
                 # A replica of a dropped shard (its node was away during the drop).
                 self.outboxes[node].put(encode(DropShard(shard=shard)))
@@ -514,7 +530,12 @@ class ManagerRuntime:
 
     async def _finish_drop(self, keyspace: Keyspace) -> None:
         self.keyspaces.pop(keyspace.name, None)
-        for shard in keyspace.shards():
+        await self.drop_shards(keyspace.shards())
+        await asyncio.to_thread(self.catalog.delete, keyspace.name)
+
+    async def drop_shards(self, shards: tuple[ShardId, ...]) -> None:
+        """Unassigns the p-shards' replicas and deletes their data on the nodes."""
+        for shard in shards:
             members = await self._in_core(functools.partial(self._drop_shard, shard))
             await asyncio.to_thread(self.catalog.delete_shard_record, shard)
             self.stored_activation.pop(shard, None)
@@ -522,7 +543,6 @@ class ManagerRuntime:
             for node in members:
                 if node in self.outboxes:
                     self.outboxes[node].put(encode(DropShard(shard=shard)))
-        await asyncio.to_thread(self.catalog.delete, keyspace.name)
 
     def _drop_shard(self, shard: ShardId, _now: Instant) -> tuple[NodeId, ...]:
         return self.core.drop_shard(shard)
@@ -532,14 +552,14 @@ class ManagerRuntime:
     async def reshard_keyspace(self, name: str, shards: int) -> Keyspace:
         """Grows the keyspace to `shards` p-shards (new ones created owning nothing) and
         plans the μshard moves to the compact mapping over all of them; the moves run
-        in `self.resharder`. Shrinking is not built yet."""
+        in `self.resharder`. Fewer p-shards: `self.shrinker` (runtime/retirement.py)."""
         async with self.admin_lock:
             keyspace = self.keyspaces.get(name)
             if keyspace is None:
                 raise NotFound(f"no keyspace {name!r}")
             have = len(keyspace.placements)
-            if shards < have:
-                raise InvalidArgument("shrinking a keyspace is not supported yet")
+            if shards < have or keyspace.retiring:
+                return await self.shrinker.start(keyspace, shards)
             if shards > have:
                 keyspace = await self._add_shards(keyspace, shards)
             goal = msgspec.structs.replace(

@@ -43,6 +43,7 @@ from loom.host.requests import (
     ErrorCode,
     ErrorReply,
     ExportReply,
+    HoldingReply,
     MoverReply,
     MoverRequest,
     ReadReply,
@@ -94,6 +95,7 @@ INPUTS_MAX = 10_000
 CALLS_PER_TURN_MAX = 512
 CALLS_PER_TENANT_MAX = 4_096
 REPORT_MS = 100.0
+SIZES_EVERY_REPORTS = 10  # the led p-shards are measured about once a second
 CLIENT_CALL_TIMEOUT_S = 10.0
 INCARNATION_FILE = "INCARNATION"
 
@@ -176,6 +178,7 @@ class NodeRuntime:
         # Owned by the storage thread:
         self.sizes = ShardSizes()
         self.load = LoadMeter()
+        self.reports = itertools.count(1)
         self.store: RocksStore | None = None
         self.incarnation = Incarnation(0)
         self.hosts: dict[ShardId, ShardHost] = {}
@@ -260,15 +263,21 @@ class NodeRuntime:
             )
             self._to_managers(encode(message))
             measured = self.quotas.measured_shards
-            if measured:  # only keyspaces with a bytes quota cost a scan
+            reports = next(self.reports)
+            # Keyspaces with a bytes quota are measured at every report; the p-shards
+            # this node leads, for the automatic split, every SIZES_EVERY_REPORTS.
+            if measured or reports % SIZES_EVERY_REPORTS == 0:
                 sizes = await loop.run_in_executor(self.pool, self._measure_sizes, measured)
-                self.quotas.on_sizes(sizes)
+                self.quotas.on_sizes({s: b for s, b in sizes.items() if s in measured})
             await asyncio.sleep(REPORT_MS / 1000)
 
     def _measure_sizes(self, shards: frozenset[ShardId]) -> dict[ShardId, int]:
-        """In the storage thread: bytes of these local p-shards, for the bytes quota."""
+        """In the storage thread: bytes of these local p-shards (the bytes quota) and
+        of those it leads (the automatic split)."""
         assert self.store is not None
-        return self.sizes.measure(self.store, [s for s in sorted(shards) if s in self.hosts])
+        leading = {s for s, host in self.hosts.items() if host.replica.lead is not None}
+        chosen = sorted(s for s in shards | leading if s in self.hosts)
+        return self.sizes.measure(self.store, chosen)
 
     def _report(self) -> NodeReport:
         """In the storage thread: this node's progress on each of its shards."""
@@ -279,6 +288,7 @@ class NodeRuntime:
                 ShardProgress.of(shard, host.replica),
                 applied_commands=host.applied_commands,
                 load_per_s=load.get(shard, 0.0),
+                stored_bytes=self.sizes.bytes.get(shard, 0),
             )
             for shard, host in sorted(self.hosts.items())
         ]
@@ -399,8 +409,8 @@ class NodeRuntime:
                     self._enqueue(_wake)
 
         reply = await self._reply(call_id, call.request.token, submit)
-        if isinstance(reply, ExportReply):
-            raise BadMessage("a client request was answered with an export")
+        if isinstance(reply, ExportReply | HoldingReply):
+            raise BadMessage("a client request was answered with a mover reply")
         return encode(ClientAnswer(reply=reply))
 
     async def _reply(

@@ -13,13 +13,17 @@ Rules of this module:
 - a mover's unfinished work (`Mover.record`) is stored at `reshard/{keyspace}` before
   the outputs that follow a change are sent, so a manager that restarts (or a new
   leader) resumes every move where it was (`restore`), and a move that may have sent
-  Own is never aborted. Move ids come from the metastore (`Catalog.allocate_move_ids`).
+  Own is never aborted. Move ids come from the metastore (`Catalog.allocate_move_ids`);
+- a keyspace marked with `finish_when_idle` (a shrink) gets `finish(name)` called from
+  the same task once its mover has nothing left, until `finish` says it is done (the
+  manager retires the emptied p-shards then, runtime/retirement.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +37,10 @@ from loom.host.requests import (
     ErrorReply,
     ExportReply,
     ExportRequest,
+    HoldingReply,
+    HoldingRequest,
     MoveRequest,
+    MoverReply,
     MoverRequest,
     WriteReply,
 )
@@ -61,10 +68,14 @@ _ENCODER = msgspec.msgpack.Encoder()
 _RECORD = msgspec.msgpack.Decoder(MoverRecord)
 TICK_S = 0.05
 CALL_TIMEOUT_S = 2.0
+RETRY_S = 0.05  # between two tries of one call (no primary yet, not ready, refused)
+RESEND_AFTER_MS = CALL_TIMEOUT_S * 1000 + 500
 ANSWERS_MAX = 4096
 
 AddressOf = Callable[[ShardId], tuple[str, int] | None]
 InstallMapping_ = Callable[[str, UShard, ShardId], Awaitable[None]]
+Finish = Callable[[str], Awaitable[bool]]
+FINISH_EVERY_S = 0.5  # a finish that could not complete is tried again after this
 
 
 class Resharder:
@@ -76,8 +87,10 @@ class Resharder:
         primary_address: AddressOf,
         install_mapping: InstallMapping_,
         params: MoverParams | None = None,
+        finish: Finish | None = None,
         tls: TlsConfig | None = None,
         delay_for: Callable[[tuple[str, int]], Callable[[], float] | None] | None = None,
+        is_ready: Callable[[ShardId], bool] | None = None,
     ) -> None:
         # Injected latency of a connection to an address (runtime/latency.py).
         self.delay_for = delay_for
@@ -88,17 +101,38 @@ class Resharder:
         self.keyspace_of = keyspace_of
         self.primary_address = primary_address
         self.install_mapping = install_mapping
-        self.params = params or MoverParams()
+        # No resend while a call may still answer (`_ask` keeps trying until its
+        # deadline): a resend would turn the slow answer stale.
+        given = params or MoverParams()
+        self.params = dataclasses.replace(
+            given, resend_after_ms=max(given.resend_after_ms, RESEND_AFTER_MS)
+        )
         self.movers: dict[str, Mover] = {}
         self.answers: asyncio.Queue[tuple[str, int, MoverInput]] = asyncio.Queue(ANSWERS_MAX)
         self.calls: set[asyncio.Task[None]] = set()
         self.connections: dict[tuple[str, int], RpcClient] = {}
         self.connecting: dict[tuple[str, int], asyncio.Lock] = {}
+        self.finish = finish
+        self.is_ready = is_ready  # a p-shard has an active primary: moves wait for it
+        # Keyspaces to `finish` once their movers are idle, with when it was last tried.
+        self.finishing: dict[str, float] = {}
+
+    def finish_when_idle(self, name: str) -> None:
+        self.finishing.setdefault(name, 0.0)
+
+    def pauses(self, name: str) -> dict[UShard, float]:
+        """The longest write pause (ms) of each μshard moved in the keyspace's current
+        or last reshard (Mover.pauses)."""
+        mover = self.movers.get(name)
+        return dict(mover.pauses) if mover is not None else {}
 
     def plan(self, name: str, moves: list[tuple[UShard, ShardId]], first_move_id: int) -> None:
         """Queue a keyspace's moves (μshard numbers are per keyspace: one mover each).
         `first_move_id` starts `ids_needed(name, moves)` ids allocated in the metastore."""
-        self.movers.setdefault(name, Mover(self.params)).plan(moves, first_move_id)
+        mover = self.movers.setdefault(name, Mover(self.params))
+        if not mover.planned and not mover.in_flight():
+            mover.pauses.clear()  # a new reshard: its own pauses
+        mover.plan(moves, first_move_id)
 
     def ids_needed(self, name: str, moves: list[tuple[UShard, ShardId]]) -> int:
         mover = self.movers.get(name)
@@ -117,10 +151,16 @@ class Resharder:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
-            now = Instant(time.monotonic() * 1000)
+            # A turn as soon as an answer comes (each step of a move waits for the
+            # previous one: this is most of a μshard's write pause), else every TICK_S.
+            answers = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    answers.append(await self.answers.get())
             while not self.answers.empty():
-                name, token, answer = self.answers.get_nowait()
+                answers.append(self.answers.get_nowait())
+            now = Instant(time.monotonic() * 1000)
+            for name, token, answer in answers:
                 if name in self.movers:
                     self.movers[name].on_reply(token, answer, now)
             for name in sorted(self.movers):
@@ -129,9 +169,26 @@ class Resharder:
                 if keyspace is None:
                     del self.movers[name]  # dropped meanwhile
                     continue
-                mover.start_planned(keyspace.shard_of, now)
+                mover.start_planned(keyspace.shard_of, now, self.is_ready)
                 mover.tick(now)
                 await self._execute(name, mover, now)
+            await self._finish_idle()
+
+    async def _finish_idle(self) -> None:
+        if self.finish is None:
+            return
+        for name in sorted(self.finishing):
+            tried = self.finishing[name]
+            if self.pending(name) or time.monotonic() - tried < FINISH_EVERY_S:
+                continue
+            self.finishing[name] = time.monotonic()
+            try:
+                done = await self.finish(name)
+            except LoomError as error:
+                log.warning("keyspace %s: reshard not finished yet: %s", name, error)
+                continue
+            if done:
+                del self.finishing[name]
 
     def load(self) -> list[tuple[str, MoverRecord, int]]:
         """The stored movers (blocking: call off the event loop)."""
@@ -210,35 +267,68 @@ class Resharder:
                             "keyspace %s: μshard %d moved to p-shard %d",
                             name, output.ushard, output.shard,
                         )  # fmt: skip
-                        mover.mapping_installed(output.move_id, now)
+                        # The pause ends now that the mapping is usable: a fresh clock.
+                        installed = Instant(time.monotonic() * 1000)
+                        mover.mapping_installed(output.move_id, installed)
 
     def _call(self, name: str, shard: ShardId, request: MoverRequest) -> None:
-        address = self.primary_address(shard)
-        if address is None:
-            return  # no primary known: the mover resends after resend_after_ms
-        task = asyncio.get_running_loop().create_task(self._ask(name, address, shard, request))
+        task = asyncio.get_running_loop().create_task(self._ask(name, shard, request))
         self.calls.add(task)
         task.add_done_callback(self.calls.discard)
 
-    async def _ask(
-        self, name: str, address: tuple[str, int], shard: ShardId, request: MoverRequest
-    ) -> None:
+    async def _ask(self, name: str, shard: ShardId, request: MoverRequest) -> None:
+        """One request, tried at the p-shard's current primary until it answers or
+        `CALL_TIMEOUT_S` passes (not primary, not ready, overloaded, unreachable: again
+        after `RETRY_S`). Only then does the mover hear `Unanswered` and resend: a slow
+        answer is never overtaken by a resend whose token would make it stale."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CALL_TIMEOUT_S
         answer: MoverInput = Unanswered()
+        while isinstance(answer, Unanswered) and loop.time() < deadline:
+            address = self.primary_address(shard)
+            if address is not None:
+                answer = await self._ask_once(address, shard, request, deadline - loop.time())
+            if isinstance(answer, Unanswered):
+                await asyncio.sleep(min(RETRY_S, max(0.0, deadline - loop.time())))
+        with contextlib.suppress(asyncio.QueueFull):
+            self.answers.put_nowait((name, request.token, answer))
+
+    async def _ask_once(
+        self, address: tuple[str, int], shard: ShardId, request: MoverRequest, timeout_s: float
+    ) -> MoverInput:
         try:
             client = await self._connection(address)
             body = await client.call(
-                encode(MoverCall(shard=shard, request=request)), timeout_s=CALL_TIMEOUT_S
+                encode(MoverCall(shard=shard, request=request)), timeout_s=max(0.05, timeout_s)
             )
             message = decode(body)
-            if isinstance(message, MoverAnswer):
-                answer = _answer(message.reply)
         except (LoomError, OSError) as error:
             log.debug("mover call to %s failed: %s", address, error)
             stale = self.connections.pop(address, None)
             if stale is not None:
                 await stale.close()
-        with contextlib.suppress(asyncio.QueueFull):
-            self.answers.put_nowait((name, request.token, answer))
+            return Unanswered()
+        return _answer(message.reply) if isinstance(message, MoverAnswer) else Unanswered()
+
+    async def holding(self, shard: ShardId, ushards: int) -> tuple[UShard, ...] | None:
+        """The μshards p-shard `shard`'s primary says it holds; None if it did not
+        answer (no primary known, not activated, unreachable)."""
+        address = self.primary_address(shard)
+        if address is None:
+            return None
+        request = HoldingRequest(token=0, ushards=ushards)
+        try:
+            client = await self._connection(address)
+            body = await client.call(
+                encode(MoverCall(shard=shard, request=request)), timeout_s=CALL_TIMEOUT_S
+            )
+        except (LoomError, OSError) as error:
+            log.debug("holding call to %s failed: %s", address, error)
+            return None
+        message = decode(body)
+        if isinstance(message, MoverAnswer) and isinstance(message.reply, HoldingReply):
+            return message.reply.ushards
+        return None
 
     async def _connection(self, address: tuple[str, int]) -> RpcClient:
         """One connection per node; concurrent calls wait for the same connect."""
@@ -262,7 +352,7 @@ class Resharder:
         self.connections.clear()
 
 
-def _answer(reply: WriteReply | ExportReply | ErrorReply) -> MoverInput:
+def _answer(reply: MoverReply) -> MoverInput:
     match reply:
         case ExportReply():
             return Exported(
@@ -273,5 +363,5 @@ def _answer(reply: WriteReply | ExportReply | ErrorReply) -> MoverInput:
             )
         case WriteReply():
             return Proposed(result=reply.result)
-        case ErrorReply():
+        case ErrorReply() | HoldingReply():
             return Unanswered()

@@ -32,6 +32,9 @@ class ShardProgress:
     # Operations per second on this replica (commands applied + reads served), decayed
     # (`host.load`): what the rebalancer balances by (`shardmgr.rebalance`).
     load_per_s: float = 0.0
+    # The p-shard's kv state in bytes, as this node last measured it (0: not yet);
+    # primaries measure it for the automatic split (loom.shardmgr.autosplit).
+    stored_bytes: int = 0
 
     @classmethod
     def of(cls, shard: ShardId, replica: Replica) -> ShardProgress:

@@ -105,7 +105,9 @@ class LocalityPlanner:
         budget = p.moves_per_period_max - len(self.started)
         candidates: list[tuple[float, LocalityMove]] = []
         for keyspace in sorted(keyspaces, key=lambda k: k.name):
-            if keyspace.spec.mapping != MAPPING_AKKIO:
+            # Not during a shrink: a μshard must not move onto a p-shard being retired
+            # (the shrink's moves would have to chase it; loom.shardmgr.shrink).
+            if keyspace.spec.mapping != MAPPING_AKKIO or keyspace.retiring:
                 continue
             for (name, ushard), regions in sorted(accesses.items()):
                 if name != keyspace.name or not 0 <= ushard < keyspace.spec.ushards:

@@ -188,6 +188,10 @@ class Mover:
     pending: list[MoverOutput] = field(default_factory=list)
     # A reshard's plan: (μshard, target) still to start, in order.
     planned: list[tuple[UShard, ShardId]] = field(default_factory=list)
+    # The longest write pause of each μshard moved (ms): from the move's start (its
+    # Freeze leaves then) to `mapping_installed` (the new mapping is usable). A move
+    # resumed by `restore` counts from the restore: the earlier part is not known.
+    pauses: dict[UShard, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ plans
 
@@ -200,17 +204,30 @@ class Mover:
             self.next_move_id = first_move_id
         self.planned.extend(moves)
 
-    def start_planned(self, owner_of: Callable[[UShard], ShardId], now: Instant) -> int:
+    def start_planned(
+        self,
+        owner_of: Callable[[UShard], ShardId],
+        now: Instant,
+        is_ready: Callable[[ShardId], bool] | None = None,
+    ) -> int:
         """Start queued moves while fewer than `moves_in_flight_max` are under way.
         `owner_of` is the current mapping: a μshard already at its target is skipped,
-        one being moved (or stuck) waits. Returns how many started."""
+        one being moved (or stuck) waits. With `is_ready`, a move waits until both its
+        p-shards have an active primary (a Freeze sent while the target is still
+        starting would stretch the write pause by the target's start). Returns how
+        many started."""
         started = 0
         waiting: list[tuple[UShard, ShardId]] = []
         for ushard, target in self.planned:
             source = owner_of(ushard)
             if source == target:
                 continue
-            if self.in_flight() >= self.params.moves_in_flight_max or self.is_moving(ushard):
+            unready = is_ready is not None and not (is_ready(source) and is_ready(target))
+            if (
+                unready
+                or self.in_flight() >= self.params.moves_in_flight_max
+                or self.is_moving(ushard)
+            ):
                 waiting.append((ushard, target))
                 continue
             self.start(ushard, source, target, now)
@@ -265,6 +282,8 @@ class Mover:
     def mapping_installed(self, move_id: MoveId, now: Instant) -> None:
         move = self.moves[move_id]
         assert move.step is Step.INSTALL
+        pause = float(now - move.started_at)
+        self.pauses[move.ushard] = max(pause, self.pauses.get(move.ushard, 0.0))
         self._go(move, Step.DROP, now)
 
     def outputs(self) -> list[MoverOutput]:

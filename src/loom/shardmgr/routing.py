@@ -139,6 +139,10 @@ class Keyspace(Struct, frozen=True, kw_only=True):
     # Multi-tenancy (ADR 0008): the owning tenant ("" before auth) and the quota.
     tenant: str = ""
     quota: Quota = UNLIMITED
+    # A shrink (loom.shardmgr.shrink): the p-shards being retired. While they are still
+    # in `placements`, their μshards move to the others; once removed from
+    # `placements`, their replicas are being dropped on the nodes.
+    retiring: tuple[ShardId, ...] = ()
 
     @property
     def name(self) -> str:

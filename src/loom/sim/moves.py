@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import bisect
+import enum
 import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -35,6 +37,7 @@ from loom.kvstate.commands import (
 )
 from loom.kvstate.ownership import is_owned
 from loom.shardmgr.moves import Mover, Step, plan_reshard
+from loom.shardmgr.routing import compact_ranges
 from loom.sim.transactions import BANK_SHARD_KEY, ONCALL_SHARD_KEY
 from loom.sim.workload import COUNTER_KEYS, REGISTER_KEYS, USHARDS
 
@@ -52,12 +55,23 @@ def workload_ushards() -> tuple[UShard, ...]:
     return tuple(sorted({ushard_of(key, USHARDS) for key in keys}))
 
 
+class Phase(enum.Enum):
+    GROW = "grow"  # the reshard onto the spare p-shards is planned next
+    SHRINK = "shrink"  # once the grow's moves have started: plan the shrink
+    RETIRE = "retire"  # once the mover is idle: retire the emptied p-shard
+    SINGLE = "single"  # single moves of the workload's μshards
+
+
 class MoveSchedule:
     """First a reshard of the keyspace from `shards` onto `shards + spare_shards`
     p-shards (every μshard u to u mod the new count, the mover's
-    `moves_in_flight_max` at a time), with now and then a restart of the shard
-    manager's mover (it resumes from its stored record);
-    at a random moment of the load; then single moves of the workload's μshards."""
+    `moves_in_flight_max` at a time), at a random moment of the load; right after it
+    (`drive`), a shrink by one p-shard as the real manager does it (loom.shardmgr.shrink:
+    the moves to the compact mapping over the p-shards that stay, then — when the
+    mapping gives the last p-shard nothing and its primary says it holds nothing —
+    its retirement; μshards still mapped to it are planned again); now and then a
+    restart of the shard manager's mover (it resumes from its stored record); then
+    single moves of the workload's μshards between the p-shards that stay."""
 
     def __init__(
         self,
@@ -70,11 +84,17 @@ class MoveSchedule:
         start_move: Callable[[UShard, ShardId], None],
         later: Callable[[float, Callable[[], None]], None],
         restart_mover: Callable[[], Mover] | None = None,
+        holdings: Callable[[ShardId], tuple[UShard, ...] | None] | None = None,
+        retire: Callable[[ShardId], None] | None = None,
     ) -> None:
         self.rng = random.Random(f"moves-{seed}")
         self.mover = mover
         self.shards = shards + spare_shards
-        self.resharded = spare_shards == 0
+        self.phase = Phase.SINGLE if spare_shards == 0 else Phase.GROW
+        self.holdings = holdings
+        self.retire = retire
+        self.retiring: tuple[ShardId, ...] = ()
+        self.retired: list[ShardId] = []
         self.owner_of = owner_of
         self.start_move = start_move
         self.restart_mover = restart_mover
@@ -92,13 +112,10 @@ class MoveSchedule:
     def _next(self) -> None:
         if not self.running:
             return
-        if not self.resharded:
-            self.resharded = True
+        if self.phase is Phase.GROW:
+            self.phase = Phase.SHRINK if self.holdings is not None else Phase.SINGLE
             goal = {UShard(u): ShardId(u % self.shards) for u in range(USHARDS)}
-            current = {UShard(u): self.owner_of(UShard(u)) for u in range(USHARDS)}
-            plan = plan_reshard(current, goal)
-            self.mover.plan(plan)
-            self.started += len(plan)
+            self._plan(goal)
             self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
             return
         if self.restart_mover is not None and self.rng.random() < MOVER_RESTART_PROBABILITY:
@@ -106,17 +123,57 @@ class MoveSchedule:
             self.mover = self.restart_mover()
             self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
             return
-        if self.mover.planned:
+        if self.mover.planned or self.phase is not Phase.SINGLE:
             self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
             return  # the reshard first
         candidates = [u for u in workload_ushards() if not self.mover.is_moving(u)]
         if candidates and self.mover.in_flight() < MOVES_IN_FLIGHT_MAX:
             ushard = self.rng.choice(candidates)
             source = self.owner_of(ushard)
-            target = self.rng.choice([ShardId(s) for s in range(self.shards) if s != source])
+            staying = [ShardId(s) for s in range(self.shards) if s not in self.retired]
+            target = self.rng.choice([s for s in staying if s != source])
             self.start_move(ushard, target)
             self.started += 1
         self.later(self.rng.uniform(*MOVE_GAP_MS), self._next)
+
+    def drive(self) -> None:
+        """At every turn of the shard manager, load or not (as the Resharder's task):
+        the shrink is planned once the grow's moves have all started (μshards still
+        moving then may end on the retiring p-shard: the retirement plans them again),
+        and the retirement runs once the mover is idle."""
+        if self.phase is Phase.SHRINK and not self.mover.planned:
+            self.phase = Phase.RETIRE
+            self.retiring = (ShardId(self.shards - 1),)
+            self._plan(self._shrink_goal())
+        elif self.phase is Phase.RETIRE and not self.mover.planned and not self.mover.in_flight():
+            self._try_retire()
+
+    def _plan(self, goal: dict[UShard, ShardId]) -> None:
+        current = {UShard(u): self.owner_of(UShard(u)) for u in range(USHARDS)}
+        plan = plan_reshard(current, goal)
+        self.mover.plan(plan)
+        self.started += len(plan)
+
+    def _shrink_goal(self) -> dict[UShard, ShardId]:
+        staying = [ShardId(s) for s in range(self.shards) if s not in self.retiring]
+        ranges = compact_ranges(USHARDS, staying)
+        return {UShard(u): ranges[bisect.bisect_right(ranges, u, key=lambda r: r[0]) - 1][1]
+                for u in range(USHARDS)}  # fmt: skip
+
+    def _try_retire(self) -> None:
+        """As runtime/retirement.py: stranded μshards move again; otherwise each
+        retiring p-shard's primary must say it holds nothing."""
+        assert self.holdings is not None and self.retire is not None
+        if any(self.owner_of(UShard(u)) in self.retiring for u in range(USHARDS)):
+            self._plan(self._shrink_goal())
+            return
+        answers = [self.holdings(shard) for shard in self.retiring]
+        if any(answer is None or answer for answer in answers):
+            return  # no activated primary right now, or a Drop not applied yet: later
+        for shard in self.retiring:
+            self.retire(shard)
+            self.retired.append(shard)
+        self.phase = Phase.SINGLE
 
 
 class OwnershipChecker:
@@ -219,4 +276,8 @@ def check_final_ownership(world: World) -> list[str]:
                 f"ownership: μshard {ushard} is owned by {owners} at the end, mapped to "
                 f"{world.mapping[ushard]}"
             )
+    for shard in world.retired:
+        held = world.holdings(shard)
+        if held:
+            problems.append(f"retire: retired p-shard {shard} holds μshards {list(held)[:8]}")
     return problems

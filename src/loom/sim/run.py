@@ -21,7 +21,7 @@ from loom.sim.checks import (
     check_read_your_writes,
 )
 from loom.sim.faults import Faults
-from loom.sim.moves import MoveSchedule, check_final_ownership
+from loom.sim.moves import MoveSchedule, Phase, check_final_ownership
 from loom.sim.workload import COUNTER_KEYS, REGISTER_KEYS, USHARDS
 from loom.sim.world import World, WorldConfig
 
@@ -44,6 +44,8 @@ class SeedResult:
     mover_restarts: int = 0
     handoffs: int = 0  # planned primary hand-offs started (profile "handoffs")
     lease_releases: int = 0  # LeaseRelease messages delivered to other acceptors
+    retired: int = 0  # p-shards a shrink retired
+    moves_done_under_load: int = 0  # before the load ended and the faults healed
 
 
 def replay_command(seed: int, faults: str, ops: int, bugs: frozenset[str]) -> str:
@@ -71,17 +73,25 @@ def run_seed(
         start_move=world.start_move,
         later=lambda delay, action: world.at(world.t + delay, action),
         restart_mover=world.restart_mover,
+        holdings=world.holdings,
+        retire=world.retire,
     )
     if world.cfg.faults.moves:
         moves.start()
+        world.drive_moves = moves.drive
     world.start_clients()
     target = ops
     world.run_until(
         world.cfg.load_ms_max,
-        stop=lambda: world.rec.operations() >= target,
+        # With moves, the load (and the faults) go on until the shrink has retired
+        # its p-shard, so the shrink's moves run under them too.
+        stop=lambda: world.rec.operations() >= target and moves.phase is Phase.SINGLE,
     )
     world.load_running = False
     moves.stop()
+    done_under_load = world.moves_done_before + sum(
+        1 for m in world.mover.moves.values() if m.step is Step.DONE
+    )
     chaos.stop_and_heal()
     world.run_until(world.t + SETTLE_MS, stop=world.clients_idle)
     world.run_until(world.t + 1500)
@@ -89,6 +99,7 @@ def run_seed(
     result.moves_started = moves.started
     result.handoffs = chaos.handoffs
     result.lease_releases = world.lease_releases
+    result.moves_done_under_load = done_under_load
     _final_reads(world, result)
     finals = _convergence(world, result)
     _verdicts(world, result, finals)
@@ -177,5 +188,6 @@ def _verdicts(world: World, result: SeedResult, finals: dict[bytes, int]) -> Non
         done = sum(1 for m in world.mover.moves.values() if m.step is Step.DONE)
         result.moves_done = world.moves_done_before + done
         result.mover_restarts = world.mover_restarts
+        result.retired = len(world.retired)
     result.violations += rec.violations
     result.operations_checked = rec.operations() - unchecked

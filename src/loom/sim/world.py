@@ -28,6 +28,7 @@ from loom.host.requests import (
     WriteRequest,
 )
 from loom.host.shard import HostOutput
+from loom.kvstate.ownership import HELD, ownership
 from loom.paxos.messages import Accept, Config, Envelope, LeaseRelease, Promise
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import SmEvent
@@ -126,6 +127,9 @@ class World:
         self.mover_restarts = 0
         self.moves_done_before = 0  # by movers replaced in a manager restart
         self.ownership = OwnershipChecker(self.mapping)
+        self.retired: list[ShardId] = []  # p-shards a shrink retired (sim/moves.py)
+        # Called at every shard manager turn before the mover's (MoveSchedule.drive).
+        self.drive_moves: Callable[[], None] | None = None
         self.nodes: dict[NodeId, SimNode] = {}
         for i in range(1, config.nodes + 1):
             self._add_node(NodeId(f"n{i}"))
@@ -446,6 +450,8 @@ class World:
         self.sm.tick(self._sm_now())
         self._sm_outputs()
         if self.cfg.faults.moves:
+            if self.drive_moves is not None:
+                self.drive_moves()
             self.mover.start_planned(self.mapping.__getitem__, self._sm_now())
             self.mover.tick(self._sm_now())
             self._mover_outputs()
@@ -488,6 +494,25 @@ class World:
         self.mover = mover
         self._mover_outputs()
         return mover
+
+    def holdings(self, shard: ShardId) -> tuple[UShard, ...] | None:
+        """What p-shard `shard`'s activated primary holds (owned, frozen or incoming), as
+        the real manager asks before it retires a p-shard; None without one."""
+        state = self.sm.shards.get(shard)
+        host = self.nodes[state.current.primary].hosts.get(shard) if state else None
+        lead = host.replica.lead if host is not None else None
+        if host is None or lead is None or not lead.activated:
+            return None
+        return tuple(
+            UShard(u)
+            for u in range(USHARDS)
+            if ownership(host.state, UShard(u), host.initial).state in HELD
+        )
+
+    def retire(self, shard: ShardId) -> None:
+        """A shrink retires `shard`: nothing may move to it or be written on it again."""
+        self.note("retire", shard)
+        self.retired.append(shard)
 
     def _mover_outputs(self) -> None:
         for _ in range(16):  # installing a mapping produces the Drop: drain both
