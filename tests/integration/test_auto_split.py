@@ -11,7 +11,8 @@ from loom.core.errors import LoomError
 from loom.shardmgr.autosplit import SplitParams
 from loom.shardmgr.routing import compact_ranges
 
-from .test_reshard_shrink import Cluster, wait_for
+from .test_reshard import wait_for
+from .test_reshard_shrink import Cluster
 
 VALUE = b"x" * 200
 SPLIT = SplitParams(

@@ -244,7 +244,7 @@ async def interrupted_shrink(tmp: Path) -> None:
             raise Unavailable("the manager stops here")
 
         second = cluster.new_manager()
-        second.drop_shards = crash  # type: ignore[method-assign]
+        second.drop_shards = crash  # type: ignore[method-assign,assignment]
         await second.start()
         await wait_for(lambda: len(second.keyspaces["ks"].placements) == 1)
         assert second.keyspaces["ks"].retiring == created.shards()[1:]

@@ -15,6 +15,7 @@ from loom.runtime.codec import ClientCall
 from loom.runtime.locality import count_access
 from loom.shardmgr.access import AccessCounter, AccessParams
 from loom.shardmgr.locality import (
+    HomeRegions,
     LocalityParams,
     LocalityPlanner,
     accesses_by_ushard,
@@ -223,3 +224,17 @@ def test_access_reports_are_capped_per_node_and_go_out_once_per_interval() -> No
     assert first[0].shard == ShardId(3) and first[0].ushard == 3  # the largest first
     assert counter.report_due(Instant(999)) is None
     assert counter.report_due(Instant(1000)) is not None
+
+
+def test_a_p_shards_home_is_where_most_accesses_come_from_and_holds_for_its_dwell() -> None:
+    homes = HomeRegions(LocalityParams(share_min=2 / 3, accesses_min=20, dwell_ms=30_000))
+    one, two = ShardId(1), ShardId(2)
+    shards = {one, two}
+    mostly_b = {"b": 80.0, "a": 20.0}
+    assert homes.update(Instant(0), {one: mostly_b, two: {"a": 50.0, "b": 50.0}}, shards) == {
+        one: "b"  # two: no region has 2/3 of its accesses
+    }
+    assert homes.update(Instant(1_000), {one: {"a": 90.0, "b": 10.0}}, shards) == {one: "b"}
+    assert homes.update(Instant(31_000), {one: {"a": 90.0, "b": 10.0}}, shards) == {one: "a"}
+    assert homes.update(Instant(32_000), {one: {"a": 5.0}}, shards) == {one: "a"}  # a lull
+    assert homes.update(Instant(33_000), {}, {two}) == {}  # p-shard one is gone

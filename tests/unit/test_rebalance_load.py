@@ -197,3 +197,47 @@ def test_a_follower_left_on_the_tier_by_a_forgotten_change_is_promoted_first() -
     move = decide([stray], nodes)
     assert isinstance(move, ReplaceMember)
     assert move.new == "g3"  # not g2, which would leave g3 a follower for ever
+
+
+def regional(name: str, region: str) -> NodeInfo:
+    return NodeInfo(node=NodeId(name), host="127.0.0.1", port=1, region=region)
+
+
+REGIONS = [regional("n1", "a"), regional("n2", "b"), regional("n3", "c")]
+
+
+def with_home(v: ShardView, home: str) -> ShardView:
+    return ShardView(
+        shard=v.shard,
+        config=v.config,
+        primary=v.primary,
+        tier=v.tier,
+        settled=v.settled,
+        load_per_s=v.load_per_s,
+        home=home,
+    )
+
+
+def test_a_primary_goes_to_the_region_its_accesses_come_from() -> None:
+    shards = [with_home(view(1, "n1,n2,n3", "n1"), "b"), view(2, "n2,n1,n3", "n2")]
+    move = decide(shards, REGIONS)
+    assert isinstance(move, TransferPrimary)
+    assert (move.shard, move.to) == (ShardId(1), NodeId("n2"))
+    assert "region b" in move.reason
+    # At home already, or no acceptor in its home region: nothing to do.
+    assert decide([with_home(view(1, "n1,n2,n3", "n2"), "b")], REGIONS) is None
+    assert decide([with_home(view(1, "n1,n3", "n1"), "b")], REGIONS) is None
+
+
+def test_balancing_never_takes_a_primary_out_of_its_home_region() -> None:
+    # n2 leads all three: balancing by count would hand one away, but not one whose
+    # home is b (n2's region); the one without a home goes.
+    shards = [
+        with_home(view(1, "n1,n2,n3", "n2"), "b"),
+        with_home(view(2, "n1,n2,n3", "n2"), "b"),
+        view(3, "n1,n2,n3", "n2"),
+    ]
+    move = decide(shards, REGIONS)
+    assert isinstance(move, TransferPrimary) and move.shard == ShardId(3)
+    homes_only = [with_home(view(i, "n1,n2,n3", "n2"), "b") for i in (1, 2, 3)]
+    assert decide(homes_only, REGIONS) is None

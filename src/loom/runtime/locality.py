@@ -24,7 +24,13 @@ from loom.host.requests import ReadRequest, ScanRequest, WriteRequest
 from loom.runtime.codec import ClientCall
 from loom.runtime.resharding import Resharder
 from loom.shardmgr.access import AccessCounter, UShardAccess
-from loom.shardmgr.locality import LocalityParams, LocalityPlanner, accesses_by_ushard
+from loom.shardmgr.locality import (
+    HomeRegions,
+    LocalityParams,
+    LocalityPlanner,
+    accesses_by_shard,
+    accesses_by_ushard,
+)
 from loom.shardmgr.routing import Keyspace
 
 log = logging.getLogger("loom.sm.locality")
@@ -67,6 +73,9 @@ class LocalityDriver:
         self.allocate_move_ids = allocate_move_ids  # blocking: called off the loop
         self.lock = lock  # the manager's admin lock
         self.planner = LocalityPlanner(params or LocalityParams())
+        self.home_regions = HomeRegions(params or LocalityParams())
+        # Each akkio p-shard's home region: the rebalancer moves its primary there.
+        self.homes: dict[ShardId, str] = {}
         self.period_s = period_s
         # Each node's last report and when it came (a silent node's counts expire).
         self.reports: dict[NodeId, tuple[float, tuple[UShardAccess, ...]]] = {}
@@ -76,13 +85,16 @@ class LocalityDriver:
         if access is not None:  # None: this heartbeat carries no access rows
             self.reports[node] = (time.monotonic(), access)
 
-    def accesses(self) -> dict[tuple[str, int], dict[str, float]]:
-        """Per (keyspace, μshard) and region, from the nodes that reported lately."""
+    def rows(self) -> list[UShardAccess]:
+        """The access rows of the nodes that reported lately."""
         oldest = time.monotonic() - REPORT_STALE_S
         for node in [n for n, (at, _) in self.reports.items() if at < oldest]:
             del self.reports[node]
-        rows = [row for node in sorted(self.reports) for row in self.reports[node][1]]
-        return accesses_by_ushard(rows, self.keyspace_of_shard)
+        return [row for node in sorted(self.reports) for row in self.reports[node][1]]
+
+    def accesses(self) -> dict[tuple[str, int], dict[str, float]]:
+        """Per (keyspace, μshard) and region, from the nodes that reported lately."""
+        return accesses_by_ushard(self.rows(), self.keyspace_of_shard)
 
     async def run(self) -> None:
         while True:
@@ -91,9 +103,12 @@ class LocalityDriver:
 
     async def decide_once(self) -> None:
         keyspaces = [k for k in self.keyspaces() if k.spec.mapping == "akkio"]
+        now = Instant(time.monotonic() * 1000)
+        shards = {shard for k in keyspaces for shard in k.shards()}
+        mixes = accesses_by_shard(self.rows(), lambda shard: shard in shards)
+        self.homes = self.home_regions.update(now, mixes, shards)
         if not keyspaces:
             return
-        now = Instant(time.monotonic() * 1000)
         moves = self.planner.decide(
             now, keyspaces, self.primary_regions(), self.accesses(), self._is_moving
         )

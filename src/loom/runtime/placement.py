@@ -66,6 +66,7 @@ class Placement:
                     tier=keyspace.spec.tier if keyspace is not None else DEFAULT_TIER,
                     settled=state.activated and state.change is None and not state.persisting,
                     load_per_s=load,
+                    home=self.manager.locality.homes.get(shard, ""),
                 )
             )
         return views

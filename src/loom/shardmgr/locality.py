@@ -4,7 +4,10 @@ A keyspace with `mapping: akkio` places each μshard by where it is accessed: wh
 of a μshard's accesses (`share_min`, e.g. 2/3) come from region R, and the p-shard that
 owns it has its primary elsewhere, the μshard moves to a p-shard of the same keyspace
 whose primary is in R (the one owning the fewest μshards). The moves themselves are
-the resharding mover's (`loom.shardmgr.moves`); this module only decides.
+the resharding mover's (`loom.shardmgr.moves`); this module only decides. Primaries
+follow too: a p-shard whose accesses come mostly from region R has R as its home
+(`HomeRegions`), and the rebalancer hands its primary to an acceptor there
+(`loom.shardmgr.rebalance`).
 
 Hysteresis, so data does not flap between regions:
 - a μshard stays at least `dwell_ms` where a move put it;
@@ -77,6 +80,48 @@ def accesses_by_ushard(
         regions = totals.setdefault((keyspace, row.ushard), {})
         regions[row.region] = regions.get(row.region, 0.0) + row.total
     return totals
+
+
+def accesses_by_shard(
+    reports: Sequence[UShardAccess], akkio: Callable[[ShardId], bool]
+) -> dict[ShardId, dict[str, float]]:
+    """Sums the nodes' reports per p-shard (of an akkio keyspace) and region."""
+    totals: dict[ShardId, dict[str, float]] = {}
+    for row in reports:
+        if akkio(row.shard):
+            regions = totals.setdefault(row.shard, {})
+            regions[row.region] = regions.get(row.region, 0.0) + row.total
+    return totals
+
+
+@dataclass(slots=True)
+class HomeRegions:
+    """Each akkio p-shard's home: the region at least `share_min` of its accesses come
+    from (at least `accesses_min` of them), where its primary belongs. A home, once
+    set, holds for `dwell_ms` before another region can take it, and outlives a lull
+    (a p-shard that nobody reads keeps its primary where it is)."""
+
+    params: LocalityParams = field(default_factory=LocalityParams)
+    homes: dict[ShardId, tuple[str, Instant]] = field(default_factory=dict)
+
+    def update(
+        self, now: Instant, mixes: Mapping[ShardId, Mapping[str, float]], shards: set[ShardId]
+    ) -> dict[ShardId, str]:
+        """Takes the latest access mixes; `shards`: the akkio p-shards that exist."""
+        p = self.params
+        for shard in [s for s in self.homes if s not in shards]:
+            del self.homes[shard]
+        for shard, regions in sorted(mixes.items()):
+            total = sum(regions.values())
+            if shard not in shards or total < max(p.accesses_min, 1e-9):
+                continue
+            region = min(sorted(r for r in regions if r), key=lambda r: -regions[r], default="")
+            if not region or regions[region] / total < p.share_min:
+                continue
+            current = self.homes.get(shard)
+            if current is None or (current[0] != region and now - current[1] >= p.dwell_ms):
+                self.homes[shard] = (region, now)
+        return {shard: region for shard, (region, _) in sorted(self.homes.items())}
 
 
 @dataclass(slots=True)

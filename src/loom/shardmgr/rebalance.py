@@ -20,6 +20,12 @@ progress), so moves never pile up and a bad plan stops after one step:
    one node leads two p-shards more than another that is an acceptor of one of them,
    that primary moves there.
 
+5. **Primaries go home** (Akkio, ADR 0013): a p-shard of a `mapping: akkio` keyspace
+   whose accesses come mostly from one region (its `home`, decided with hysteresis by
+   `shardmgr.locality.HomeRegions`) and whose primary is elsewhere hands its primary to
+   a live acceptor in that region — before balancing, and balancing never takes a
+   primary out of its home region.
+
 A move that would take a live primary out of its p-shard hands the primary to another
 acceptor first (graceful: no lease wait, no failed request), and replaces it later.
 
@@ -46,6 +52,7 @@ class ShardView:
     tier: str
     settled: bool  # active, no membership change in progress
     load_per_s: float = 0.0  # the p-shard's operations per second (its busiest replica)
+    home: str = ""  # the region most of its accesses come from (Akkio), "" if none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +121,9 @@ def next_move(
     move = _move_to_tier(shards, nodes, alive) or _balance_replicas(shards, nodes, alive)
     if move is not None:
         return _primary_first(move, shards, alive)
+    home = _primary_home(shards, nodes, alive)
+    if home is not None:
+        return home
     cooled = last_load_move_at is None or now - last_load_move_at >= balance.cooldown_ms
     if _has_load(shards, balance):
         if not cooled:
@@ -121,8 +131,34 @@ def next_move(
         by_load = _balance_replicas_by_load(shards, nodes, alive, balance)
         if by_load is not None:
             return _primary_first(by_load, shards, alive)
-        return _balance_primaries_by_load(shards, alive, balance)
-    return _balance_primaries(shards, alive)
+        return _balance_primaries_by_load(shards, nodes, alive, balance)
+    return _balance_primaries(shards, nodes, alive)
+
+
+def _primary_home(
+    shards: Sequence[ShardView], nodes: Mapping[NodeId, NodeInfo], alive: set[NodeId]
+) -> Move | None:
+    for view in sorted(shards, key=lambda s: s.shard):
+        if not view.home or _region(nodes, view.primary) == view.home:
+            continue
+        at_home = [a for a in sorted(view.config.acceptors) if a in alive]
+        at_home = [a for a in at_home if _region(nodes, a) == view.home]
+        if at_home:
+            reason = f"its accesses come mostly from region {view.home}"
+            return TransferPrimary(shard=view.shard, to=at_home[0], reason=reason, balancing=True)
+    return None
+
+
+def _region(nodes: Mapping[NodeId, NodeInfo], node: NodeId) -> str:
+    info = nodes.get(node)
+    return info.region if info is not None else ""
+
+
+def _keeps_home(view: ShardView, to: NodeId, nodes: Mapping[NodeId, NodeInfo]) -> bool:
+    """Balancing may move a primary unless that takes it out of its home region."""
+    if not view.home or _region(nodes, view.primary) != view.home:
+        return True
+    return _region(nodes, to) == view.home
 
 
 def tier_progress(shards: Sequence[ShardView], nodes: Mapping[NodeId, NodeInfo]) -> tuple[int, int]:
@@ -245,11 +281,15 @@ def _balance_replicas(
     return None
 
 
-def _balance_primaries(shards: Sequence[ShardView], alive: set[NodeId]) -> Move | None:
+def _balance_primaries(
+    shards: Sequence[ShardView], nodes: Mapping[NodeId, NodeInfo], alive: set[NodeId]
+) -> Move | None:
     leads: Counter[NodeId] = Counter({n: 0 for n in alive})
     leads.update(s.primary for s in shards)
     for view in sorted(shards, key=lambda s: (-leads[s.primary], s.shard)):
         for acceptor in sorted(view.config.acceptors, key=lambda n: (leads[n], n)):
+            if not _keeps_home(view, acceptor, nodes):
+                continue
             if acceptor in alive and leads[view.primary] - leads[acceptor] >= 2:
                 reason = f"{view.primary} leads {leads[view.primary]}, {acceptor} {leads[acceptor]}"
                 return TransferPrimary(shard=view.shard, to=acceptor, reason=reason, balancing=True)
@@ -321,7 +361,10 @@ def _balance_replicas_by_load(
 
 
 def _balance_primaries_by_load(
-    shards: Sequence[ShardView], alive: set[NodeId], balance: BalanceParams
+    shards: Sequence[ShardView],
+    nodes: Mapping[NodeId, NodeInfo],
+    alive: set[NodeId],
+    balance: BalanceParams,
 ) -> Move | None:
     load = {n: 0.0 for n in alive}
     for view in shards:
@@ -330,7 +373,7 @@ def _balance_primaries_by_load(
     for view in shards:
         hot = view.primary
         for acceptor in sorted(view.config.acceptors):
-            if acceptor == hot or acceptor not in alive:
+            if acceptor == hot or acceptor not in alive or not _keeps_home(view, acceptor, nodes):
                 continue
             if not _is_imbalanced(load[hot], load[acceptor], balance):
                 continue
