@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from loom import kv
+from loom.core.errors import LoomError
 from loom.core.ids import NodeId, ShardId
 from loom.host.requests import ClientReply, ClientRequest
 from loom.runtime.codec import ClientAnswer, ClientCall, decode, encode
@@ -80,3 +81,23 @@ async def ask_node(port: int, shard: ShardId, request: ClientRequest) -> ClientR
     answer = decode(body)
     assert isinstance(answer, ClientAnswer), answer
     return answer.reply
+
+
+class Writer:
+    """Writes distinct keys back to back; every error a client would see is counted."""
+
+    def __init__(self, ks: kv.Keyspace) -> None:
+        self.ks = ks
+        self.acked: list[bytes] = []
+        self.errors: list[str] = []
+
+    async def run(self, name: str) -> None:
+        for seq in range(10**9):
+            key = f"{name}:{seq}".encode()
+            try:
+                await self.ks.put(key, key)
+            except LoomError as error:
+                self.errors.append(f"{type(error).__name__}: {error}")
+                continue
+            self.acked.append(key)
+            await asyncio.sleep(0.005)

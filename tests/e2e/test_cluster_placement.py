@@ -13,29 +13,10 @@ from pathlib import Path
 import pytest
 
 from loom import kv
-from loom.core.errors import LoomError
 from loom.runtime.localcluster import LocalCluster
 from loom.shardmgr.routing import RoutingTable
 
-
-class Writer:
-    """Writes distinct keys back to back; every error a client would see is counted."""
-
-    def __init__(self, ks: kv.Keyspace) -> None:
-        self.ks = ks
-        self.acked: list[bytes] = []
-        self.errors: list[str] = []
-
-    async def run(self, name: str) -> None:
-        for seq in range(10**9):
-            key = f"{name}:{seq}".encode()
-            try:
-                await self.ks.put(key, key)
-            except LoomError as error:
-                self.errors.append(f"{type(error).__name__}: {error}")
-                continue
-            self.acked.append(key)
-            await asyncio.sleep(0.005)
+from .harness import Writer
 
 
 def replicas(table: RoutingTable) -> Counter[str]:
