@@ -238,16 +238,20 @@ class Worker:
         """Waits for free capacity, then takes a fair part of it for one pull (waiting
         a moment for more to free, so pulls do not shrink to one call each)."""
         share = max(1, self.capacity // (PULLS_PER_SCHEDULER * max(1, len(self.pullers))))
-        while self.free <= 0:
-            self.freed.clear()
-            await self.freed.wait()
+        await self._until_free()
         if self.free < share:
             self.freed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.freed.wait(), GATHER_S)
-        slots = max(1, min(self.free, share))
+            await self._until_free()  # another stream may have taken it meanwhile
+        slots = min(self.free, share)
         self.free -= slots
         return slots
+
+    async def _until_free(self) -> None:
+        while self.free <= 0:
+            self.freed.clear()
+            await self.freed.wait()
 
     def _release(self, slots: int) -> None:
         if slots > 0:
