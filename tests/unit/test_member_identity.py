@@ -111,7 +111,10 @@ def persist_all(core: ShardManagerCore, now: Instant) -> list[Assignment]:
         for output in outputs:
             if isinstance(output, PersistEpoch):
                 core.epoch_persisted(
-                    output.shard, output.assignment, stored_epoch=output.assignment.epoch, now=now
+                    output.shard,
+                    output.assignment,
+                    stored=core.record(output.shard, output.assignment),
+                    now=now,
                 )
             elif isinstance(output, Announce):
                 announced.append(output.assignment)

@@ -41,7 +41,10 @@ def settle(core: ShardManagerCore, now: float) -> PersistEpoch:
     assert len(persisted) == 1
     output = persisted[0]
     core.epoch_persisted(
-        SHARD, output.assignment, stored_epoch=output.assignment.epoch, now=Instant(now)
+        SHARD,
+        output.assignment,
+        stored=core.record(output.shard, output.assignment),
+        now=Instant(now),
     )
     event = SmEvent(kind=SmEventKind.ACTIVATED, ballot=output.assignment.ballot, config=None)
     core.on_event(SHARD, event, Instant(now))
@@ -123,7 +126,10 @@ def test_the_activation_timeout_runs_from_the_announcement_not_the_allocation() 
     for node in NODES:
         report(core, node, stored_at, applied=100)
     core.epoch_persisted(
-        SHARD, output.assignment, stored_epoch=output.assignment.epoch, now=Instant(stored_at)
+        SHARD,
+        output.assignment,
+        stored=core.record(output.shard, output.assignment),
+        now=Instant(stored_at),
     )
     core.outputs()
     core.tick(Instant(stored_at + 100))

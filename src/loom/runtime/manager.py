@@ -784,43 +784,41 @@ class ManagerRuntime:
                 if isinstance(output, PersistEpoch):
                     record = self.core.record(output.shard, output.assignment)
                     try:
-                        stored, ours = await asyncio.to_thread(
+                        stored = await asyncio.to_thread(
                             self._compare_and_swap_epoch, output, record
                         )
                     except LoomError as error:
                         # Not known to be stored: announce nothing; the core decides
                         # again from the old epoch, and the next CAS tells the truth.
                         log.warning("epoch of p-shard %d not stored: %s", output.shard, error)
-                        stored, ours = output.expected, False
+                        stored = None
                     now = Instant(time.monotonic() * 1000)
                     self.core.epoch_persisted(
-                        output.shard, output.assignment, stored_epoch=stored, now=now, ours=ours
+                        output.shard, output.assignment, stored=stored, now=now
                     )
                 elif isinstance(output, Announce):
                     self._announce(output)
 
     def _compare_and_swap_epoch(
         self, output: PersistEpoch, record: ShardRecord
-    ) -> tuple[Epoch, bool]:
-        """Stores the new epoch only over the expected one; returns the epoch stored after
-        and whether it is ours. The CAS makes two managers unable to hand out the same
-        epoch (PITFALLS 13) — provided the loser of a race to the same epoch number sees
-        that the stored assignment is not its own, so the epoch alone is not enough."""
+    ) -> ShardRecord | None:
+        """Stores the new epoch only over the expected one; returns the record stored
+        after. The CAS makes two managers unable to hand out the same epoch (PITFALLS 13)
+        — provided the loser of a race goes on from the winner's whole record, not just
+        its epoch number (the core compares the assignments)."""
         key = epoch_key(output.shard)
         current = self.metastore.get(key)
-        stored = _RECORD.decode(current[0]).assignment.epoch if current else Epoch(0)
-        if stored != output.expected:
+        stored = _RECORD.decode(current[0]) if current else None
+        stored_epoch = stored.assignment.epoch if stored else Epoch(0)
+        if stored_epoch != output.expected:
             log.info(
                 "p-shard %d: epoch %d is already allocated (expected %d); going on from it",
-                output.shard, stored, output.expected,
+                output.shard, stored_epoch, output.expected,
             )  # fmt: skip
-            return stored, False
+            return stored
         revision = current[1] if current is not None else None
         result = self.metastore.compare_and_swap(key, revision, _ENCODER.encode(record))
-        if result.current is None:
-            return Epoch(0), False
-        now_stored = _RECORD.decode(result.current[0]).assignment
-        return now_stored.epoch, now_stored == record.assignment
+        return _RECORD.decode(result.current[0]) if result.current is not None else None
 
     def _store_activation(self, shard: ShardId, record: ShardRecord) -> None:
         """Records that the stored epoch activated, unless the epoch moved on meanwhile."""

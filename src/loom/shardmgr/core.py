@@ -10,7 +10,7 @@ Protocol with its driver:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from loom.core.ids import Epoch, Incarnation, NodeId, Seq, ShardId
 from loom.core.rng import Rng
@@ -247,25 +247,35 @@ class ShardManagerCore:
         shard: ShardId,
         assignment: Assignment,
         *,
-        stored_epoch: Epoch,
+        stored: ShardRecord | None,
         now: Instant,
-        ours: bool = True,
     ) -> None:
-        """The metastore answered the compare-and-swap; `stored_epoch` is what it holds
-        now. `ours` is False when another manager stored that same epoch number with its
-        own assignment (it won the race): announcing ours would give one epoch two
+        """The metastore answered the compare-and-swap of `assignment`; `stored` is the
+        record it holds now (None: nothing, or not known). Only an assignment stored as
+        it is may be announced: when another manager won the race, its record is the
+        truth for that epoch number, and announcing ours would give one epoch two
         primaries."""
         state = self.shards.get(shard)
         if state is None:
             return  # dropped meanwhile
         state.persisting = False
-        if stored_epoch != assignment.epoch or not ours:
-            # Someone else allocated epochs meanwhile: continue above what is stored.
-            state.current = replace(state.current, epoch=stored_epoch)
+        if stored is None or stored.assignment != assignment:
+            if stored is not None and stored.assignment.epoch >= state.current.epoch:
+                self._adopt(state, stored, now)
             return
         state.current = assignment
         # The activation timeout runs from the announcement: a slow metastore (seconds
         # to store under a loaded disk) must not make the new primary look stuck.
+        state.allocated_at = now
+        self._announce(state, now)
+
+    def _adopt(self, state: _ShardState, record: ShardRecord, now: Instant) -> None:
+        """Goes on from a record another manager stored (it won a race to an epoch)."""
+        state.current = record.assignment
+        state.activated = record.activated
+        state.activated_epoch = record.assignment.epoch if record.activated else Epoch(0)
+        state.since_activated = list(record.since_activated)
+        state.change = None
         state.allocated_at = now
         self._announce(state, now)
 

@@ -33,7 +33,14 @@ from loom.paxos.messages import Accept, Config, Envelope, LeaseRelease, Promise
 from loom.paxos.params import ReplicaParams
 from loom.paxos.ready import SmEvent
 from loom.paxos.replica import Assignment
-from loom.shardmgr.core import Announce, NodeReport, PersistEpoch, ShardManagerCore, SmParams
+from loom.shardmgr.core import (
+    Announce,
+    NodeReport,
+    PersistEpoch,
+    ShardManagerCore,
+    ShardRecord,
+    SmParams,
+)
 from loom.shardmgr.moves import (
     ExportChunk,
     Exported,
@@ -143,7 +150,7 @@ class World:
             ),
             rng=random.Random(self.rng.random()),
         )
-        self.metastore: dict[ShardId, Epoch] = {}
+        self.metastore: dict[ShardId, ShardRecord] = {}
         self.rec = Recorder()
         self.clients = [
             SimClient(
@@ -569,16 +576,12 @@ class World:
         self._send(SM, node, payload)
 
     def _persist_epoch(self, output: PersistEpoch) -> None:
-        stored = self.metastore.get(output.shard, Epoch(0))
-        if output.chaos or stored == output.expected:
-            stored = output.assignment.epoch
+        stored = self.metastore.get(output.shard)
+        stored_epoch = stored.assignment.epoch if stored is not None else Epoch(0)
+        if output.chaos or stored_epoch == output.expected:
+            stored = self.sm.record(output.shard, output.assignment)
             self.metastore[output.shard] = stored
-        self.sm.epoch_persisted(
-            output.shard,
-            output.assignment,
-            stored_epoch=stored,
-            now=self._sm_now(),
-        )
+        self.sm.epoch_persisted(output.shard, output.assignment, stored=stored, now=self._sm_now())
 
     def _route(self, shard: ShardId) -> tuple[NodeId | None, tuple[NodeId, ...]]:
         state = self.sm.shards.get(shard)
