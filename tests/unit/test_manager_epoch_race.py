@@ -14,11 +14,11 @@ from typing import Any
 import msgspec
 
 from loom.core.ids import Epoch, Incarnation, NodeId, ShardId
+from loom.core.time import Instant
 from loom.paxos.messages import Config
 from loom.paxos.replica import Assignment
 from loom.runtime.manager import ManagerRuntime, epoch_key
 from loom.runtime.metastore_file import FileMetastore
-from loom.core.time import Instant
 from loom.shardmgr.core import (
     Announce,
     NodeReport,

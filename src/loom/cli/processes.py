@@ -63,12 +63,19 @@ def setup_logging(level: str) -> None:
 
 
 async def until_stopped(also: asyncio.Event | None = None) -> None:
-    """Until SIGTERM or Ctrl-C (or `also` is set)."""
-    stop = also or asyncio.Event()
+    """Until SIGTERM or Ctrl-C (or `also` is set). A signal does not set `also`: the
+    caller tells a stop it was asked for from its own reason to stop (a deposed
+    manager exits with status 1, a stopped one with 0)."""
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, also) if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
 
 
 @click.command("sm")

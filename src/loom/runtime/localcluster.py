@@ -210,15 +210,28 @@ class LocalCluster:
         self.processes[name].send_signal(signal.SIGCONT)
 
     def stop(self, names: list[str] | None = None) -> None:
-        """SIGTERM (after SIGCONT, in case it is paused), then SIGKILL after a timeout."""
+        """SIGTERM (after SIGCONT, in case it is paused), then SIGKILL after a timeout.
+        Users of the store stop before it: workers and schedulers, then nodes, then the
+        managers, so a scheduler can still hand its partitions back (stopped together,
+        each waited out its kv timeout against a cluster already gone)."""
         chosen = list(self.processes) if names is None else names
-        for name in chosen:
+        for rank in sorted({self._stop_rank(name) for name in chosen}):
+            self._stop_together([name for name in chosen if self._stop_rank(name) == rank])
+
+    def _stop_rank(self, name: str) -> int:
+        if name in self.managers:
+            return 2
+        role = self.commands.get(name, ["node"])[0]
+        return 0 if role in ("worker", "scheduler") else 1
+
+    def _stop_together(self, names: list[str]) -> None:
+        for name in names:
             proc = self.processes[name]
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGCONT)
                     proc.send_signal(signal.SIGTERM)
-        for name in chosen:
+        for name in names:
             proc = self.processes.pop(name)
             self.ports.pop(name, None)
             try:
