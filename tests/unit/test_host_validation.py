@@ -88,3 +88,20 @@ def test_bounded_read_without_a_finite_positive_bound_is_refused(bound: float | 
     )
     h.submit("client", request, Instant(1.0), WallMs(1))
     assert only_reply(h).code is ErrorCode.INVALID
+
+
+def test_a_read_of_too_many_keys_is_refused() -> None:
+    h = host()
+    keys_max = h.p.limits.read_keys_max
+    request = ReadRequest(token=3, ushard=UShard(1), key=b"k", also=(b"k",) * keys_max)
+    h.submit("client", request, Instant(1.0), WallMs(1))
+    reply = only_reply(h)
+    assert reply.code is ErrorCode.INVALID and "at most" in reply.message
+    long_key = b"x" * (h.p.limits.key_bytes_max + 1)
+    h.submit(
+        "client",
+        ReadRequest(token=4, ushard=UShard(1), key=b"k", also=(long_key,)),
+        Instant(1.0),
+        WallMs(1),
+    )
+    assert only_reply(h).code is ErrorCode.INVALID

@@ -361,3 +361,20 @@ def test_client_refuses_an_empty_or_oversized_token() -> None:
     for token in ("", "x" * (TOKEN_CHARS_MAX + 1)):
         with pytest.raises(InvalidArgument):
             Client([("127.0.0.1", 1)], token=token)
+
+
+def test_a_read_of_several_keys_takes_a_token_for_each() -> None:
+    gate = gate_for(Quota(reads_per_s=10.0))  # a burst of 10 * BURST_S tokens
+    tokens = int(10.0 * BURST_S)
+    many = ReadRequest(token=1, ushard=UShard(0), key=b"a", also=(b"b",) * (tokens - 1))
+    assert gate.check(ShardId(1), many, 0.0) is None
+    refused = gate.check(ShardId(1), ReadRequest(token=2, ushard=UShard(0), key=b"k"), 0.0)
+    assert refused is not None and refused.code is ErrorCode.THROTTLED
+
+
+def test_a_count_over_the_buckets_capacity_waits_for_a_full_bucket_not_forever() -> None:
+    bucket = TokenBucket(10.0, now=0.0)
+    capacity = 10.0 * BURST_S
+    assert bucket.take(0.0, count=1000) is None  # takes the whole bucket
+    assert bucket.take(0.0, count=1000) == capacity * 100  # ms until it is full again
+    assert bucket.take(capacity * 100, count=1000) is None

@@ -37,6 +37,7 @@ from loom.host.requests import (
     ExportRequest,
     HoldingReply,
     HoldingRequest,
+    KeyRead,
     MoveRequest,
     ReadReply,
     ReadRequest,
@@ -198,6 +199,7 @@ REQUESTS: tuple[ClientRequest, ...] = (
         min_version=VERSION,
     ),
     *(ReadRequest(token=5, ushard=UShard(0), key=b"k", consistency=c) for c in Consistency),
+    ReadRequest(token=9, ushard=UShard(0), key=b"k", also=(b"", b"\x00k2")),
     ScanRequest(token=6, ushard=UShard(1)),
     ScanRequest(
         token=7,
@@ -224,6 +226,17 @@ REPLIES: tuple[ClientReply, ...] = (
         epoch=Epoch(7),
     ),
     ReadReply(token=5, item=None, record_version=None, applied_seq=Seq(0), epoch=Epoch(0)),
+    ReadReply(
+        token=9,
+        item=None,
+        record_version=VERSION,
+        applied_seq=Seq(3),
+        epoch=Epoch(1),
+        also=(
+            KeyRead(item=Item(key=b"b", value=b"2", version=VERSION), record_version=VERSION),
+            KeyRead(item=None, record_version=None),
+        ),
+    ),
     ScanReply(
         token=8,
         items=(Item(key=b"a", value=b"1", version=VERSION),),

@@ -22,6 +22,8 @@ class Limits:
     snapshot_chunk_items_max: int = 512
     dedupe_entries_per_ushard_max: int = 100_000
     txn_reads_max: int = 1024
+    # Keys of one read request (`get_many`; larger batches take several requests).
+    read_keys_max: int = 256
     txn_writes_max: int = 1024
     scan_items_max: int = 10_000
 

@@ -597,10 +597,7 @@ class DurableQueue:
         return _LEASE.decode(item.value) if item is not None else PartitionLease()
 
     async def _check_lease(self, tx: kv.Transaction, hold: LeaseHold) -> PartitionLease:
-        current = await self._read_lease(tx, hold.partition)
-        if current.owner != hold.owner or current.token != hold.token:
-            raise LeaseLost(f"partition {hold.partition} is no longer held by {hold.owner}")
-        return current
+        return _check_held(await tx.get(lease_key(hold.partition)), hold)
 
     # ------------------------------------------------------------------ transitions
 
@@ -617,11 +614,13 @@ class DurableQueue:
         assert len(changes) <= CALLS_PER_TXN_MAX
 
         async def apply(tx: kv.Transaction) -> list[CallRecord | StaleAttempt]:
-            reads = asyncio.gather(*(tx.get(call_key(partition, c)) for c, _ in changes))
+            # The lease and the calls in one request.
+            keys = [call_key(partition, call_id) for call_id, _ in changes]
             if hold is None:
-                items = await reads
-            else:  # the lease and the calls at once: one round trip, not two
-                _, items = await asyncio.gather(self._check_lease(tx, hold), reads)
+                items = await tx.get_many(keys)
+            else:
+                lease, *items = await tx.get_many([lease_key(partition), *keys])
+                _check_held(lease, hold)
             done: list[CallRecord | StaleAttempt] = []
             for (call_id, change), item in zip(changes, items, strict=True):
                 if item is None:
@@ -799,6 +798,14 @@ class DurableQueue:
             return new, [dead_key(partition, call_id)], _due(partition, new)
 
         return await self._transition(call_id, change)
+
+
+def _check_held(item: kv.Item | None, hold: LeaseHold) -> PartitionLease:
+    """The partition's lease as read, if `hold` still holds it; else `LeaseLost`."""
+    current = _LEASE.decode(item.value) if item is not None else PartitionLease()
+    if current.owner != hold.owner or current.token != hold.token:
+        raise LeaseLost(f"partition {hold.partition} is no longer held by {hold.owner}")
+    return current
 
 
 def _due(partition: int, record: CallRecord) -> dict[bytes, bytes]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ from loom.kv.options import Page
 from loom.kvstate.reads import Item
 
 T = TypeVar("T")
+_PENDING = Version(Generation(0), Seq(0), 0)  # a value written in the transaction
 
 
 @dataclass(slots=True)
@@ -188,16 +189,29 @@ class SimTransaction:
         self.writes: dict[bytes, bytes | None] = {}
 
     async def get(self, key: bytes) -> Item | None:
-        if key in self.writes:
-            value = self.writes[key]
-            return (
-                None
-                if value is None
-                else Item(key=key, value=value, version=Version(Generation(0), Seq(0), 0))
-            )
-        item = await self.keyspace.get(key)
-        self.reads[key] = None if item is None else item.version
+        (item,) = await self.get_many([key])
         return item
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[Item | None]:
+        """Like loom kv's: the keys not written here in one request."""
+        fresh = [key for key in keys if key not in self.writes]
+        if fresh:
+            await self.keyspace._start(write=False)
+        read: dict[bytes, Item | None] = {}
+        for key in fresh:
+            stored = self.keyspace.store.data.get(self.keyspace._key(key))
+            item = (
+                None
+                if stored is None
+                else Item(key=key, value=stored.value, version=stored.version)
+            )
+            read[key] = item
+            self.reads[key] = None if item is None else item.version
+        return [self._written(key) if key in self.writes else read[key] for key in keys]
+
+    def _written(self, key: bytes) -> Item | None:
+        value = self.writes[key]
+        return None if value is None else Item(key=key, value=value, version=_PENDING)
 
     async def put(self, key: bytes, value: bytes) -> None:
         self.writes[key] = value

@@ -49,13 +49,15 @@ class TokenBucket:
         self.tokens = min(self.capacity, self.tokens + elapsed_ms * self.rate_per_s / 1000)
         self.updated_at = max(self.updated_at, now)
 
-    def take(self, now: float) -> int | None:
-        """None if a token was taken; else the ms until one will be there."""
+    def take(self, now: float, count: int = 1) -> int | None:
+        """None if `count` tokens were taken; else the ms until they will be there. (A
+        count over the bucket's capacity takes all of it: it could never be there.)"""
         self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        need = min(float(count), self.capacity)
+        if self.tokens >= need:
+            self.tokens -= need
             return None
-        missing = 1.0 - self.tokens
+        missing = need - self.tokens
         return max(RETRY_AFTER_MS_MIN, math.ceil(missing * 1000 / self.rate_per_s))
 
 
@@ -105,11 +107,11 @@ class Admission:
     def limits(self, keyspace: str) -> KeyspaceLimits | None:
         return self._limits.get(keyspace)
 
-    def admit_read(self, keyspace: str, now: float) -> Refusal | None:
+    def admit_read(self, keyspace: str, now: float, keys: int = 1) -> Refusal | None:
         bucket = self._reads.get(keyspace)
         if bucket is None:
             return None
-        wait_ms = bucket.take(now)
+        wait_ms = bucket.take(now, keys)
         if wait_ms is None:
             return None
         return Refusal(f"keyspace {keyspace!r} is over its reads/s quota", wait_ms)

@@ -39,6 +39,10 @@ class ReadRequest(Struct, frozen=True, tag="read", kw_only=True):
     consistency: Consistency = Consistency.STRONG
     bound_ms: float | None = None
     min_version: Version | None = None
+    # More keys of the same μshard, read at the same point as `key` (`get_many`, a
+    # transaction's batch): one request instead of one each. At most
+    # `Limits.read_keys_max` - 1; each counts as a read for the reads/s quota.
+    also: tuple[bytes, ...] = ()
 
 
 class ScanRequest(Struct, frozen=True, tag="scan", kw_only=True):
@@ -103,6 +107,14 @@ class WriteReply(Struct, frozen=True, tag="wrote", kw_only=True):
     fast_ack_ballot: Ballot | None = None
 
 
+class KeyRead(Struct, frozen=True, array_like=True):
+    """One more key of a `ReadRequest.also`: what `ReadReply.item` and
+    `record_version` are for the first."""
+
+    item: Item | None
+    record_version: Version | None
+
+
 class ReadReply(Struct, frozen=True, tag="readreply", kw_only=True):
     token: int
     item: Item | None
@@ -113,6 +125,12 @@ class ReadReply(Struct, frozen=True, tag="readreply", kw_only=True):
     # The μshard's generation at this replica: a transaction's snapshot is
     # (generation, applied_seq), comparable with the versions it reads.
     generation: Generation = Generation(0)
+    # The request's `also` keys, in its order.
+    also: tuple[KeyRead, ...] = ()
+
+    def reads(self) -> list[KeyRead]:
+        """Every key's read, the request's `key` first."""
+        return [KeyRead(self.item, self.record_version), *self.also]
 
 
 class ScanReply(Struct, frozen=True, tag="scanned", kw_only=True):

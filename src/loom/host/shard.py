@@ -39,6 +39,7 @@ from loom.host.requests import (
     ExportRequest,
     HoldingReply,
     HoldingRequest,
+    KeyRead,
     MoveRequest,
     MoverReply,
     ReadLike,
@@ -594,6 +595,10 @@ class ShardHost:
             )
         else:
             item, version = read_item_and_version(self.state, request.ushard, request.key, wall_ms)
+            also = tuple(
+                KeyRead(*read_item_and_version(self.state, request.ushard, key, wall_ms))
+                for key in request.also
+            )
             reply = ReadReply(
                 token=request.token,
                 item=item,
@@ -601,6 +606,7 @@ class ShardHost:
                 applied_seq=self.replica.applied_seq,
                 epoch=self.applied_epoch,
                 generation=ownership.generation(self.state, request.ushard, self.generation),
+                also=also,
             )
         # A lease read reads first and checks the lease after (PITFALLS 16).
         if decision.lease_read and not self.replica.lease_valid(now):
@@ -650,7 +656,9 @@ def _read_problem(request: ReadLike, limits: Limits) -> str | None:
         if not 1 <= request.limit <= limits.scan_items_max:
             return f"scan limit must be 1..{limits.scan_items_max}"
     else:
-        keys = (request.key,)
+        if len(request.also) >= limits.read_keys_max:
+            return f"a read request reads at most {limits.read_keys_max} keys"
+        keys = (request.key, *request.also)
     if any(len(key) > limits.key_bytes_max for key in keys):
         return f"key over {limits.key_bytes_max} bytes"
     return None

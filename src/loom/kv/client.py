@@ -883,7 +883,46 @@ class Keyspace:
         reply = await self._read(await self._ushard(key, shard_key), key, consistency)
         return reply.item
 
-    async def _read(self, ushard: UShard, key: bytes, consistency: ReadConsistency) -> ReadReply:
+    async def get_many(
+        self,
+        keys: Sequence[bytes],
+        *,
+        shard_key: bytes | None = None,
+        consistency: ReadConsistency = STRONG,
+    ) -> list[Item | None]:
+        """Each key's live value or None, in order. One request per μshard (and per
+        `Limits.read_keys_max` keys), all sent at once; the keys of one request are read
+        at one point, different requests' are not (a transaction reads one snapshot)."""
+        if len(keys) > DEFAULT_LIMITS.scan_items_max:
+            raise InvalidArgument(f"get_many takes at most {DEFAULT_LIMITS.scan_items_max} keys")
+        checked = [_check_key("key", key) for key in keys]
+        by_ushard: dict[UShard, list[bytes]] = {}
+        for key in dict.fromkeys(checked):
+            by_ushard.setdefault(await self._ushard(key, shard_key), []).append(key)
+        step = DEFAULT_LIMITS.read_keys_max
+        requests = [
+            (ushard, group[i : i + step])
+            for ushard, group in by_ushard.items()
+            for i in range(0, len(group), step)
+        ]
+        replies = await asyncio.gather(
+            *(self._read(u, chunk[0], consistency, also=tuple(chunk[1:])) for u, chunk in requests)
+        )
+        found = {
+            key: got.item
+            for (_, chunk), reply in zip(requests, replies, strict=True)
+            for key, got in zip(chunk, reply.reads(), strict=True)
+        }
+        return [found[key] for key in checked]
+
+    async def _read(
+        self,
+        ushard: UShard,
+        key: bytes,
+        consistency: ReadConsistency,
+        *,
+        also: tuple[bytes, ...] = (),
+    ) -> ReadReply:
         reply = await self._read_like(
             ushard,
             consistency,
@@ -894,10 +933,13 @@ class Keyspace:
                 consistency=consistency.kind,
                 bound_ms=consistency.bound_ms,
                 min_version=min_version,
+                also=also,
             ),
         )
         if not isinstance(reply, ReadReply):
             raise Unavailable(f"a read was answered with {type(reply).__name__}")
+        if len(reply.also) != len(also):
+            raise Unavailable("the node does not read several keys in one request (too old)")
         return reply
 
     async def _read_like(

@@ -10,12 +10,14 @@ changed after the snapshot. A commit whose answer is lost raises `OutcomeUnknown
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from loom.core.errors import InvalidArgument, TransactionConflict
 from loom.core.ids import Epoch, Generation, RequestId, RequestSeq, Seq, UShard, Version
 from loom.core.limits import DEFAULT_LIMITS
+from loom.host.requests import KeyRead, ReadReply
 from loom.kv.options import STRONG
 from loom.kvstate.commands import TxnCommit, TxnRead, TxnWrite
 from loom.kvstate.reads import Item
@@ -68,17 +70,36 @@ class Transaction:
 
     async def get(self, key: bytes) -> Item | None:
         """The key at the transaction's snapshot (or as this transaction wrote it)."""
-        key = self._check_open(key)
-        if key in self._writes:
-            value = self._writes[key]
-            return None if value is None else Item(key=key, value=value, version=_PENDING)
-        if len(self._reads) >= DEFAULT_LIMITS.txn_reads_max:
+        (item,) = await self.get_many([key])
+        return item
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[Item | None]:
+        """`get` of each key, in order, with one request for the keys this transaction
+        has not written (one per `Limits.read_keys_max` keys)."""
+        checked = [self._check_open(key) for key in keys]
+        fresh = list(dict.fromkeys(k for k in checked if k not in self._writes))
+        if len(self._reads.keys() | fresh) > DEFAULT_LIMITS.txn_reads_max:
             raise InvalidArgument(f"a transaction reads at most {DEFAULT_LIMITS.txn_reads_max}")
-        reply = await self.keyspace._read(await self._ushard_of_txn(), key, STRONG)
+        read: dict[bytes, Item | None] = {}
+        step = DEFAULT_LIMITS.read_keys_max
+        for chunk in (fresh[i : i + step] for i in range(0, len(fresh), step)):
+            ushard = await self._ushard_of_txn()
+            reply = await self.keyspace._read(ushard, chunk[0], STRONG, also=tuple(chunk[1:]))
+            for key, got in zip(chunk, reply.reads(), strict=True):
+                read[key] = self._accept(reply, key, got)
+        return [self._written(key) if key in self._writes else read[key] for key in checked]
+
+    def _written(self, key: bytes) -> Item | None:
+        value = self._writes[key]
+        return None if value is None else Item(key=key, value=value, version=_PENDING)
+
+    def _accept(self, reply: ReadReply, key: bytes, got: KeyRead) -> Item | None:
+        """Checks one key's read against the snapshot (the first read fixes it) and
+        adds it to the read set."""
         if self._snapshot is None:
             self._snapshot, self._epoch = reply.applied_seq, reply.epoch
             self._generation = reply.generation
-        version = reply.record_version
+        version = got.record_version
         moved = (
             reply.epoch != self._epoch
             or reply.generation != self._generation
@@ -93,7 +114,7 @@ class Transaction:
             # snapshot cannot be read any more.
             raise TransactionConflict(f"{key!r} changed after the transaction's snapshot")
         self._reads[key] = version
-        return reply.item
+        return got.item
 
     async def put(self, key: bytes, value: bytes) -> None:
         key = self._check_open(key)

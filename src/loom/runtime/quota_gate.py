@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from loom.core.ids import NodeId, ShardId
 from loom.host.admission import Admission, KeyspaceLimits
-from loom.host.requests import ClientRequest, ErrorCode, ErrorReply, WriteRequest
+from loom.host.requests import ClientRequest, ErrorCode, ErrorReply, ReadRequest, WriteRequest
 from loom.kvstate.commands import Delete, decode_command
 from loom.shardmgr.quotas import node_shares
 from loom.shardmgr.routing import RoutingTable
@@ -76,7 +76,8 @@ class QuotaGate:
                 adds_data = not _is_delete(request.command)
             refusal = self.admission.admit_write(keyspace, now, adds_data=adds_data)
         else:
-            refusal = self.admission.admit_read(keyspace, now)
+            keys = 1 + len(request.also) if isinstance(request, ReadRequest) else 1
+            refusal = self.admission.admit_read(keyspace, now, keys)
         if refusal is None:
             return None
         if refusal.retry_after_ms is None:
