@@ -19,7 +19,7 @@ from .harness import KEYSPACE, running_cluster
 @pytest.mark.timeout(120)
 def test_get_many_answers_in_order_and_a_transaction_reads_one_snapshot(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_cluster(tmp_path) as (_, client):
+        async with running_cluster(tmp_path) as (cluster, client):
             ks = client.keyspace(KEYSPACE)
             keys = [b"user:%d" % i for i in range(300)]  # spread over many μshards
             await asyncio.gather(*(ks.put(k, k.upper()) for k in keys))
@@ -61,5 +61,16 @@ def test_get_many_answers_in_order_and_a_transaction_reads_one_snapshot(tmp_path
             with pytest.raises(TransactionConflict):
                 await tx.commit()
             assert (await ks.get(b"g:0", shard_key=b"g")).value == b"1"  # type: ignore[union-attr]
+            await asyncio.to_thread(blocking_twin, cluster.manager_address)
+
+    def blocking_twin(address: str) -> None:
+        with kv.connect_sync(address) as client:
+            ks = client.keyspace(KEYSPACE)
+            assert [i.value if i else None for i in ks.get_many([b"user:1", b"no"])] == [
+                b"USER:1",
+                None,
+            ]
+            with ks.transaction(shard_key=b"g") as tx:
+                assert [i.value if i else None for i in tx.get_many([b"g:1"])] == [b"changed"]
 
     asyncio.run(scenario())

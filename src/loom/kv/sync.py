@@ -227,6 +227,17 @@ class SyncKeyspace:
             self.keyspace.get(key, shard_key=shard_key, consistency=consistency)
         )
 
+    def get_many(
+        self,
+        keys: Sequence[bytes],
+        *,
+        shard_key: bytes | None = None,
+        consistency: ReadConsistency = STRONG,
+    ) -> list[Item | None]:
+        return self._runner.run(
+            self.keyspace.get_many(keys, shard_key=shard_key, consistency=consistency)
+        )
+
     def delete(
         self,
         key: bytes,
@@ -304,6 +315,9 @@ class SyncTransaction:
 
     def get(self, key: bytes) -> Item | None:
         return self._runner.run(self.tx.get(key))
+
+    def get_many(self, keys: Sequence[bytes]) -> list[Item | None]:
+        return self._runner.run(self.tx.get_many(keys))
 
     def put(self, key: bytes, value: bytes) -> None:
         self._runner.run(self.tx.put(key, value))
