@@ -34,6 +34,7 @@ from loom.functions import scheduler as scheduler_module
 from loom.functions import worker as worker_module
 from loom.functions.limits import BURST_S
 from loom.functions.queue import DurableQueue
+from loom.functions.queue_transitions import CallTransitions
 from loom.functions.scheduler import Scheduler
 from loom.functions.worker import Worker
 from loom.functions_sim.clock import EPOCH_S, VirtualTimeLoop, patched_time
@@ -443,7 +444,7 @@ def run_seed(seed: int, bugs: Iterable[str] = ()) -> Result:
     modules = [scheduler_module, worker_module, queue_module, app_module, registry]
     claim_many = DurableQueue.claim_many
 
-    async def recorded(self: DurableQueue, *args: Any, **kwargs: Any) -> Any:
+    async def recorded(self: CallTransitions, *args: Any, **kwargs: Any) -> Any:
         dispatched = loop.time()  # the scheduler took its tokens just before
         done = await claim_many(self, *args, **kwargs)
         for record in done:
