@@ -31,7 +31,8 @@ from loom.core.errors import (
     WriteLost,
 )
 from loom.core.ids import Version
-from loom.kv.client import Client, Keyspace, connect
+from loom.kv.client import Client, connect
+from loom.kv.keyspace import Keyspace
 from loom.kv.options import (
     EVENTUAL,
     FAST_ACK,

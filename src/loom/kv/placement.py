@@ -14,14 +14,14 @@ from loom.runtime.codec import KeyspaceReply, PrimaryMoved, SetKeyspaceTier, Tra
 from loom.shardmgr.routing import Keyspace, RoutingTable
 
 if TYPE_CHECKING:
-    from loom.kv.client import Client
+    from loom.kv.admin import ClusterAdmin
 
 # `set_keyspace_tier` gives up waiting when no member moved for this long.
 TIER_STALL_S = 60.0
 POLL_S = 0.25
 
 
-async def transfer_primary(client: Client, shard: int, to: str) -> PrimaryMoved:
+async def transfer_primary(client: ClusterAdmin, shard: int, to: str) -> PrimaryMoved:
     reply = await client._admin(TransferPrimaryCall(shard=shard, to=to))
     if not isinstance(reply, PrimaryMoved):
         raise Unavailable(f"the shard manager answered {type(reply).__name__}")
@@ -45,7 +45,7 @@ def tier_progress(table: RoutingTable, name: str) -> tuple[int, int, bool]:
 
 
 async def set_keyspace_tier(
-    client: Client,
+    client: ClusterAdmin,
     name: str,
     tier: str,
     *,

@@ -20,16 +20,12 @@ from typing import Any, Self, TypeVar
 from loom.core.errors import InvalidArgument, TransactionConflict
 from loom.core.ids import Version
 from loom.host.requests import Durability
-from loom.kv.client import (
-    BACKOFF_BASE_S,
-    BACKOFF_MAX_S,
-    DEFAULT_TIMEOUT_S,
-    Client,
-    Keyspace,
-    connect,
-)
+from loom.kv.client import Client, connect
+from loom.kv.keyspace import Keyspace
 from loom.kv.options import QUORUM, STRONG, Page, ReadConsistency
+from loom.kv.retries import BACKOFF_BASE_S, BACKOFF_MAX_S
 from loom.kv.transaction import Transaction
+from loom.kv.transport import DEFAULT_TIMEOUT_S
 from loom.kvstate.reads import Item
 from loom.runtime.codec import ReshardReport, StatusReply, TokenInfo, TokenReply
 from loom.runtime.tls import TlsConfig

@@ -23,7 +23,7 @@ from loom.kvstate.commands import TxnCommit, TxnRead, TxnWrite
 from loom.kvstate.reads import Item
 
 if TYPE_CHECKING:
-    from loom.kv.client import Keyspace
+    from loom.kv.keyspace import Keyspace
 
 SNAPSHOT_INDEX_MAX = 2**31 - 1
 _PENDING = Version(Generation(0), Seq(0), 0)  # version of a value written in this txn
