@@ -27,7 +27,16 @@ from types import SimpleNamespace
 from typing import Any
 
 from loom.core.errors import LoomError
-from loom.functions import App, CallState, Context, Retry, registry
+from loom.functions import (
+    App,
+    CallState,
+    Context,
+    Retry,
+    registry,
+    scheduler_delivery,
+    scheduler_ownership,
+    scheduler_scan,
+)
 from loom.functions import app as app_module
 from loom.functions import queue as queue_module
 from loom.functions import scheduler as scheduler_module
@@ -441,7 +450,18 @@ def run_seed(seed: int, bugs: Iterable[str] = ()) -> Result:
         raise ValueError(f"unknown bugs {sorted(unknown)}; known: {sorted(BUGS)}")
     loop = VirtualTimeLoop()
     world = World(seed, frozenset(bugs))
-    modules = [scheduler_module, worker_module, queue_module, app_module, registry]
+    # Every module that reads `time` (the scheduler's parts too: a module left out
+    # would read the machine's clock, and a seed would no longer replay).
+    modules = [
+        scheduler_module,
+        scheduler_ownership,
+        scheduler_scan,
+        scheduler_delivery,
+        worker_module,
+        queue_module,
+        app_module,
+        registry,
+    ]
     claim_many = DurableQueue.claim_many
 
     async def recorded(self: CallTransitions, *args: Any, **kwargs: Any) -> Any:
