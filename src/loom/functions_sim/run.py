@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -444,6 +446,16 @@ def _concurrency(world: World) -> list[str]:
     return []
 
 
+def _clock_readers() -> list[str]:
+    """The loaded modules of loom.functions that read `time` (they must all read the
+    virtual clock here; a new module split off another is easy to forget)."""
+    return [
+        name
+        for name, module in sorted(sys.modules.items())
+        if name.startswith("loom.functions.") and getattr(module, "time", None) is time
+    ]
+
+
 def run_seed(seed: int, bugs: Iterable[str] = ()) -> Result:
     unknown = set(bugs) - BUGS
     if unknown:
@@ -462,6 +474,8 @@ def run_seed(seed: int, bugs: Iterable[str] = ()) -> Result:
         app_module,
         registry,
     ]
+    unpatched = sorted(set(_clock_readers()) - {m.__name__ for m in modules})
+    assert not unpatched, f"modules reading the machine's clock in the simulation: {unpatched}"
     claim_many = DurableQueue.claim_many
 
     async def recorded(self: CallTransitions, *args: Any, **kwargs: Any) -> Any:
