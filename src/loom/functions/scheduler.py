@@ -285,8 +285,12 @@ class Scheduler:
             self.scanner.reclaim_silent(queue)
             self._dispatch()
             self.wake.clear()
+            # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that
+            # arrives as the event is set (it returns the result instead), and this loop
+            # then outlived `run`'s cancel and hung the scheduler's stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), SCAN_BUSY_S)
+                async with asyncio.timeout(SCAN_BUSY_S):
+                    await self.wake.wait()
 
     def _dispatch(self) -> None:
         """One pass: picks calls for the waiting workers (synchronously, so passes never

@@ -140,7 +140,8 @@ class Worker:
                 with contextlib.suppress(LoomError):
                     await self._discover(stop)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), DISCOVER_S)
+                    async with asyncio.timeout(DISCOVER_S):  # not wait_for: see _scan_loop
+                        await stop.wait()
         finally:
             for puller in self.pullers.values():
                 puller.cancel()
@@ -242,7 +243,8 @@ class Worker:
         if self.free < share:
             self.freed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.freed.wait(), GATHER_S)
+                async with asyncio.timeout(GATHER_S):  # not wait_for: see Scheduler._scan_loop
+                    await self.freed.wait()
             await self._until_free()  # another stream may have taken it meanwhile
         slots = min(self.free, share)
         self.free -= slots
